@@ -1,0 +1,183 @@
+"""Write FlashPack files byte-identical to ``flashpack.pack_to_file``, one tensor at a time.
+
+The file is built as a temporary sibling, fsynced, renamed into place and the directory fsynced,
+so a reader sees either the old file, the complete new one, or nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from model_loader.format import (
+    DEFAULT_ALIGN_BYTES,
+    PackLayout,
+    encode_footer,
+    plan_layout,
+    storage_dtype,
+)
+
+from .errors import ConversionError, DiskFullError
+
+_ZEROS = bytes(1 << 16)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def stored_dtype(dtype: torch.dtype, target_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor is written as: ``target_dtype`` for floating-point tensors only.
+
+    Integer and bool tensors (token ids, position ids, masks) are never cast: fp16 cannot hold
+    every int64 id above 2048.
+    """
+    if target_dtype is not None and dtype.is_floating_point:
+        return target_dtype
+    return dtype
+
+
+def write_pack(
+    specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
+    get_tensor: Callable[[str], torch.Tensor],
+    path: str | os.PathLike[str],
+    target_dtype: torch.dtype | None = None,
+    align_bytes: int = DEFAULT_ALIGN_BYTES,
+) -> PackLayout:
+    """Write a FlashPack file from tensor specs ``(name, shape, dtype)`` and a per-name getter.
+
+    ``get_tensor`` is called once per tensor, in file order, so peak memory is one tensor (plus
+    its cast), never the whole state dict.
+    """
+    path = Path(path)
+    planned = [(n, shape, stored_dtype(dtype, target_dtype)) for n, shape, dtype in specs]
+    layout = plan_layout(planned, align_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            _write_payload(f, layout, get_tensor)
+            f.write(encode_footer(layout))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        if exc.errno in _NO_SPACE:
+            raise DiskFullError(
+                f"no space left writing {path} ({exc.strerror}); free space on that volume "
+                "and retry"
+            ) from exc
+        raise ConversionError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return layout
+
+
+def pack_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    target_dtype: torch.dtype | None = None,
+    align_bytes: int = DEFAULT_ALIGN_BYTES,
+) -> PackLayout:
+    """Write ``state_dict`` to ``path`` as FlashPack (what ``flashpack.pack_to_file`` writes)."""
+    specs = [(name, tuple(t.shape), t.dtype) for name, t in state_dict.items()]
+    return write_pack(specs, state_dict.__getitem__, path, target_dtype, align_bytes)
+
+
+def pack_safetensors(
+    sources: Iterable[str | os.PathLike[str]],
+    path: str | os.PathLike[str],
+    target_dtype: torch.dtype | None = None,
+    align_bytes: int = DEFAULT_ALIGN_BYTES,
+) -> PackLayout:
+    """Pack one or more safetensors files (shards of one state dict) without loading them whole."""
+    from safetensors import safe_open
+
+    handles = []
+    owner: dict[str, object] = {}
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    try:
+        for src in sources:
+            try:
+                h = safe_open(os.fspath(src), framework="pt")
+            except Exception as exc:  # safetensors raises its own types for bad headers
+                raise ConversionError(f"{src}: not a readable safetensors file ({exc})") from exc
+            handles.append(h)
+            for name in h.keys():
+                if name in owner:
+                    raise ConversionError(f"tensor {name!r} appears in more than one shard")
+                owner[name] = h
+                sl = h.get_slice(name)
+                specs.append((name, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype())))
+        return write_pack(
+            specs, lambda n: owner[n].get_tensor(n), path, target_dtype, align_bytes  # type: ignore[attr-defined]
+        )
+    finally:
+        handles.clear()
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+}
+
+
+def _safetensors_dtype(name: str) -> torch.dtype:
+    try:
+        return _SAFETENSORS_DTYPES[name]
+    except KeyError:
+        raise ConversionError(f"safetensors dtype {name} is not supported") from None
+
+
+def _write_payload(f, layout: PackLayout, get_tensor: Callable[[str], torch.Tensor]) -> None:
+    cursor = 0
+    for block_id, block in enumerate(layout.blocks):
+        cursor = _pad_to(f, cursor, block.offset_bytes)
+        esize = block.length_bytes // block.length_elems if block.length_elems else 0
+        for entry in (e for e in layout.entries if e.block == block_id):
+            cursor = _pad_to(f, cursor, block.offset_bytes + entry.offset * esize)
+            if entry.length == 0:
+                continue
+            src = get_tensor(entry.name)
+            if tuple(src.shape) != entry.shape:
+                raise ConversionError(
+                    f"tensor {entry.name!r} has shape {tuple(src.shape)}, expected {entry.shape}"
+                )
+            data = src.detach().to(device="cpu", dtype=block.dtype).reshape(-1).contiguous()
+            raw = data.view(storage_dtype(block.dtype)).view(torch.uint8).numpy()
+            f.write(memoryview(raw))
+            cursor += raw.nbytes
+    _pad_to(f, cursor, layout.payload_bytes)
+
+
+def _pad_to(f, cursor: int, target: int) -> int:
+    while cursor < target:
+        n = min(target - cursor, len(_ZEROS))
+        f.write(_ZEROS[:n])
+        cursor += n
+    return cursor
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
