@@ -7,3 +7,23 @@ class ConversionError(RuntimeError):
 
 class DiskFullError(ConversionError):
     """The destination filesystem ran out of space (or hit a file-size limit) while writing."""
+
+
+class SourceError(ConversionError):
+    """A model source (Hub repo id, URL or local directory) is malformed, missing or unusable."""
+
+
+class AuthError(SourceError):
+    """The source needs a Hugging Face token that is missing or was refused (never shows the token)."""
+
+
+class DownloadError(ConversionError):
+    """Fetching weights failed (network, server or local cache problem); the message says which."""
+
+
+class DownloadStalledError(DownloadError):
+    """A download made no progress for the configured time on every allowed attempt."""
+
+
+class StoreError(ConversionError):
+    """The store on the persistent volume cannot be used (unwritable, busy too long, bad entry)."""

@@ -346,6 +346,14 @@ def parse_footer(raw: bytes, payload_end: int, path: str = "<pack>") -> PackLayo
                 f"total_payload_bytes {total_payload} != {payload_end} bytes before the footer "
                 "(file truncated or extended?)"
             )
+    # flashpack ends the payload exactly at the last block: extra bytes (v3 has no
+    # total_payload_bytes) mean bytes were inserted, and later tensors would read shifted data.
+    blocks_end = max(b.end_bytes for b in blocks)
+    if blocks_end != payload_end:
+        raise fail(
+            f"the blocks end at byte {blocks_end} but {payload_end} payload bytes precede the "
+            "footer (bytes inserted or appended before the footer?)"
+        )
 
     index = meta["index"]
     if not isinstance(index, list) or not index:

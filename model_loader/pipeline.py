@@ -1,15 +1,299 @@
-"""Assemble diffusers pipelines and models from a converted directory (stub, owned by pipeline)."""
+"""Load diffusers pipelines and single models from a converted directory.
+
+A converted directory has diffusers' layout: ``model_index.json``; per torch component
+``<comp>/config.json`` + ``<comp>/model.flashpack``; tokenizer/scheduler files as saved. Torch
+components are built on the meta device while their packs are read straight to the target device,
+then assembled from views of the loaded blocks; the others use their own ``from_pretrained``.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
+import logging
 import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .assemble import build_empty_model, construction_dtype, fill_model, is_diffusers_model, is_transformers_model
+from .format import read_layout
+from .reader import PackData, read_pack
 
-def load_model(component_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.nn.Module:
-    raise NotImplementedError
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+MODEL_INDEX_NAME = "model_index.json"
+CONFIG_NAME = "config.json"
+PACK_NAME = "model.flashpack"
+
+logger = logging.getLogger("model_loader.pipeline")
 
 
-def load_pipeline(path: str | os.PathLike[str], device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
-    raise NotImplementedError
+class PipelineLoadError(ValueError):
+    """A converted directory cannot be loaded; the message names the path and the problem."""
+
+
+def resolve_class(library: str, class_name: str, where: str = MODEL_INDEX_NAME) -> type:
+    """The class a ``model_index.json`` entry ``[library, class_name]`` names, as diffusers does.
+
+    ``library`` is ``diffusers``, ``transformers``, another importable module, or the name of a
+    diffusers pipeline module (``stable_diffusion`` for its safety checker).
+    """
+    import diffusers.pipelines
+
+    class_name = class_name.removeprefix("FlashPack")  # diffusers accepts this spelling too
+    if hasattr(diffusers.pipelines, library):
+        module: Any = getattr(diffusers.pipelines, library)
+    else:
+        try:
+            module = importlib.import_module(library)
+        except ImportError as exc:
+            raise PipelineLoadError(f"{where}: library {library!r} cannot be imported ({exc})") from None
+        if library == "transformers":
+            class_name = _remap_transformers_class(class_name)
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise PipelineLoadError(f"{where}: {library!r} has no class {class_name!r}")
+    return cls
+
+
+def load_model(
+    component_dir: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    torch_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """Load one converted torch component (``config.json`` + ``model.flashpack``) onto ``device``.
+
+    The class comes from the parent's ``model_index.json`` entry for this directory, else from
+    ``config.json`` (diffusers ``_class_name`` or transformers ``architectures``).
+    """
+    comp = Path(component_dir)
+    cls, config = model_class_and_config(_component_class(comp), comp)
+    pack_path = _pack_path(comp)
+    model = _empty_model(cls, config, pack_path, torch_dtype)
+    return _fill(model, read_pack(pack_path, device), device, torch_dtype, pack_path)
+
+
+def load_pipeline(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype | None = None,
+) -> DiffusionPipeline:
+    """Load the diffusers pipeline of the converted directory ``path`` with weights on ``device``.
+
+    Without ``torch_dtype`` weights keep their stored dtype. Packs are read in the background
+    (one after another, each with the reader's own threads) while the modules are built on the
+    meta device and the other components load.
+    """
+    start = time.perf_counter()
+    root = Path(path)
+    index = read_model_index(root)
+    pipeline_cls = _pipeline_class(index, root)
+    expected, optional_kwargs = pipeline_cls._get_signature_keys(pipeline_cls)
+    specs = _component_specs(index, root, expected, pipeline_cls)
+
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-read")
+    try:
+        # Reads start first (in model_index order) and overlap everything below.
+        reads: dict[str, Future[PackData]] = {
+            name: reader.submit(read_pack, root / name / PACK_NAME, device)
+            for name, spec in specs.items()
+            if spec is not None and (root / name / PACK_NAME).is_file()
+        }
+        where = str(root / MODEL_INDEX_NAME)
+        classes = {name: resolve_class(*spec, where=where) for name, spec in specs.items() if spec}
+        components: dict[str, Any] = {name: None for name, spec in specs.items() if spec is None}
+        empty: dict[str, torch.nn.Module] = {}
+        for name, cls in classes.items():
+            comp = root / name
+            if not comp.is_dir():
+                raise PipelineLoadError(f"{comp}: component directory listed in model_index.json is missing")
+            if issubclass(cls, torch.nn.Module):
+                model_cls, config = model_class_and_config(cls, comp)
+                empty[name] = _empty_model(model_cls, config, _pack_path(comp), torch_dtype)
+            else:
+                components[name] = _load_plain_component(cls, comp)
+        total_bytes = 0
+        for name, model in empty.items():
+            pack = reads[name].result()
+            total_bytes += pack.layout.payload_bytes
+            components[name] = _fill(model, pack, device, torch_dtype, root / name / PACK_NAME)
+            del pack
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+
+    init_kwargs = {k: v for k, v in index.items() if k in optional_kwargs and not k.startswith("_")}
+    try:
+        pipe = pipeline_cls(**components, **init_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise PipelineLoadError(f"{root}: cannot construct {pipeline_cls.__name__}: {exc}") from exc
+    pipe.register_to_config(_name_or_path=str(root))
+    elapsed = time.perf_counter() - start
+    logger.info(
+        "load: %.2f GB in %.2f s (%.2f GB/s) %s -> %s",
+        total_bytes / 1e9, elapsed, total_bytes / 1e9 / max(elapsed, 1e-9), root, torch.device(device),
+    )
+    return pipe
+
+
+def read_model_index(root: Path) -> dict[str, Any]:
+    """The parsed ``model_index.json`` of ``root``; raises naming the file if absent or invalid."""
+    index_path = root / MODEL_INDEX_NAME
+    if not root.is_dir():
+        raise PipelineLoadError(f"{root}: not a directory (expected a converted pipeline directory)")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineLoadError(f"{index_path}: missing (not a diffusers pipeline directory)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineLoadError(f"{index_path}: cannot be read as JSON ({exc})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise PipelineLoadError(f"{index_path}: expected a JSON object with a string '_class_name'")
+    return index
+
+
+def model_class_and_config(cls: type, component_dir: Path) -> tuple[type, Any]:
+    """The class to build a torch component with, and its config.
+
+    Like diffusers, a legacy class (``Transformer2DModel`` in older PixArt repos) is replaced by
+    the class its config asks for.
+    """
+    config = load_component_config(cls, component_dir)
+    if is_diffusers_model(cls) and isinstance(config, dict) and "norm_type" in config:
+        from diffusers.models.modeling_utils import LegacyModelMixin
+
+        if issubclass(cls, LegacyModelMixin):
+            from diffusers.models.model_loading_utils import _fetch_remapped_cls_from_config
+
+            cls = _fetch_remapped_cls_from_config(config, cls)
+    return cls, config
+
+
+def load_component_config(cls: type, component_dir: Path) -> Any:
+    """The config a torch component class is built from (diffusers dict or transformers config)."""
+    config_path = component_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise PipelineLoadError(f"{config_path}: missing (every torch component needs its config.json)")
+    try:
+        if is_diffusers_model(cls):
+            return cls.load_config(str(component_dir), local_files_only=True)
+        if is_transformers_model(cls):
+            return cls.config_class.from_pretrained(str(component_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise PipelineLoadError(f"{config_path}: invalid config for {cls.__name__} ({exc})") from exc
+    raise PipelineLoadError(
+        f"{component_dir}: {cls.__module__}.{cls.__name__} is neither a diffusers nor a transformers "
+        "model; only those can be loaded from FlashPack"
+    )
+
+
+def _empty_model(cls: type, config: Any, pack_path: Path, torch_dtype: torch.dtype | None) -> torch.nn.Module:
+    """``cls`` on the meta device, its float buffers in the dtype the pack's weights will have."""
+    return build_empty_model(cls, config, construction_dtype(read_layout(pack_path), torch_dtype))
+
+
+def _fill(model: torch.nn.Module, pack: PackData, device, torch_dtype, pack_path: Path) -> torch.nn.Module:
+    fill_model(model, pack, device, torch_dtype, where=str(pack_path))
+    if is_diffusers_model(type(model)):
+        model.register_to_config(_name_or_path=str(pack_path.parent))
+    elif is_transformers_model(type(model)):
+        model.config._name_or_path = str(pack_path.parent)
+    return model
+
+
+def _pack_path(component_dir: Path) -> Path:
+    path = component_dir / PACK_NAME
+    if not path.is_file():
+        raise PipelineLoadError(
+            f"{path}: missing; this directory has not been converted to FlashPack (run the "
+            "conversion first)"
+        )
+    return path
+
+
+def _pipeline_class(index: dict[str, Any], root: Path) -> type:
+    import diffusers
+
+    name = index["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise PipelineLoadError(f"{root / MODEL_INDEX_NAME}: unknown pipeline class {name!r} (not in diffusers)")
+    return cls
+
+
+def _component_specs(
+    index: dict[str, Any], root: Path, expected: list[str], pipeline_cls: type
+) -> dict[str, tuple[str, str] | None]:
+    """Component name -> ``(library, class)``, or ``None`` for one the pipeline gets as ``None``."""
+    specs: dict[str, tuple[str, str] | None] = {}
+    where = root / MODEL_INDEX_NAME
+    for name in expected:
+        entry = index.get(name)
+        if entry is None:
+            if name in pipeline_cls._optional_components:
+                specs[name] = None
+                continue
+            raise PipelineLoadError(f"{where}: lacks the component {name!r} that {pipeline_cls.__name__} requires")
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise PipelineLoadError(f"{where}: component {name!r} must be [library, class], got {entry!r}")
+        library, class_name = entry
+        if library is None or class_name is None:
+            specs[name] = None
+        elif isinstance(library, str) and isinstance(class_name, str):
+            specs[name] = (library, class_name)
+        else:
+            raise PipelineLoadError(f"{where}: component {name!r} must be [library, class], got {entry!r}")
+    return specs
+
+
+def _component_class(comp: Path) -> type:
+    """Resolve a component directory's class from the parent model_index.json or its config.json."""
+    index_path = comp.parent / MODEL_INDEX_NAME
+    if index_path.is_file():
+        try:
+            entry = json.loads(index_path.read_text(encoding="utf-8")).get(comp.name)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            entry = None
+        if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
+            return resolve_class(entry[0], entry[1], where=str(index_path))
+    config_path = comp / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineLoadError(f"{config_path}: missing (every torch component needs its config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineLoadError(f"{config_path}: cannot be read as JSON ({exc})") from None
+    if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
+        return resolve_class("diffusers", config["_class_name"], where=str(config_path))
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        return resolve_class("transformers", architectures[0], where=str(config_path))
+    raise PipelineLoadError(
+        f"{config_path}: names no model class (no '_class_name' or 'architectures', and no "
+        f"entry for {comp.name!r} in {index_path})"
+    )
+
+
+def _load_plain_component(cls: type, comp: Path) -> Any:
+    """Tokenizers, schedulers, feature extractors: their own ``from_pretrained``, local files only."""
+    loader = getattr(cls, "from_pretrained", None)
+    if loader is None:
+        raise PipelineLoadError(f"{comp}: {cls.__name__} has no from_pretrained; cannot load it")
+    kwargs = {"local_files_only": True} if cls.__module__.split(".")[0] in ("diffusers", "transformers") else {}
+    try:
+        return loader(str(comp), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise PipelineLoadError(f"{comp}: cannot load {cls.__name__} ({exc})") from exc
+
+
+def _remap_transformers_class(name: str) -> str:
+    try:
+        from diffusers.pipelines.pipeline_loading_utils import _maybe_remap_transformers_class
+    except ImportError:
+        return name
+    return _maybe_remap_transformers_class(name) or name

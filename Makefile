@@ -1,0 +1,43 @@
+# Two commands matter: `make serve` (the demo app on http://localhost:8080) and `make test`.
+# Both create .venv on first use; pip runs again only when a requirements file changes.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+REQS := requirements.txt requirements-test.txt
+STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
+PORT ?= 8080
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+# Tests and the demo never reach the network: no Hub calls, no telemetry.
+OFFLINE := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
+
+.PHONY: test serve bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing $(REQS) into $(VENV) ..."
+	$(PIP) -r requirements-test.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+serve: $(STAMP)
+	@echo "Serving the demo app on http://localhost:$(PORT)  (Ctrl-C stops it)"
+	@echo "Once 'setup' has finished, try:"
+	@echo "  curl -s -X POST http://localhost:$(PORT)/ -H 'Content-Type: application/json' \\"
+	@echo "       -d '{\"prompt\": \"a lighthouse on a cliff at sunset\"}'"
+	APP_PROFILE=demo APP_DATA_ROOT=$(CURDIR)/.data $(OFFLINE) \
+		$(VENV)/bin/fal run --local --exposed-port $(PORT) flashpack-t2i
+
+bench: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(OFFLINE) $(PY) bench/loader.py $(BENCH_ARGS)
+
+clean:
+	rm -rf .data bench/out .pytest_cache

@@ -1,0 +1,666 @@
+"""flashpack-t2i: a fal text-to-image app that starts cold in seconds.
+
+Read top to bottom:
+  1. settings   fal.toml, validated strictly, one profile chosen by APP_PROFILE (``demo`` = offline)
+  2. schema     the public request/response models (fal's conventions, bounds from fal.toml)
+  3. the app    setup(): prefetch -> store (acquire + convert once) -> load -> warm up;
+                POST / generates images, GET|POST /health reports readiness and setup timings.
+
+Run it: ``make serve`` (demo, offline), ``fal run flashpack-t2i`` (a fal runner),
+``fal deploy flashpack-t2i``. Heavy libraries (torch, diffusers, conversion, model_loader) are
+imported inside setup(): importing this file stays cheap, and the prefetch starts before them.
+"""
+
+import logging
+import os
+import re
+import threading
+import time
+import tomllib
+from pathlib import Path
+from secrets import randbelow, token_hex
+from typing import Annotated, Any, Literal
+
+import fal
+from fal.toolkit import Image, ImageSizeConstraints, ImageSizeField
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+
+log = logging.getLogger("app")
+
+APP_NAME = "flashpack-t2i"
+HERE = Path(__file__).resolve().parent
+SETTINGS_FILE = HERE / "fal.toml"
+REQUIREMENTS_FILE = HERE / "requirements.txt"
+# Local packages that travel with the deployment (uploaded as app files, importable on the runner).
+LOCAL_PACKAGES = ["model_loader", "conversion"]
+DEMO_SOURCE = "demo"
+# The largest integer a JSON number carries exactly in every client (JavaScript's 2**53 - 1).
+MAX_SEED = 2**53 - 1
+PIXEL_MULTIPLE = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Settings (fal.toml)
+
+
+class SettingsError(ValueError):
+    """fal.toml (or requirements.txt) is missing, malformed, or names an impossible value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+PresetName = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
+
+
+class SizeSetting(_Strict):
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class PresetSettings(_Strict):
+    """What each of fal's preset names means in pixels (a profile may shrink them)."""
+
+    square_hd: SizeSetting
+    square: SizeSetting
+    portrait_4_3: SizeSetting
+    portrait_16_9: SizeSetting
+    landscape_4_3: SizeSetting
+    landscape_16_9: SizeSetting
+
+
+class DeploySettings(_Strict):
+    """fal.App settings: machine, scaling, timeouts, auth."""
+
+    machine_type: str | list[str]
+    keep_alive: int = Field(ge=0)
+    min_concurrency: int = Field(default=0, ge=0)
+    max_concurrency: int = Field(ge=1)
+    max_multiplexing: int = Field(default=1, ge=1)
+    request_timeout: int = Field(ge=1)
+    startup_timeout: int = Field(ge=1)
+    auth: Literal["private", "public", "shared"] = "private"
+
+    @field_validator("machine_type")
+    @classmethod
+    def _machine_type_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value or (isinstance(value, list) and not all(value)):
+            raise ValueError("must name a machine type (or a non-empty list of them)")
+        return value
+
+    @model_validator(mode="after")
+    def _concurrency_order(self) -> "DeploySettings":
+        if self.min_concurrency > self.max_concurrency:
+            raise ValueError(f"min_concurrency ({self.min_concurrency}) exceeds max_concurrency ({self.max_concurrency})")
+        return self
+
+
+class ModelSettings(_Strict):
+    """The model to serve: a source the store acquires and converts once."""
+
+    source: str = Field(min_length=1)
+    revision: str | None = Field(default=None, min_length=1)
+    variant: str | None = Field(default=None, min_length=1)
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ServingSettings(_Strict):
+    """Bounds of one request; they become the public schema."""
+
+    max_prompt_length: int = Field(ge=1)
+    default_steps: int = Field(ge=1)
+    max_steps: int = Field(ge=1)
+    default_guidance_scale: float = Field(ge=0)
+    max_guidance_scale: float = Field(ge=0)
+    min_side: int = Field(ge=PIXEL_MULTIPLE)
+    max_side: int = Field(ge=PIXEL_MULTIPLE)
+    max_pixels: int = Field(ge=PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+    default_image_size: PresetName
+    output: Literal["cdn", "data_uri"] = "cdn"
+    warmup_sizes: list[PresetName] = []
+    warmup_steps: int = Field(default=1, ge=1)
+    presets: PresetSettings
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServingSettings":
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) exceeds max_steps ({self.max_steps})")
+        if self.default_guidance_scale > self.max_guidance_scale:
+            raise ValueError(
+                f"default_guidance_scale ({self.default_guidance_scale}) exceeds "
+                f"max_guidance_scale ({self.max_guidance_scale})"
+            )
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) exceeds max_side ({self.max_side})")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        for name in PresetSettings.model_fields:
+            size = getattr(self.presets, name)
+            problem = size_problem(size.width, size.height, self)
+            if problem:
+                raise ValueError(f"presets.{name}: {problem}")
+        return self
+
+
+class AppSettings(_Strict):
+    profile: str
+    deploy: DeploySettings
+    model: ModelSettings
+    serving: ServingSettings
+
+
+def size_problem(width: int, height: int, serving: ServingSettings) -> str | None:
+    """Why ``width`` x ``height`` cannot be served under ``serving``'s bounds (None if it can)."""
+    for side, value in (("width", width), ("height", height)):
+        if value % PIXEL_MULTIPLE:
+            return f"{side} {value} is not a multiple of {PIXEL_MULTIPLE}"
+        if not serving.min_side <= value <= serving.max_side:
+            return f"{side} {value} is outside [{serving.min_side}, {serving.max_side}]"
+    if width * height > serving.max_pixels:
+        return f"{width}x{height} is {width * height} pixels, more than the limit of {serving.max_pixels}"
+    return None
+
+
+_SECTIONS = ("deploy", "model", "serving")
+_UNION_TAG = re.compile(r"^(str|int|list\[.*\]|function-.*)$")
+
+
+def load_settings(path: str | os.PathLike[str] = SETTINGS_FILE, profile: str | None = None) -> AppSettings:
+    """Read and validate ``path``; ``profile`` (default: $APP_PROFILE) overlays ``[profiles.<name>]``.
+
+    Tables merge key by key, except ``[model]``, which a profile replaces whole. Any problem raises
+    :class:`SettingsError` naming the file, the profile and the key.
+    """
+    path = Path(path)
+    profile = (os.environ.get("APP_PROFILE", "") if profile is None else profile).strip() or "default"
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: settings file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+
+    profiles = raw.pop("profiles", {})
+    if not isinstance(profiles, dict) or not all(isinstance(p, dict) for p in profiles.values()):
+        raise SettingsError(f"{path}: [profiles] must hold one table per profile, e.g. [profiles.demo]")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise SettingsError(f"{path}: unknown table(s) {', '.join(unknown)} (tables: {', '.join(_SECTIONS)}, profiles)")
+    merged = dict(raw)
+    if profile != "default":
+        if profile not in profiles:
+            known = ", ".join(["default", *sorted(profiles)])
+            raise SettingsError(f"{path}: APP_PROFILE={profile!r} is not a profile here (known: {known})")
+        for section, overlay in profiles[profile].items():
+            where = f"profiles.{profile}.{section}"
+            if section not in _SECTIONS:
+                raise SettingsError(f"{path}: unknown table [{where}] (tables: {', '.join(_SECTIONS)})")
+            if not isinstance(overlay, dict):
+                raise SettingsError(f"{path}: {where} must be a table")
+            base = merged.get(section, {})
+            merged[section] = overlay if section == "model" else _deep_merge(base, overlay)
+
+    try:
+        return AppSettings(profile=profile, **merged)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        raise SettingsError(f"{path} (profile {profile!r}): {problems}") from None
+
+
+def _deep_merge(base: Any, overlay: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(base, dict):
+        return overlay
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def _describe(error: Any) -> str:
+    """``serving.max_steps: <message>`` for one pydantic error (union branch tags left out)."""
+    key = ".".join(str(part) for part in error["loc"] if not _UNION_TAG.match(str(part)))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    return f"{key or '<top level>'}: {message}"
+
+
+def read_requirements(path: str | os.PathLike[str] = REQUIREMENTS_FILE) -> list[str]:
+    """The pip specifiers of ``path`` (comments and blank lines dropped), for ``fal.App.requirements``."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: requirements file not found (the fal runner installs from it)") from None
+    requirements = []
+    for number, line in enumerate(lines, 1):
+        spec = line.split("#", 1)[0].strip()
+        if spec.startswith("-"):
+            raise SettingsError(f"{path}:{number}: pip options ({spec!r}) cannot be passed to fal; list packages only")
+        if spec:
+            requirements.append(spec)
+    return requirements
+
+
+SETTINGS = load_settings()
+SERVING = SETTINGS.serving
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The public schema (fal's text-to-image conventions; bounds come from [serving])
+
+
+class ImageSize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(
+        ge=SERVING.min_side,
+        le=SERVING.max_side,
+        multiple_of=PIXEL_MULTIPLE,
+        description=f"Width of the image in pixels: a multiple of {PIXEL_MULTIPLE}, at most "
+        f"{SERVING.max_pixels} pixels in all.",
+        examples=[SERVING.presets.landscape_4_3.width],
+    )
+    height: int = Field(
+        ge=SERVING.min_side,
+        le=SERVING.max_side,
+        multiple_of=PIXEL_MULTIPLE,
+        description=f"Height of the image in pixels: a multiple of {PIXEL_MULTIPLE}, at most "
+        f"{SERVING.max_pixels} pixels in all.",
+        examples=[SERVING.presets.landscape_4_3.height],
+    )
+
+    @model_validator(mode="after")
+    def _within_pixel_limit(self) -> "ImageSize":
+        if self.width * self.height > SERVING.max_pixels:
+            raise ValueError(
+                f"{self.width}x{self.height} is {self.width * self.height} pixels, "
+                f"more than the limit of {SERVING.max_pixels}"
+            )
+        return self
+
+
+def _image_size_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "preset"
+    if isinstance(value, dict | ImageSize):
+        return "custom"
+    return None
+
+
+_PRESET_TEXT = ", ".join(f"{name} ({s.width}x{s.height})" for name, s in SERVING.presets)
+ImageSizeInput = Annotated[
+    Annotated[PresetName, Tag("preset")] | Annotated[ImageSize, Tag("custom")],
+    Discriminator(
+        _image_size_kind,
+        custom_error_type="image_size_type",
+        custom_error_message="image_size must be a preset name or an object {width, height}",
+    ),
+]
+
+
+class TextToImageInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        min_length=1,
+        max_length=SERVING.max_prompt_length,
+        description="What the image should show.",
+        examples=["a lighthouse on a cliff at sunset, oil painting"],
+    )
+    negative_prompt: str = Field(
+        default="",
+        max_length=SERVING.max_prompt_length,
+        description="What the image should not show (empty: nothing).",
+        examples=["blurry, low quality"],
+    )
+    image_size: ImageSizeInput = ImageSizeField(
+        default=SERVING.default_image_size,
+        constraints=ImageSizeConstraints(
+            min_width=SERVING.min_side, max_width=SERVING.max_side, min_height=SERVING.min_side,
+            max_height=SERVING.max_side, max_area=SERVING.max_pixels, multiple_of=PIXEL_MULTIPLE,
+        ),
+        description=f"A preset name -- {_PRESET_TEXT} -- or an object {{width, height}}.",
+        examples=[SERVING.default_image_size, {"width": SERVING.presets.landscape_4_3.width,
+                                               "height": SERVING.presets.landscape_4_3.height}],
+    )
+    num_inference_steps: int = Field(
+        default=SERVING.default_steps,
+        ge=1,
+        le=SERVING.max_steps,
+        description="Denoising steps: more is slower and usually more detailed.",
+        examples=[SERVING.default_steps],
+    )
+    guidance_scale: float = Field(
+        default=SERVING.default_guidance_scale,
+        ge=0,
+        le=SERVING.max_guidance_scale,
+        allow_inf_nan=False,
+        description="How closely the image follows the prompt (classifier-free guidance; <= 1 turns it off).",
+        examples=[SERVING.default_guidance_scale],
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the noise. The same seed and inputs give the same image; absent: a fresh random "
+        "seed, returned in the response. Image i of a request uses seed + i.",
+        examples=[42],
+    )
+    num_images: int = Field(
+        default=1,
+        ge=1,
+        le=4,
+        description="How many images to generate (image i uses seed + i, so each can be reproduced alone).",
+        examples=[1],
+    )
+    output_format: Literal["jpeg", "png"] = Field(
+        default="jpeg",
+        description="Encoding of the images.",
+        examples=["jpeg"],
+    )
+    sync_mode: bool = Field(
+        default=False,
+        description="Return the images inline as data: URIs instead of uploading them to fal's CDN "
+        "(larger response; the images are not stored).",
+        examples=[False],
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain some non-whitespace text")
+        return value
+
+
+class TextToImageOutput(BaseModel):
+    images: list[Image] = Field(
+        description="The generated images.",
+        examples=[[{"url": "https://v3.fal.media/files/elephant/lighthouse.jpeg", "width": 1024,
+                    "height": 1024, "content_type": "image/jpeg"}]],
+    )
+    seed: int = Field(description="The seed of the first image (image i used seed + i).", examples=[42])
+    prompt: str = Field(description="The prompt the images were generated from.",
+                        examples=["a lighthouse on a cliff at sunset, oil painting"])
+    timings: dict[str, float] = Field(
+        description="Seconds spent: waiting for the GPU (queue), generating (inference), encoding and "
+        "uploading (encode).",
+        examples=[{"queue": 0.0, "inference": 2.41, "encode": 0.12}],
+    )
+
+
+class HealthOutput(BaseModel):
+    status: Literal["ok"] = Field(description="'ok' once setup() has finished.", examples=["ok"])
+    profile: str = Field(description="The fal.toml profile being served.", examples=["default"])
+    model: str = Field(description="The model's source.", examples=["stabilityai/stable-diffusion-xl-base-1.0"])
+    device: str = Field(description="Where the model runs.", examples=["cuda"])
+    store: str = Field(description="The converted model directory loaded.",
+                       examples=["/data/flashpack/stable-diffusion-xl-base-1.0"])
+    setup_seconds: dict[str, float] = Field(
+        description="Duration of each setup phase: prefetch, store, load, warmup, total.",
+        examples=[{"prefetch": 0.01, "store": 0.05, "load": 1.9, "warmup": 1.2, "total": 3.4}],
+    )
+
+
+def preset_size(name: str) -> tuple[int, int]:
+    size = getattr(SERVING.presets, name)
+    return size.width, size.height
+
+
+def requested_size(image_size: str | ImageSize) -> tuple[int, int]:
+    if isinstance(image_size, ImageSize):
+        return image_size.width, image_size.height
+    return preset_size(image_size)
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """Seed of each image: seed + i, wrapping within [0, MAX_SEED] so every one is a valid request seed."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. The app
+
+
+class TextToImageApp(fal.App, name=APP_NAME):
+    """Text-to-image on a FlashPack-converted diffusers pipeline."""
+
+    machine_type = SETTINGS.deploy.machine_type
+    keep_alive = SETTINGS.deploy.keep_alive
+    min_concurrency = SETTINGS.deploy.min_concurrency
+    max_concurrency = SETTINGS.deploy.max_concurrency
+    max_multiplexing = SETTINGS.deploy.max_multiplexing
+    request_timeout = SETTINGS.deploy.request_timeout
+    startup_timeout = SETTINGS.deploy.startup_timeout
+    app_auth = SETTINGS.deploy.auth
+    requirements = read_requirements()
+    app_files = LOCAL_PACKAGES
+    settings = SETTINGS
+
+    def setup(self) -> None:
+        _configure_logging()
+        started = time.perf_counter()
+        self.phase_seconds: dict[str, float] = {}
+        model = self.settings.model
+
+        # 1. prefetch: when the store already holds this model, start reading its packs into the
+        #    page cache now, so the disk works while diffusers/transformers are imported.
+        with self._phase("prefetch") as phase:
+            from conversion.store import Store, resolve_root
+
+            root = resolve_root()
+            self._prefetch, phase.detail = start_prefetch(Store(root), model, root)
+
+        # 2-3. store: acquire + convert once; a warm start finds the entry offline and does neither.
+        with self._phase("store") as phase:
+            from conversion.sources import parse_source
+            from conversion.store import ensure_converted
+
+            text = str(ensure_demo_source(root)) if model.source == DEMO_SOURCE else model.source
+            source = parse_source(text, revision=model.revision, variant=model.variant)
+            self.store_path = Path(ensure_converted(source, root=root, dtype=model.dtype))
+            phase.detail = str(self.store_path)
+
+        # 4. load: stream the packs to the device; modules are built around views of them.
+        with self._phase("load") as phase:
+            import torch
+
+            from model_loader import load_pipeline
+
+            self.device = resolve_device(model.device)
+            self.pipe = load_pipeline(self.store_path, device=self.device, torch_dtype=getattr(torch, model.dtype))
+            self.pipe.set_progress_bar_config(disable=True)
+            if self._prefetch is not None:
+                self._prefetch.cancel()  # the loader read everything itself; stop any stragglers
+            size = sum(p.stat().st_size for p in self.store_path.glob("*/*.flashpack"))
+            phase.rate(size, f"to {self.device}")
+
+        # 5. warm up: run every served shape once, so no request pays first-call costs.
+        self._lock = threading.Lock()
+        serving = self.settings.serving
+        with self._phase("warmup") as phase:
+            shapes = list(dict.fromkeys(serving.warmup_sizes))
+            for name in shapes:
+                width, height = preset_size(name)
+                self._generate("warm-up", "", width, height, serving.warmup_steps, serving.default_guidance_scale,
+                               seed=0)
+            phase.detail = f"{len(shapes)} shape(s) x {serving.warmup_steps} step(s): {', '.join(shapes) or 'none'}"
+
+        self.phase_seconds["total"] = round(time.perf_counter() - started, 3)
+        log.info("setup: ready in %.2f s (profile %s, model %s, device %s)", self.phase_seconds["total"],
+                 self.settings.profile, model.source, self.device)
+
+    @fal.endpoint("/")
+    def text_to_image(self, input: TextToImageInput) -> TextToImageOutput:
+        """Generate ``num_images`` images for ``prompt``."""
+        seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
+        width, height = requested_size(input.image_size)
+
+        queued = time.perf_counter()
+        with self._lock:  # one pipeline call at a time: diffusers pipelines keep per-call state
+            started = time.perf_counter()
+            pictures = [
+                self._generate(input.prompt, input.negative_prompt, width, height, input.num_inference_steps,
+                               input.guidance_scale, seed=image_seed)
+                for image_seed in image_seeds(seed, input.num_images)
+            ]
+        generated = time.perf_counter()
+
+        inline = input.sync_mode or self.settings.serving.output == "data_uri"
+        images = [encode_image(picture, input.output_format, inline) for picture in pictures]
+        done = time.perf_counter()
+        timings = {"queue": started - queued, "inference": generated - started, "encode": done - generated}
+        return TextToImageOutput(images=images, seed=seed, prompt=input.prompt,
+                                 timings={k: round(v, 4) for k, v in timings.items()})
+
+    @fal.endpoint(
+        "/health",
+        health_check=fal.HealthCheck(start_period_seconds=SETTINGS.deploy.startup_timeout, timeout_seconds=5,
+                                     failure_threshold=3, call_regularly=True),
+    )
+    def health(self) -> HealthOutput:
+        """Readiness and setup timings (fal also serves this method on GET /health)."""
+        if getattr(self, "pipe", None) is None:
+            raise RuntimeError("setup() has not finished: no pipeline is loaded")
+        return HealthOutput(status="ok", profile=self.settings.profile, model=self.settings.model.source,
+                            device=str(self.device), store=str(self.store_path), setup_seconds=self.phase_seconds)
+
+    def _generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
+                  guidance_scale: float, seed: int):
+        """One image from one seed. A fresh CPU generator per image: the same seed gives the same noise
+        on every device, and no request touches another's random state."""
+        import torch
+
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        result = self.pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt or None,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            num_images_per_prompt=1,
+            output_type="pil",
+        )
+        return result.images[0]
+
+    def _phase(self, name: str) -> "_Phase":
+        return _Phase(name, self.phase_seconds)
+
+
+class _Phase:
+    """Times a setup phase into ``seconds[name]`` and logs one line for it (with ``detail``)."""
+
+    def __init__(self, name: str, seconds: dict[str, float]):
+        self.name, self.seconds, self.detail = name, seconds, ""
+        self.nbytes: int | None = None
+
+    def rate(self, nbytes: int, where: str) -> None:
+        self.nbytes, self.detail = nbytes, where
+
+    def __enter__(self) -> "_Phase":
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.seconds[self.name] = round(elapsed, 3)
+        if exc_info[0] is not None:
+            log.error("%s: failed after %.2f s: %s", self.name, elapsed, exc_info[1])
+            return
+        if self.nbytes is not None:
+            rate = self.nbytes / 1e9 / elapsed if elapsed > 0 else 0.0
+            log.info("%s: %.2f GB in %.2f s (%.2f GB/s) %s", self.name, self.nbytes / 1e9, elapsed, rate, self.detail)
+        else:
+            log.info("%s: %.2f s%s", self.name, elapsed, f" ({self.detail})" if self.detail else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers of setup() and the endpoint
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError(f"fal.toml: model.device is {device!r} but no CUDA device is visible (use 'auto' or 'cpu')")
+    return device
+
+
+def ensure_demo_source(root: Path, seed: int = 0) -> Path:
+    """The embedded demo model as a local diffusers source under ``root``, generated once.
+
+    Built in a private directory and renamed into place, so a crash never leaves half a source.
+    """
+    target = demo_source_dir(root, seed)
+    if (target / "model_index.json").is_file():
+        return target
+    import shutil
+
+    from conversion.demo import make_demo_pipeline
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f".{target.name}.tmp-{os.getpid()}-{token_hex(4)}"
+    try:
+        make_demo_pipeline(scratch, seed=seed)
+        os.rename(scratch, target)
+        log.info("demo: generated the demo source at %s", target)
+    except OSError:
+        if not (target / "model_index.json").is_file():
+            raise
+        # another process published it first; theirs is identical
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def demo_source_dir(root: Path, seed: int = 0) -> Path:
+    return root / "demo-source" / f"seed-{seed}"
+
+
+def start_prefetch(store: Any, model: ModelSettings, root: Path) -> tuple[Any, str]:
+    """Start background reads of this model's packs if the store already has them (offline lookup).
+
+    Returns the prefetch handle (None when there is nothing to read yet) and a line for the log.
+    """
+    from conversion.errors import ConversionError
+    from conversion.sources import parse_source
+
+    text = str(demo_source_dir(root)) if model.source == DEMO_SOURCE else model.source
+    if model.source == DEMO_SOURCE and not os.path.isdir(text):
+        return None, "no store entry yet"
+    try:
+        source = parse_source(text, revision=model.revision, variant=model.variant)
+        identity = store.offline_identity(source)
+    except (ConversionError, OSError) as exc:  # only a hint: the store phase reports real problems
+        return None, f"skipped: {exc}"
+    packs = sorted(store.entry(source, identity, model.dtype).path.glob("*/*.flashpack")) if identity else []
+    if not packs:
+        return None, "no store entry yet"
+    from model_loader.prefetch import prefetch
+
+    nbytes = sum(p.stat().st_size for p in packs)
+    return prefetch(packs), f"{len(packs)} pack(s), {nbytes / 1e9:.2f} GB reading in the background"
+
+
+def encode_image(picture: Any, output_format: str, inline: bool) -> Image:
+    """A fal ``Image``: a data: URI when ``inline`` (offline, no credentials), else uploaded to fal's CDN."""
+    if inline:
+        return Image.from_pil(picture, format=output_format, repository="in_memory", fallback_repository=None)
+    return Image.from_pil(picture, format=output_format)
+
+
+def _configure_logging() -> None:
+    """Show the INFO phase lines of app / conversion / model_loader when nothing else configured logging."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in ("app", "conversion", "model_loader"):
+        logging.getLogger(name).setLevel(logging.INFO)

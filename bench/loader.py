@@ -1,0 +1,551 @@
+"""Time to load *and touch* every weight of a 1-2 GB model: this project's loader against its peers.
+
+One model (a Stable Diffusion 1.5 UNet, random fp16 weights, optionally scaled) is written once as
+diffusers safetensors and converted to FlashPack. Each peer then loads it in a fresh subprocess, with
+the page cache hot (files read just before) and cold (evicted with posix_fadvise before the run),
+and every weight is touched (one byte per page, which forces lazy mmap views to be read). Load time
+is measured inside the subprocess, after imports and CUDA context creation; the subprocess's whole
+wall time is reported beside it. Medians over --runs runs; raw runs go to bench/results/*.json.
+
+    python bench/loader.py                      # SD1.5-size UNet (1.7 GB), 5 runs, hot + cold
+    python bench/loader.py --size-gb 0.2 --runs 2 --peers ours,flashpack
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.common import (  # noqa: E402
+    evict,
+    machine_info,
+    machine_slug,
+    median,
+    odirect_read_gbps,
+    pinned_h2d_gbps,
+    resident_fraction,
+    touch,
+    warm,
+)
+
+# Stable Diffusion 1.5's UNet config; block_out_channels is scaled by --size-gb.
+SD15_UNET = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+WEIGHTS_ST = "diffusion_pytorch_model.safetensors"
+WEIGHTS_PACK = "model.flashpack"
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    level: str  # "file": raw bytes, "state_dict": name -> tensor, "model": an nn.Module
+    reads: str  # "pack" or "safetensors"
+    what: str
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    env: dict[str, str] = field(default_factory=dict)
+
+
+PEERS = [
+    Peer("ours", "state_dict", "pack", "model_loader.load_state_dict(pack, device)"),
+    Peer("flashpack", "state_dict", "pack",
+         "flashpack 0.4.5 read_flashpack_file + iterate_from_flash_tensor (CPU: lazy mmap views; CUDA: its parallel reader)"),
+    Peer("flashpack-parallel", "state_dict", "pack",
+         "flashpack 0.4.5 with FLASHPACK_CPU_PARALLEL_READ=1 (eager parallel read on CPU)",
+         devices=("cpu",), env={"FLASHPACK_CPU_PARALLEL_READ": "1"}),
+    Peer("safetensors", "state_dict", "safetensors", "safetensors.torch.load_file(file, device)"),
+    Peer("read-ceiling", "file", "pack", "plain sequential read() of the whole pack into one buffer (a ceiling, not a loader)",
+         devices=("cpu",)),
+    Peer("ours-model", "model", "pack", "model_loader.load_model(component_dir, device)"),
+    Peer("diffusers", "model", "safetensors", "UNet2DConditionModel.from_pretrained(safetensors dir[, device_map=cuda])"),
+    Peer("diffusers-flashpack", "model", "pack",
+         "UNet2DConditionModel.from_pretrained(converted dir, use_flashpack=True[, device_map=cuda])"),
+]
+PEERS_BY_NAME = {p.name: p for p in PEERS}
+BASELINE = {"file": "ours", "state_dict": "ours", "model": "ours-model"}
+
+
+# --- the model on disk ------------------------------------------------------------------------
+
+
+def _unet_config(c: int) -> dict:
+    return {**SD15_UNET, "block_out_channels": [c, 2 * c, 4 * c, 4 * c]}
+
+
+def _param_count(c: int) -> int:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**_unet_config(c))
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def channels_for(size_gb: float | None, elem_size: int) -> int:
+    """Base channel count (a multiple of 32) whose UNet is closest to ``size_gb``; 320 when None."""
+    if size_gb is None:
+        return 320
+    import numpy as np
+
+    xs = [64, 128, 256]
+    coeffs = np.polyfit(xs, [_param_count(x) for x in xs], 2)  # parameters are quadratic in c
+    roots = np.roots([coeffs[0], coeffs[1], coeffs[2] - size_gb * 1e9 / elem_size])
+    c = max(float(r.real) for r in roots if abs(r.imag) < 1e-6)
+    return max(32, int(round(c / 32)) * 32)
+
+
+def prepare(workdir: Path, size_gb: float | None, dtype_name: str, seed: int) -> dict:
+    """Write (once) the model as diffusers safetensors and as a converted FlashPack component."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    c = channels_for(size_gb, torch.empty(0, dtype=dtype).element_size())
+    root = workdir / f"unet-c{c}-{dtype_name}-seed{seed}"
+    ready = root / "ready.json"
+    if ready.exists():
+        return json.loads(ready.read_text())
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from conversion.writer import pack_safetensors
+
+    src, conv = root / "source" / "unet", root / "converted" / "unet"
+    src.mkdir(parents=True, exist_ok=True)
+    conv.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**_unet_config(c))
+    model.save_config(src)
+    model.save_config(conv)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, t in model.state_dict().items():
+        state[name] = torch.empty(t.shape, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)
+    save_file(state, src / WEIGHTS_ST, metadata={"format": "pt"})
+    payload = sum(t.numel() * t.element_size() for t in state.values())
+    del state
+    t1 = time.perf_counter()
+    pack_safetensors([src / WEIGHTS_ST], conv / WEIGHTS_PACK)
+    t2 = time.perf_counter()
+    data = {
+        "model": "UNet2DConditionModel (SD1.5 architecture)",
+        "block_out_channels": [c, 2 * c, 4 * c, 4 * c],
+        "dtype": dtype_name,
+        "seed": seed,
+        "tensors": len(model.state_dict()),
+        "payload_bytes": payload,
+        "source_dir": str(src),
+        "converted_dir": str(conv),
+        "safetensors": str(src / WEIGHTS_ST),
+        "safetensors_bytes": (src / WEIGHTS_ST).stat().st_size,
+        "pack": str(conv / WEIGHTS_PACK),
+        "pack_bytes": (conv / WEIGHTS_PACK).stat().st_size,
+        "generate_s": round(t1 - t0, 2),
+        "convert_s": round(t2 - t1, 2),
+    }
+    ready.write_text(json.dumps(data, indent=2))
+    return data
+
+
+def data_files(data: dict) -> list[str]:
+    return [data["safetensors"], data["pack"], str(Path(data["source_dir"]) / "config.json"),
+            str(Path(data["converted_dir"]) / "config.json")]
+
+
+def peer_files(peer: Peer, data: dict) -> list[str]:
+    if peer.reads == "pack":
+        return [data["pack"], str(Path(data["converted_dir"]) / "config.json")]
+    return [data["safetensors"], str(Path(data["source_dir"]) / "config.json")]
+
+
+# --- the worker (one run of one peer, in a fresh process) ---------------------------------------
+
+
+def _make_loader(peer: str, spec: dict, device):
+    """Import what ``peer`` needs and return a no-argument function that loads -> {name: tensor}."""
+    import torch
+
+    pack, st = spec["pack"], spec["safetensors"]
+    dtype = getattr(torch, spec["dtype"])
+    on_cuda = device.type == "cuda"
+
+    if peer == "ours":
+        from model_loader import load_state_dict
+
+        return lambda: load_state_dict(pack, device)
+    if peer in ("flashpack", "flashpack-parallel"):
+        from flashpack.deserialization import iterate_from_flash_tensor, read_flashpack_file
+
+        def load():
+            storage, meta = read_flashpack_file(pack, device=device)
+            return dict(iterate_from_flash_tensor(storage, meta))
+
+        return load
+    if peer == "safetensors":
+        from safetensors.torch import load_file
+
+        return lambda: load_file(st, device=str(device))
+    if peer == "read-ceiling":
+
+        def load():
+            size = os.path.getsize(pack)
+            buf = torch.empty(size, dtype=torch.uint8)
+            view = memoryview(buf.numpy())
+            done = 0
+            with open(pack, "rb", buffering=0) as f:
+                while done < size:
+                    n = f.readinto(view[done : done + (64 << 20)])
+                    if not n:
+                        raise EOFError(pack)
+                    done += n
+            return {"<file>": buf}
+
+        return load
+    if peer == "ours-model":
+        import diffusers
+
+        from model_loader import load_model
+
+        diffusers.UNet2DConditionModel  # noqa: B018 -- import the model class untimed, as the diffusers peers do
+
+        return lambda: load_model(spec["converted_dir"], device).state_dict()
+    if peer in ("diffusers", "diffusers-flashpack"):
+        import diffusers
+
+        cls = diffusers.UNet2DConditionModel
+        kwargs = {"torch_dtype": dtype}
+        if on_cuda:
+            kwargs["device_map"] = str(device)
+        if peer == "diffusers":
+            return lambda: cls.from_pretrained(spec["source_dir"], **kwargs).state_dict()
+        return lambda: cls.from_pretrained(spec["converted_dir"], use_flashpack=True, **kwargs).state_dict()
+    raise ValueError(f"unknown peer {peer!r}")
+
+
+def _verify(tensors: dict, safetensors_path: str) -> dict:
+    """Compare every loaded tensor with the source safetensors file, value for value."""
+    import torch
+    from safetensors import safe_open
+
+    missing, mismatched, reshaped = [], [], []
+    with safe_open(safetensors_path, framework="pt") as f:
+        keys = list(f.keys())
+        for k in keys:
+            if k not in tensors:
+                missing.append(k)
+                continue
+            ref, got = f.get_tensor(k), tensors[k].detach().to("cpu")
+            if tuple(got.shape) != tuple(ref.shape):
+                reshaped.append(k)
+            if got.dtype != ref.dtype or not torch.equal(got.reshape(-1), ref.reshape(-1)):
+                mismatched.append(k)
+    return {
+        "ok": not missing and not mismatched,
+        "tensors": len(keys),
+        "missing": len(missing),
+        "mismatched": len(mismatched),
+        "shape_differs": len(reshaped),
+        "examples": (missing + mismatched + reshaped)[:3],
+    }
+
+
+def _peak_rss_gb() -> float | None:
+    """This process's peak resident set (VmHWM; ru_maxrss would include the parent's, kept over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) * 1024 / 1e9, 3)
+    return None
+
+
+def worker(spec: dict) -> None:
+    t_enter = time.perf_counter()
+    import torch
+
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    load = _make_loader(spec["peer"], spec, device)
+    touch([torch.zeros(4 << 20, dtype=torch.uint8, device=device)], spec["touch"])  # first-call costs, not timed
+    sync()
+    t_ready = time.perf_counter()
+    t0 = time.perf_counter()
+    tensors = load()
+    sync()
+    t1 = time.perf_counter()
+    checksum = touch(tensors.values(), spec["touch"])
+    sync()
+    t2 = time.perf_counter()
+    result = {
+        "setup_s": round(t_ready - t_enter, 4),
+        "load_s": round(t1 - t0, 4),
+        "touch_s": round(t2 - t1, 4),
+        "ready_s": round(t2 - t0, 4),
+        "tensors": len(tensors),
+        "touch_checksum": checksum,
+        "peak_rss_gb": _peak_rss_gb(),
+    }
+    if device.type == "cuda":
+        result["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+    if spec.get("verify"):
+        result["verify"] = _verify(tensors, spec["safetensors"])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def hardware_worker(spec: dict) -> None:
+    """Raw ceilings of this machine: O_DIRECT disk read and (on CUDA) pinned host-to-device copies."""
+    import torch
+
+    out: dict = {"odirect_read": odirect_read_gbps(spec["pack"], threads=spec["threads"])}
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")
+        out["pinned_h2d"] = pinned_h2d_gbps()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+def _spawn(kind: str, spec: dict, env_extra: dict[str, str], timeout: float) -> tuple[dict | None, float, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHPACK_")}
+    env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                "PYTHONWARNINGS": "ignore"})
+    env.update(env_extra)
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--{kind}", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, time.perf_counter() - t0, f"timed out after {timeout:.0f} s"
+    wall = time.perf_counter() - t0
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):]), wall, ""
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return None, wall, f"exit {proc.returncode}: " + " | ".join(tail)
+
+
+def summarize(runs: list[dict], payload: int) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["device"], r["cache"], r["level"], r["peer"]), []).append(r)
+    rows = []
+    for (device, cache, level, peer), rs in groups.items():
+        ok = [r for r in rs if r.get("ok")]
+        row = {"device": device, "cache": cache, "level": level, "peer": peer, "runs": len(ok),
+               "errors": [r["error"] for r in rs if not r.get("ok")][:1]}
+        if ok:
+            ready = median([r["ready_s"] for r in ok])
+            row.update({
+                "ready_s": ready,
+                "gbps": payload / ready / 1e9 if ready > 0 else float("inf"),
+                "load_s": median([r["load_s"] for r in ok]),
+                "touch_s": median([r["touch_s"] for r in ok]),
+                "process_s": median([r["process_s"] for r in ok]),
+                "peak_rss_gb": median([r["peak_rss_gb"] for r in ok]),
+                "verified": all(r["verify"]["ok"] for r in ok if "verify" in r) if any("verify" in r for r in ok) else None,
+            })
+        rows.append(row)
+    by_key = {(r["device"], r["cache"], r["peer"]): r for r in rows}
+    for r in rows:
+        base = by_key.get((r["device"], r["cache"], BASELINE[r["level"]]))
+        if base and base.get("ready_s") and r.get("ready_s"):
+            r["ratio_vs_ours"] = r["ready_s"] / base["ready_s"]
+    order = {p.name: i for i, p in enumerate(PEERS)}
+    rows.sort(key=lambda r: (r["device"], r["cache"] != "hot", order[r["peer"]]))
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| device | cache | level | peer | ready s (median) | GB/s | time vs ours | load s | touch s "
+            "| process s | peak RSS GB | verified | runs |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if not r.get("ready_s"):
+            err = (r["errors"][0] if r["errors"] else "no runs")[:80].replace("|", "/")
+            lines.append(f"| {r['device']} | {r['cache']} | {r['level']} | {r['peer']} | failed: {err} "
+                         "| | | | | | | | 0 |")
+            continue
+        ratio = f"{r['ratio_vs_ours']:.2f}x" if "ratio_vs_ours" in r else "-"
+        verified = {True: "yes", False: "NO", None: "-"}[r["verified"]]
+        lines.append(
+            f"| {r['device']} | {r['cache']} | {r['level']} | {r['peer']} | {r['ready_s']:.3f} | {r['gbps']:.2f} "
+            f"| {ratio} | {r['load_s']:.3f} | {r['touch_s']:.3f} | {r['process_s']:.2f} | {r['peak_rss_gb']:.2f} "
+            f"| {verified} | {r['runs']} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=None,
+                    help="target model size; default: the real SD1.5 UNet (1.72 GB in fp16)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--runs", type=int, default=5, help="runs per peer, device and cache state (median reported)")
+    ap.add_argument("--peers", default=",".join(p.name for p in PEERS), help="comma-separated subset of: "
+                    + ", ".join(p.name for p in PEERS))
+    ap.add_argument("--caches", default="hot,cold", help="hot, cold or both")
+    ap.add_argument("--devices", default=None, help="cpu and/or cuda; default: cpu, plus cuda when available")
+    ap.add_argument("--workdir", default=str(REPO / "bench" / "out"), help="where the model files are written")
+    ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--machine", default=None, help="name used in the results file name")
+    ap.add_argument("--touch", default="page", choices=["page", "full"],
+                    help="after loading read one byte per page of every tensor (default) or every byte")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=8, help="threads of the O_DIRECT disk read probe")
+    ap.add_argument("--no-verify", action="store_true", help="skip comparing the first run's weights with the source")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--hardware", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
+    if args.hardware:
+        hardware_worker(json.loads(args.hardware))
+        return 0
+
+    import torch
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    peers = [PEERS_BY_NAME[n.strip()] for n in args.peers.split(",") if n.strip()]
+    caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    log(f"preparing the model under {workdir} ...")
+    data = prepare(workdir, args.size_gb, args.dtype, args.seed)
+    payload = data["payload_bytes"]
+    log(f"model: {data['tensors']} tensors, {payload / 1e9:.3f} GB payload, channels {data['block_out_channels']}")
+    info = machine_info(workdir)
+    hw, _, hw_err = _spawn("hardware", {"pack": data["pack"], "threads": args.threads}, {}, args.timeout)
+    hw = hw or {"error": hw_err}
+    log(f"hardware: {json.dumps(hw)}")
+
+    plan = [(i, cache, device, peer) for i in range(args.runs) for cache in caches for device in devices
+            for peer in peers if device in peer.devices]
+    runs: list[dict] = []
+    broken: set[tuple[str, str]] = set()
+    verified: set[tuple[str, str]] = set()
+    eviction_failures = 0
+    all_files = data_files(data)
+    for step, (i, cache, device, peer) in enumerate(plan, 1):
+        if (peer.name, device) in broken:
+            continue
+        files = peer_files(peer, data)
+        if cache == "cold":
+            evict(all_files)
+        else:
+            warm(files)
+        resident = resident_fraction(files[0])
+        if cache == "cold" and resident is not None and resident > 0.02:
+            eviction_failures += 1
+        verify = not args.no_verify and peer.level != "file" and (peer.name, device) not in verified
+        spec = {**data, "peer": peer.name, "device": device, "verify": verify, "touch": args.touch}
+        res, wall, err = _spawn("worker", spec, peer.env, args.timeout)
+        rec = {"run": i, "cache": cache, "device": device, "peer": peer.name, "level": peer.level,
+               "resident_before": resident, "process_s": round(wall, 3), "ok": res is not None}
+        if res is None:
+            rec["error"] = err
+            broken.add((peer.name, device))
+            log(f"[{step}/{len(plan)}] {cache:4} {device:4} {peer.name:20} FAILED ({err[:200]}); skipping its other runs")
+        else:
+            rec.update(res)
+            if verify:
+                verified.add((peer.name, device))
+            v = res.get("verify")
+            vtxt = "" if v is None else (" verified" if v["ok"] else f" VERIFY FAILED {v}")
+            log(f"[{step}/{len(plan)}] {cache:4} {device:4} {peer.name:20} ready {res['ready_s']:.3f} s "
+                f"(load {res['load_s']:.3f} + touch {res['touch_s']:.3f}), process {wall:.2f} s, "
+                f"cached before {resident if resident is None else f'{resident:.0%}'}{vtxt}")
+        runs.append(rec)
+
+    rows = summarize(runs, payload)
+    table = markdown_table(rows)
+    cold = [r["resident_before"] for r in runs if r["cache"] == "cold" and r["resident_before"] is not None]
+    notes = []
+    if cold:
+        notes.append(f"cold runs: at most {max(cold):.1%} of the file was in the page cache before a run")
+    if eviction_failures:
+        notes.append(f"WARNING: eviction did not take in {eviction_failures} cold run(s); those are not cold")
+    if any(r["cache"] == "cold" for r in runs) and not cold:
+        notes.append("WARNING: could not check eviction (mincore unavailable)")
+
+    created = dt.datetime.now()
+    slug = args.machine or machine_slug(info)
+    out_dir = Path(args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{slug}-{created:%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps({
+        "benchmark": "bench/loader.py",
+        "created": created.isoformat(timespec="seconds"),
+        "machine": info,
+        "hardware": hw,
+        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "hardware")},
+        "data": data,
+        "peers": {p.name: {"level": p.level, "reads": p.reads, "what": p.what, "env": p.env} for p in peers},
+        "notes": notes,
+        "summary": rows,
+        "runs": runs,
+    }, indent=1))
+
+    gpu = info["gpu"]["name"] if info.get("gpu") else "no GPU"
+    print(f"## loader benchmark: {payload / 1e9:.2f} GB {args.dtype} UNet, {info['cpu']} ({info['cores']} cores), "
+          f"{info['ram_gb']} GB RAM, {gpu}, torch {info['torch']}, disk {info['disk'].get('fstype', '?')} "
+          f"on {info['disk'].get('source', '?')}, load at start {info['loadavg_at_start']}")
+    print()
+    print(table)
+    print()
+    od = hw.get("odirect_read", {})
+    print(f"- disk O_DIRECT read ({od.get('threads', '?')} threads): "
+          + (f"{od['gbps']:.2f} GB/s" if "gbps" in od else od.get("error", "n/a")))
+    if "pinned_h2d" in hw:
+        h = hw["pinned_h2d"]
+        print(f"- pinned host-to-device copy: {h['gbps_median']:.1f} GB/s median ({h['gbps_best']:.1f} best); "
+              f"pinning 1 GiB took {h['pin_alloc_s']:.3f} s")
+    for n in notes:
+        print(f"- {n}")
+    print(f"- raw runs: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

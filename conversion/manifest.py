@@ -1,0 +1,217 @@
+"""The manifest of a converted directory: what it was built from and every file's size and sha256.
+
+Written last (atomically), so its presence means the conversion finished. ``verify_converted``
+checks a directory against it: cheaply (sizes and FlashPack footers, the warm-start check) or
+fully (plus every file's sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from model_loader.format import FlashPackFormatError, read_layout
+
+from .errors import ConversionError
+from .writer import fsync_dir
+
+MANIFEST_NAME = "flashpack_manifest.json"
+# Version of the converted-directory layout; bump on any incompatible change so old stores are
+# rebuilt instead of misread.
+FORMAT_VERSION = 1
+
+_READ_CHUNK = 8 << 20
+_MAX_HASH_THREADS = 8
+_TOOLS = ("torch", "diffusers", "transformers", "safetensors", "flashpack")
+
+
+class VerificationError(ConversionError):
+    """A converted directory does not match its manifest; the message names the file and problem."""
+
+
+def is_temp_name(name: str) -> bool:
+    """Temporary files left by our writers (``.<name>.<pid>.<hex>.tmp``) or flashpack's."""
+    return (name.startswith(".") and name.endswith(".tmp")) or name.startswith(".packtmp_")
+
+
+def list_files(converted_dir: str | os.PathLike[str]) -> list[str]:
+    """Relative posix paths of every file under ``converted_dir`` except the manifest and temp files."""
+    root = Path(converted_dir)
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not is_temp_name(d)]
+        for name in filenames:
+            if is_temp_name(name):
+                continue
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            if rel != MANIFEST_NAME:
+                found.append(rel)
+    return sorted(found)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in large chunks (hashlib releases the GIL, so threads scale)."""
+    digest = hashlib.sha256()
+    buf = bytearray(_READ_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _hash_all(root: Path, rel_paths: list[str]) -> dict[str, str]:
+    """sha256 of each file, the largest first, on a thread pool."""
+    if not rel_paths:
+        return {}
+    order = sorted(rel_paths, key=lambda r: (root / r).stat().st_size, reverse=True)
+    workers = min(_MAX_HASH_THREADS, len(order), (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256") as pool:
+        digests = pool.map(lambda r: sha256_file(root / r), order)
+        return dict(zip(order, digests, strict=True))
+
+
+def _tool_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in _TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"manifest source field of type {type(value).__name__} is not JSON-serializable")
+
+
+def write_manifest(converted_dir: str | os.PathLike[str], source: dict) -> dict:
+    """Record every file's size and sha256 plus ``source`` in ``converted_dir``'s manifest.
+
+    Call it last: the manifest is written atomically (temp file, fsync, rename, directory
+    fsync), so a directory with a manifest is a finished conversion.
+    """
+    root = Path(converted_dir)
+    rel_paths = list_files(root)
+    digests = _hash_all(root, rel_paths)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": source,
+        "tools": _tool_versions(),
+        "files": {rel: {"size": (root / rel).stat().st_size, "sha256": digests[rel]} for rel in rel_paths},
+    }
+    body = json.dumps(manifest, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    final = root / MANIFEST_NAME
+    tmp = root / f".{MANIFEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return json.loads(body)
+
+
+def read_manifest(converted_dir: str | os.PathLike[str]) -> dict:
+    """The parsed, shape-checked manifest of ``converted_dir`` (raises VerificationError)."""
+    root = Path(converted_dir)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise VerificationError(f"{root}: not a directory")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VerificationError(
+            f"{path}: missing (the conversion did not finish, or {root} is not a converted directory); convert again"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VerificationError(f"{path}: cannot read ({exc})") from exc
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VerificationError(f"{path}: not valid JSON ({exc}); convert again") from None
+
+    def fail(problem: str) -> VerificationError:
+        return VerificationError(f"{path}: {problem}; convert again")
+
+    if not isinstance(manifest, dict):
+        raise fail(f"expected a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise fail(f"format_version {version!r}, this code reads version {FORMAT_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise fail("'files' must be an object mapping relative paths to size and sha256")
+    for rel, entry in files.items():
+        parts = PurePosixPath(rel).parts
+        if not rel or PurePosixPath(rel).is_absolute() or ".." in parts or rel == MANIFEST_NAME:
+            raise fail(f"file path {rel!r} is not a relative path inside the directory")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or isinstance(entry.get("size"), bool)
+            or entry["size"] < 0
+            or not isinstance(entry.get("sha256"), str)
+            or len(entry["sha256"]) != 64
+        ):
+            raise fail(f"entry for {rel!r} must be {{'size': int >= 0, 'sha256': 64 hex chars}}")
+    return manifest
+
+
+def verify_converted(path: str | os.PathLike[str], full: bool = True) -> None:
+    """Check ``path`` against its manifest; raise VerificationError naming the file and problem.
+
+    Always: the manifest parses and has our format version, every listed file exists with its
+    listed size, every ``*.flashpack`` footer is valid and its blocks end exactly where the
+    footer starts. ``full=True`` also hashes every file (sha256); ``full=False`` does not read
+    file contents beyond footers, so it is fast enough for every warm start.
+    """
+    root = Path(path)
+    files: dict[str, dict] = read_manifest(root)["files"]
+    for rel, entry in files.items():
+        file = root / rel
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise VerificationError(f"{file}: listed in the manifest but missing") from None
+        except OSError as exc:
+            raise VerificationError(f"{file}: cannot stat ({exc.strerror or exc})") from exc
+        if not file.is_file():
+            raise VerificationError(f"{file}: listed in the manifest but not a regular file")
+        if size != entry["size"]:
+            raise VerificationError(
+                f"{file}: size {size} bytes, the manifest says {entry['size']} (truncated or modified since conversion)"
+            )
+    for rel in files:
+        if rel.endswith(".flashpack"):
+            try:
+                read_layout(root / rel)
+            except FlashPackFormatError as exc:
+                raise VerificationError(str(exc)) from exc
+    if not full:
+        return
+    try:
+        digests = _hash_all(root, list(files))
+    except OSError as exc:
+        raise VerificationError(f"{exc.filename}: cannot read ({exc.strerror or exc})") from exc
+    for rel, entry in files.items():
+        if digests[rel] != entry["sha256"]:
+            raise VerificationError(f"{root / rel}: sha256 mismatch (contents changed since conversion); convert again")

@@ -1,0 +1,295 @@
+"""Build torch modules without weights and fill them with views of loaded pack blocks.
+
+A module is constructed with its parameters on the meta device (no memory, no random init) and its
+buffers real, so non-persistent buffers (position ids, rotary frequencies) get the values the
+module's own ``__init__`` computes. Loaded tensors then become the parameters and persistent
+buffers as *views* of the flat per-dtype blocks: no copy. Loading is strict, like
+``load_state_dict(strict=True)``, and tied weights stay tied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .format import PackLayout
+from .reader import PackData
+
+# Shown per kind of problem in a mismatch error; the rest is counted.
+_MAX_NAMES_SHOWN = 20
+
+
+class StateDictMismatchError(ValueError):
+    """The tensors of a pack do not fit the module: names missing/unexpected or shape/dtype wrong."""
+
+
+@dataclass
+class _Slot:
+    """One distinct parameter or persistent buffer, under every name it is reachable by."""
+
+    kind: str  # "parameter" | "buffer"
+    tensor: torch.Tensor
+    names: list[str] = field(default_factory=list)
+    owners: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+
+def _walk(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, str, torch.Tensor, bool]]:
+    """``(kind, owner, attr, full name, tensor, persistent)`` for every name, duplicates included."""
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for attr, tensor in mod._parameters.items():
+            if tensor is not None:
+                yield "parameter", mod, attr, dot + attr, tensor, True
+        for attr, tensor in mod._buffers.items():
+            if tensor is not None:
+                yield "buffer", mod, attr, dot + attr, tensor, attr not in mod._non_persistent_buffers_set
+
+
+def _slots(module: nn.Module) -> tuple[list[_Slot], list[tuple[nn.Module, str, str]]]:
+    """The persistent tensors grouped by identity (aliases share a slot), and non-persistent buffers."""
+    by_id: dict[int, _Slot] = {}
+    non_persistent: list[tuple[nn.Module, str, str]] = []
+    for kind, owner, attr, name, tensor, persistent in _walk(module):
+        if not persistent:
+            non_persistent.append((owner, attr, name))
+            continue
+        slot = by_id.setdefault(id(tensor), _Slot(kind, tensor))
+        slot.names.append(name)
+        slot.owners.append((owner, attr))
+    return list(by_id.values()), non_persistent
+
+
+def tied_groups(module: nn.Module) -> list[list[str]]:
+    """Names of the persistent tensors, one list per distinct tensor (several names = tied)."""
+    return [slot.names for slot in _slots(module)[0]]
+
+
+def non_persistent_buffer_names(module: nn.Module) -> set[str]:
+    """Names of the buffers ``__init__`` computes and state dicts leave out (position ids, ...)."""
+    return {name for _, _, name in _slots(module)[1]}
+
+
+def _dtype_fits(expected: torch.dtype, stored: torch.dtype) -> bool:
+    # A floating-point tensor may be stored at any floating precision; others must match exactly.
+    return stored == expected or (expected.is_floating_point and stored.is_floating_point)
+
+
+_Shapes = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def check_tensors(module: nn.Module, shapes: _Shapes, where: str) -> dict[str, str]:
+    """Check that ``shapes`` (name -> (shape, dtype)) fills ``module`` exactly; raise otherwise.
+
+    Returns, for each name in ``shapes``, the name it is loaded from: itself, or for a second
+    name of a tied tensor, the first name of that tensor present in ``shapes`` (which wins).
+    """
+    return _check(_slots(module)[0], module, shapes, where)
+
+
+def _check(slots: list[_Slot], module: nn.Module, shapes: _Shapes, where: str) -> dict[str, str]:
+    owner = {name: slot for slot in slots for name in slot.names}
+    unexpected = [n for n in shapes if n not in owner]
+    missing: list[str] = []
+    mismatched: list[str] = []
+    chosen: dict[str, str] = {}
+    for slot in slots:
+        present = [n for n in slot.names if n in shapes]
+        if not present:
+            missing.append(" = ".join(slot.names))
+            continue
+        want_shape, want_dtype = tuple(slot.tensor.shape), slot.tensor.dtype
+        for n in present:
+            shape, dtype = shapes[n]
+            if tuple(shape) != want_shape or not _dtype_fits(want_dtype, dtype):
+                mismatched.append(
+                    f"{n}: stored {list(shape)} {_short(dtype)}, module wants {list(want_shape)} "
+                    f"{_short(want_dtype)}"
+                )
+            chosen[n] = present[0]
+    if unexpected or missing or mismatched:
+        raise StateDictMismatchError(_mismatch_message(module, where, missing, unexpected, mismatched))
+    return chosen
+
+
+def load_tensors(
+    module: nn.Module, tensors: Mapping[str, torch.Tensor], device: torch.device | str, where: str
+) -> None:
+    """Make ``tensors`` (views, not copies) the parameters and persistent buffers of ``module``.
+
+    Strict: a missing, unexpected or ill-shaped name raises :class:`StateDictMismatchError` naming
+    it before anything is assigned. Tied names get one shared ``Parameter``. Non-persistent buffers
+    (built real by ``__init__``) are moved to ``device``.
+    """
+    device = torch.device(device)
+    slots, non_persistent = _slots(module)
+    _check(slots, module, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, where)
+    for slot in slots:
+        source = tensors[next(n for n in slot.names if n in tensors)]
+        if slot.kind == "parameter":
+            wants_grad = slot.tensor.requires_grad and (source.is_floating_point() or source.is_complex())
+            value: torch.Tensor = nn.Parameter(source, requires_grad=wants_grad)
+            for owner, attr in slot.owners:
+                owner._parameters[attr] = value
+        else:
+            for owner, attr in slot.owners:
+                owner._buffers[attr] = source
+    moved: dict[int, torch.Tensor] = {}
+    for owner, attr, name in non_persistent:
+        buffer = owner._buffers[attr]
+        if buffer.is_meta:
+            raise StateDictMismatchError(
+                f"{where}: non-persistent buffer {name!r} of {type(module).__name__} is on the meta "
+                "device after construction and not in the pack; cannot materialize it"
+            )
+        owner._buffers[attr] = moved.setdefault(id(buffer), buffer.to(device))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    if dtype is None or dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def is_transformers_model(cls: type) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return issubclass(cls, PreTrainedModel)
+
+
+def is_diffusers_model(cls: type) -> bool:
+    from diffusers import ModelMixin
+
+    return issubclass(cls, ModelMixin)
+
+
+def build_empty_model(cls: type, config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """Construct ``cls`` from ``config`` with parameters on the meta device and real buffers.
+
+    ``config`` is a diffusers config dict or a transformers ``PretrainedConfig``. Floating-point
+    buffers are created in ``dtype`` (the default dtype while ``__init__`` runs), as
+    ``from_pretrained(torch_dtype=dtype)`` does. Transformers models get their weights tied.
+    """
+    from accelerate import init_empty_weights
+
+    with _default_dtype(dtype), init_empty_weights(include_buffers=False):
+        if is_diffusers_model(cls):
+            model = cls.from_config(config)
+        elif is_transformers_model(cls):
+            model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+        else:
+            raise TypeError(f"{cls.__module__}.{cls.__name__} is neither a diffusers nor a transformers model")
+    if is_transformers_model(cls):
+        model.tie_weights()
+    return model
+
+
+def keep_in_fp32_rule(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool]:
+    """Which tensor names ``from_pretrained(torch_dtype=dtype)`` keeps in float32 for this model."""
+    if dtype is None or dtype == torch.float32:
+        return lambda name: False
+    if is_transformers_model(type(model)):
+        patterns = list(model._get_dtype_plan(dtype)) if hasattr(model, "_get_dtype_plan") else []
+        if not patterns:
+            return lambda name: False
+        regex = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+        return lambda name: regex.search(name) is not None
+    modules = getattr(model, "_keep_in_fp32_modules", None) or []
+    if isinstance(modules, str):
+        modules = [modules]
+    if not modules:
+        return lambda name: False
+    wanted = set(modules)
+    return lambda name: not wanted.isdisjoint(name.split("."))
+
+
+def cast_tensors(
+    pack: PackData, dtype: torch.dtype | None, keep_fp32: Callable[[str], bool] = lambda name: False
+) -> dict[str, torch.Tensor]:
+    """The pack's tensors with floating-point ones in ``dtype`` (``keep_fp32`` names in float32).
+
+    Each floating block is cast whole, so the result is still one flat block per dtype; without
+    ``dtype`` these are plain views of the loaded blocks.
+    """
+    stored = pack.tensors()
+    if dtype is None:
+        return stored
+    cast_blocks = [
+        block.to(dtype) if meta.dtype.is_floating_point and meta.dtype != dtype else block
+        for block, meta in zip(pack.blocks, pack.layout.blocks, strict=True)
+    ]
+    out = PackData(pack.layout, cast_blocks).tensors()
+    for name, tensor in stored.items():
+        if tensor.is_floating_point() and keep_fp32(name):
+            # clone: a view would keep the whole uncast block alive
+            out[name] = tensor.float() if tensor.dtype != torch.float32 else tensor.clone()
+    return out
+
+
+def construction_dtype(layout: PackLayout, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """``torch_dtype``, else the floating dtype holding most of the pack's elements."""
+    if torch_dtype is not None:
+        return torch_dtype
+    floating = [b for b in layout.blocks if b.dtype.is_floating_point]
+    return max(floating, key=lambda b: b.length_elems).dtype if floating else None
+
+
+def fill_model(
+    model: nn.Module,
+    pack: PackData,
+    device: torch.device | str = "cpu",
+    torch_dtype: torch.dtype | None = None,
+    where: str = "<pack>",
+) -> nn.Module:
+    """Load ``pack`` (already on ``device``) into an empty ``model`` and put it in eval mode.
+
+    Without ``torch_dtype`` every tensor keeps its stored dtype; with it, floating-point tensors
+    are cast (a copy) except those the model class keeps in float32.
+    """
+    tensors = cast_tensors(pack, torch_dtype, keep_in_fp32_rule(model, torch_dtype))
+    load_tensors(model, tensors, device, where)
+    model.eval()
+    return model
+
+
+def assemble_model(
+    cls: type,
+    config: Any,
+    pack: PackData,
+    device: torch.device | str = "cpu",
+    torch_dtype: torch.dtype | None = None,
+    where: str = "<pack>",
+) -> nn.Module:
+    """Build ``cls`` from ``config`` on the meta device and fill it from ``pack`` (see fill_model)."""
+    model = build_empty_model(cls, config, construction_dtype(pack.layout, torch_dtype))
+    return fill_model(model, pack, device, torch_dtype, where)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _mismatch_message(
+    module: nn.Module, where: str, missing: list[str], unexpected: list[str], mismatched: list[str]
+) -> str:
+    parts = [f"{where}: tensors do not match {type(module).__name__}"]
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape/dtype mismatch", mismatched)):
+        if names:
+            shown = ", ".join(names[:_MAX_NAMES_SHOWN])
+            more = f" (+{len(names) - _MAX_NAMES_SHOWN} more)" if len(names) > _MAX_NAMES_SHOWN else ""
+            parts.append(f"{label} ({len(names)}): {shown}{more}")
+    return "; ".join(parts)

@@ -1,0 +1,68 @@
+"""Shared fixtures: no telemetry, few torch threads, tiny pipelines built once per session."""
+
+from __future__ import annotations
+
+import os
+
+# Before any Hugging Face library is imported: no telemetry. HF_HUB_OFFLINE is
+# not set here because the download tests talk to a loopback Hub in child processes that inherit
+# this environment; the loaders tested here pass local_files_only=True instead.
+for _name, _value in {
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# One intra-op thread: tiny models gain nothing from more, and spinning OpenMP threads on a
+# shared 2-core machine slow everything else down.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A tiny Stable Diffusion source directory (the demo pipeline, seed 0)."""
+    from tiny_models import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("src") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("src") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("src") / "tiny-flux")
+
+
+def _converted(tmp_path_factory, src: Path) -> Path:
+    from conversion.convert import convert_pipeline
+
+    dst = tmp_path_factory.mktemp("converted") / src.name
+    return convert_pipeline(src, dst, source={"kind": "local", "path": str(src)})
+
+
+@pytest.fixture(scope="session")
+def converted_sd_dir(tmp_path_factory, tiny_sd_dir) -> Path:
+    return _converted(tmp_path_factory, tiny_sd_dir)
+
+
+@pytest.fixture(scope="session")
+def converted_sdxl_dir(tmp_path_factory, tiny_sdxl_dir) -> Path:
+    return _converted(tmp_path_factory, tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
+def converted_flux_dir(tmp_path_factory, tiny_flux_dir) -> Path:
+    return _converted(tmp_path_factory, tiny_flux_dir)

@@ -1,0 +1,298 @@
+"""The app in-process, end to end on the embedded demo model: setup() (demo source -> store ->
+loader -> warm-up) behind Starlette's TestClient, then requests through fal's FastAPI app.
+
+One app instance serves the whole module; requests use small images and few steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image as PILImage
+from starlette.testclient import TestClient
+
+SMALL = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "output_format": "png"}
+MANIFEST = "flashpack_manifest.json"
+
+
+class _Env:
+    """Set environment variables for a module-scoped fixture and put them back afterwards."""
+
+    def __init__(self, **values: str):
+        self.values, self.saved = values, {k: os.environ.get(k) for k in values}
+
+    def __enter__(self):
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The demo app after setup(), on a fresh data root (APP_DATA_ROOT)."""
+    import torch
+
+    root = tmp_path_factory.mktemp("app-data")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread per op is the fastest and steadiest here
+    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(root), HF_HUB_OFFLINE="1"):
+        sys.modules.pop("app", None)
+        module = importlib.import_module("app")
+        instance = module.TextToImageApp(_allow_init=True)
+        try:
+            with TestClient(instance._build_app()) as client:
+                yield SimpleNamespace(module=module, app=instance, client=client, root=root)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def generate(served, **body) -> dict:
+    response = served.client.post("/", json={"prompt": "a cat on a horse", **SMALL, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def image_bytes(image: dict) -> bytes:
+    header, _, data = image["url"].partition(",")
+    assert header == f"data:{image['content_type']};base64"
+    return base64.b64decode(data)
+
+
+def pixels(image: dict) -> PILImage.Image:
+    return PILImage.open(io.BytesIO(image_bytes(image)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup and health
+
+
+def test_health_reports_ready_with_setup_phase_timings(served):
+    for response in (served.client.get("/health"), served.client.post("/health")):
+        assert response.status_code == 200
+        body = response.json()
+        assert body["status"] == "ok" and body["profile"] == "demo" and body["model"] == "demo"
+        assert body["device"] == "cpu"
+        assert set(body["setup_seconds"]) == {"prefetch", "store", "load", "warmup", "total"}
+        assert Path(body["store"], MANIFEST).is_file()
+        assert Path(body["store"]).is_relative_to(served.root)
+
+
+def test_demo_source_is_generated_under_the_data_root(served):
+    source = served.root / "demo-source" / "seed-0"
+    assert (source / "model_index.json").is_file()
+    before = (source / "model_index.json").stat().st_mtime_ns
+    assert served.module.ensure_demo_source(served.root) == source
+    assert (source / "model_index.json").stat().st_mtime_ns == before
+
+
+def test_second_start_finds_the_store_and_converts_nothing(served, caplog):
+    store = Path(served.client.get("/health").json()["store"])
+    manifest_mtime = (store / MANIFEST).stat().st_mtime_ns
+    entries = sorted(p.name for p in store.parent.iterdir())
+    second = served.module.TextToImageApp(_allow_init=True)
+    with (
+        _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(served.root)),
+        caplog.at_level("INFO"),
+        TestClient(second._build_app()) as client,
+    ):
+        health = client.get("/health").json()
+        response = client.post("/", json={"prompt": "a cat on a horse", **SMALL, "seed": 3})
+    assert health["store"] == str(store)
+    assert (store / MANIFEST).stat().st_mtime_ns == manifest_mtime
+    assert sorted(p.name for p in store.parent.iterdir()) == entries
+    assert [r.name for r in caplog.records if r.name in ("conversion.convert", "conversion.download")] == []
+    assert any(r.name == "conversion.store" and "no network" in r.getMessage() for r in caplog.records)
+    assert image_bytes(response.json()["images"][0]) == image_bytes(generate(served, seed=3)["images"][0])
+
+
+def test_setup_fails_naming_a_missing_model_source(served, tmp_path, caplog):
+    from conversion.errors import SourceError
+
+    module = served.module
+    missing = tmp_path / "no-such-model"
+    settings = module.TextToImageApp.settings.model_copy(
+        update={"model": module.ModelSettings(source=str(missing), dtype="float32", device="cpu")}
+    )
+
+    class MissingModelApp(module.TextToImageApp):
+        pass
+
+    MissingModelApp.settings = settings
+    with (
+        _Env(APP_DATA_ROOT=str(tmp_path / "data")),
+        pytest.raises(SourceError, match=f"{missing}: no such directory"),
+        TestClient(MissingModelApp(_allow_init=True)._build_app()),
+    ):
+        pass
+    assert any(r.name == "app" and r.getMessage().startswith("store: failed after") for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and reproducibility
+
+
+def test_response_follows_fal_conventions(served):
+    body = generate(served, seed=11)
+    assert set(body) == {"images", "seed", "prompt", "timings"}
+    assert body["seed"] == 11 and body["prompt"] == "a cat on a horse"
+    image = body["images"][0]
+    assert (image["width"], image["height"], image["content_type"]) == (64, 64, "image/png")
+    assert image["url"].startswith("data:image/png;base64,")  # the demo profile never uploads
+    assert pixels(image).size == (64, 64)
+    assert set(body["timings"]) == {"queue", "inference", "encode"}
+
+
+def test_same_seed_gives_identical_image_bytes(served):
+    first, second = generate(served, seed=1234), generate(served, seed=1234)
+    assert image_bytes(first["images"][0]) == image_bytes(second["images"][0])
+
+
+def test_different_seeds_give_different_images(served):
+    first, second = generate(served, seed=1234), generate(served, seed=1235)
+    assert image_bytes(first["images"][0]) != image_bytes(second["images"][0])
+
+
+def test_seed_zero_is_honoured(served):
+    zero, again, one = generate(served, seed=0), generate(served, seed=0), generate(served, seed=1)
+    assert zero["seed"] == 0
+    assert image_bytes(zero["images"][0]) == image_bytes(again["images"][0])
+    assert image_bytes(zero["images"][0]) != image_bytes(one["images"][0])
+
+
+def test_absent_seed_draws_a_fresh_seed_that_reproduces_the_image(served):
+    first, second = generate(served), generate(served)
+    assert first["seed"] != second["seed"]
+    assert all(0 <= body["seed"] <= served.module.MAX_SEED for body in (first, second))
+    again = generate(served, seed=first["seed"])
+    assert image_bytes(again["images"][0]) == image_bytes(first["images"][0])
+
+
+def test_image_i_of_a_request_is_image_0_of_seed_plus_i(served):
+    batch = generate(served, seed=500, num_images=3)
+    assert batch["seed"] == 500 and len(batch["images"]) == 3
+    singles = [generate(served, seed=500 + i)["images"][0] for i in range(3)]
+    assert [image_bytes(im) for im in batch["images"]] == [image_bytes(im) for im in singles]
+    assert len({image_bytes(im) for im in batch["images"]}) == 3
+
+
+def test_negative_prompt_changes_the_image(served):
+    plain, negative = generate(served, seed=9), generate(served, seed=9, negative_prompt="blurry")
+    assert image_bytes(plain["images"][0]) != image_bytes(negative["images"][0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes and formats
+
+
+@pytest.mark.parametrize(
+    ("preset", "size"),
+    [("square_hd", (256, 256)), ("square", (128, 128)), ("portrait_16_9", (144, 256)), ("landscape_4_3", (256, 192))],
+)
+def test_preset_names_map_to_the_demo_sizes(served, preset, size):
+    image = generate(served, seed=1, image_size=preset, num_inference_steps=1)["images"][0]
+    assert (image["width"], image["height"]) == size
+    assert pixels(image).size == size
+
+
+@pytest.mark.parametrize("size", [(32, 32), (512, 32), (32, 512), (512, 256), (40, 72)])
+def test_boundary_sizes_are_generated(served, size):
+    image = generate(served, seed=2, image_size={"width": size[0], "height": size[1]}, num_inference_steps=1)
+    assert pixels(image["images"][0]).size == size
+
+
+def test_jpeg_output_is_a_jpeg(served):
+    image = generate(served, seed=5, output_format="jpeg")["images"][0]
+    assert image["content_type"] == "image/jpeg"
+    assert image_bytes(image)[:3] == b"\xff\xd8\xff"
+    assert pixels(image).format == "JPEG"
+
+
+def test_encode_image_inline_is_a_data_uri(served):
+    picture = PILImage.new("RGB", (16, 8), (255, 0, 0))
+    image = served.module.encode_image(picture, "png", inline=True)
+    assert image.url.startswith("data:image/png;base64,")
+    assert (image.width, image.height) == (16, 8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Invalid input: 422 naming the field, and the server keeps serving
+
+TOO_LONG = "x" * 501
+BAD_INPUTS = [
+    ("prompt", {"prompt": ""}, "at least 1 character"),
+    ("prompt", {"prompt": "   "}, "non-whitespace"),
+    ("prompt", {"prompt": TOO_LONG}, "at most 500 characters"),
+    ("prompt", {"prompt": 123}, "valid string"),
+    ("prompt", {"prompt": None}, "valid string"),
+    ("negative_prompt", {"negative_prompt": TOO_LONG}, "at most 500 characters"),
+    ("seed", {"seed": -1}, "greater than or equal to 0"),
+    ("seed", {"seed": 2**53}, "less than or equal to 9007199254740991"),
+    ("seed", {"seed": 1.5}, "valid integer"),
+    ("seed", {"seed": "abc"}, "valid integer"),
+    ("num_images", {"num_images": 0}, "greater than or equal to 1"),
+    ("num_images", {"num_images": 5}, "less than or equal to 4"),
+    ("image_size", {"image_size": "huge"}, "square_hd"),
+    ("image_size", {"image_size": 5}, "preset name or an object"),
+    ("image_size", {"image_size": {"width": 100, "height": 64}}, "multiple of 8"),
+    ("image_size", {"image_size": {"width": 1024, "height": 64}}, "less than or equal to 512"),
+    ("image_size", {"image_size": {"width": 16, "height": 64}}, "greater than or equal to 32"),
+    ("image_size", {"image_size": {"width": 512, "height": 512}}, "more than the limit of 131072"),
+    ("image_size", {"image_size": {"width": 64}}, "Field required"),
+    ("image_size", {"image_size": {"width": 64, "height": 64, "depth": 3}}, "Extra inputs"),
+    ("num_inference_steps", {"num_inference_steps": 0}, "greater than or equal to 1"),
+    ("num_inference_steps", {"num_inference_steps": 26}, "less than or equal to 25"),
+    ("num_inference_steps", {"num_inference_steps": "many"}, "valid integer"),
+    ("guidance_scale", {"guidance_scale": -0.5}, "greater than or equal to 0"),
+    ("guidance_scale", {"guidance_scale": 21}, "less than or equal to 20"),
+    ("guidance_scale", {"guidance_scale": "high"}, "valid number"),
+    ("output_format", {"output_format": "gif"}, "'jpeg' or 'png'"),
+    ("sync_mode", {"sync_mode": "maybe"}, "valid boolean"),
+    ("steps", {"steps": 4}, "Extra inputs"),
+]
+
+
+@pytest.mark.parametrize(("field", "change", "message"), BAD_INPUTS, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(BAD_INPUTS)])
+def test_invalid_input_is_422_naming_the_field(served, field, change, message):
+    response = served.client.post("/", json={"prompt": "a cat", **SMALL, **change})
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(error["loc"][:2] == ["body", field] for error in errors), errors
+    assert any(message in error["msg"] for error in errors), errors
+
+
+def test_missing_prompt_is_422_naming_prompt(served):
+    response = served.client.post("/", json={"seed": 1})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "prompt"]
+
+
+def test_server_keeps_serving_after_invalid_requests(served):
+    for _, change, _ in BAD_INPUTS:
+        assert served.client.post("/", json={"prompt": "a cat", **SMALL, **change}).status_code == 422
+    assert served.client.post("/", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert generate(served, seed=77)["seed"] == 77
+
+
+# --------------------------------------------------------------------------------------------------
+# Concurrency: requests never share pipeline state
+
+
+def test_eight_concurrent_requests_each_equal_their_sequential_result(served):
+    bodies = [{"seed": 900 + i, "prompt": f"a horse number {i}", "num_images": 1 + i % 2} for i in range(8)]
+    sequential = [[image_bytes(im) for im in generate(served, **body)["images"]] for body in bodies]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(lambda body: generate(served, **body), bodies))
+    assert [[image_bytes(im) for im in body["images"]] for body in concurrent] == sequential

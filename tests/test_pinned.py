@@ -1,0 +1,113 @@
+"""The pinned staging pool: leases, reuse, alignment and the idle cap (host allocator injected)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from model_loader.io import ALIGN
+from model_loader.pinned import PinnedPool
+
+
+def host_pool(**kwargs) -> PinnedPool:
+    return PinnedPool(allocate=lambda n: torch.empty(n, dtype=torch.uint8), **kwargs)
+
+
+def test_two_concurrent_leases_get_disjoint_buffers():
+    pool = host_pool()
+    a, b = pool.lease(), pool.lease()
+    bufs_a = [a.acquire(ALIGN) for _ in range(3)]
+    bufs_b = [b.acquire(ALIGN) for _ in range(3)]
+    ptrs = {t.data_ptr() for t in bufs_a + bufs_b}
+    assert len(ptrs) == 6
+    assert pool.allocations == 6 and pool.leased_bytes == 6 * ALIGN
+
+
+def test_a_released_buffer_is_reused_by_the_next_lease():
+    pool = host_pool()
+    with pool.lease() as first:
+        ptr = first.acquire(ALIGN).data_ptr()
+    assert pool.idle_bytes == ALIGN and pool.leased_bytes == 0
+    with pool.lease() as second:
+        assert second.acquire(ALIGN).data_ptr() == ptr
+    assert pool.allocations == 1
+
+
+def test_a_buffer_held_by_one_lease_is_not_handed_to_another():
+    pool = host_pool()
+    with pool.lease() as first:
+        first.acquire(ALIGN)
+    holder = pool.lease()
+    held = holder.acquire(ALIGN)
+    other = pool.lease().acquire(ALIGN)
+    assert other.data_ptr() != held.data_ptr()
+    assert pool.allocations == 2
+
+
+def test_a_smaller_idle_buffer_is_not_used_for_a_larger_request():
+    pool = host_pool()
+    with pool.lease() as lease:
+        lease.acquire(ALIGN)
+    with pool.lease() as lease:
+        big = lease.acquire(4 * ALIGN)
+        assert big.numel() == 4 * ALIGN
+    assert pool.allocations == 2
+
+
+def test_buffers_are_aligned_even_from_a_misaligned_allocator():
+    def misaligned(n):
+        raw = torch.empty(n + ALIGN + 8, dtype=torch.uint8)
+        off = (-raw.data_ptr()) % ALIGN + 8
+        return raw.narrow(0, off, n)
+
+    pool = PinnedPool(allocate=misaligned)
+    buf = pool.lease().acquire(3 * ALIGN)
+    assert buf.data_ptr() % ALIGN == 0
+    assert buf.numel() == 3 * ALIGN
+
+
+def test_idle_buffers_beyond_the_cap_are_dropped_on_release():
+    pool = host_pool(max_idle_bytes=2 * ALIGN)
+    lease = pool.lease()
+    for _ in range(5):
+        lease.acquire(ALIGN)
+    lease.release()
+    assert pool.idle_bytes == 2 * ALIGN and pool.leased_bytes == 0
+    pool.clear()
+    assert pool.idle_bytes == 0
+
+
+def test_acquire_after_release_raises():
+    pool = host_pool()
+    lease = pool.lease()
+    lease.release()
+    with pytest.raises(RuntimeError, match="released"):
+        lease.acquire(ALIGN)
+
+
+def test_threads_acquiring_at_once_get_distinct_buffers():
+    pool = host_pool()
+    with pool.lease() as warm:
+        for _ in range(4):
+            warm.acquire(ALIGN)
+    lease = pool.lease()
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def take():
+        for _ in range(2):
+            ptr = lease.acquire(ALIGN).data_ptr()
+            with lock:
+                got.append(ptr)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == len(set(got)) == 8
+    assert pool.allocations == 8  # 4 reused + 4 new
+    lease.release()
+    assert pool.idle_bytes == 8 * ALIGN

@@ -1,0 +1,511 @@
+"""The stream-pipelined reader: exact round trips, block views, chunking, O_DIRECT, errors."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import random
+import re
+import threading
+import time
+
+import pytest
+import torch
+
+import model_loader.io as mio
+from conversion.writer import pack_state_dict
+from model_loader import reader
+from model_loader.format import FlashPackFormatError, read_layout
+from model_loader.io import ALIGN, PackReadError, Residency, drop_page_cache, open_direct
+from model_loader.pinned import PinnedPool
+from model_loader.reader import (
+    Chunk,
+    load_state_dict,
+    plan_chunks,
+    read_pack,
+    resolve_options,
+)
+
+
+def mixed_state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "unet.conv.weight": torch.randn(256, 129, generator=g),
+        "unet.norm.weight": torch.randn(257, generator=g).half(),
+        "text.embed": torch.randn(1000, 17, generator=g).to(torch.bfloat16),
+        "quant.weight": torch.randn(301, generator=g).to(torch.float8_e4m3fn),
+        "ids": torch.arange(0, 5_000_000_000, 50_000_000, dtype=torch.int64),
+        "mask": torch.rand(77, generator=g) > 0.5,
+        "scale": torch.tensor(0.125),
+        "empty": torch.zeros(0, 3),
+        "gewicht.größe.权重": torch.randn(5, generator=g),
+    }
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def assert_bit_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(sorted(got)) == list(sorted(want))
+    for name, w in want.items():
+        g = got[name]
+        assert g.dtype == w.dtype, name
+        assert g.shape == w.shape, name
+        assert torch.equal(as_bytes(g), as_bytes(w)), name
+
+
+@pytest.fixture
+def pack(tmp_path):
+    path = tmp_path / "model.flashpack"
+    sd = mixed_state_dict()
+    pack_state_dict(sd, path)
+    return path, sd
+
+
+class HostEngine:
+    """A stand-in for CUDA: every "stream" is a thread that performs queued copies after a
+    random delay, so a staging buffer refilled before its copy ran would corrupt the result."""
+
+    def __init__(self, max_delay: float = 0.002):
+        self.max_delay = max_delay
+        self.rng = random.Random(0)
+        self.streams: list[queue.SimpleQueue] = []
+        self.events: list[threading.Event] = []
+
+    def empty(self, numel, dtype):
+        return torch.empty(numel, dtype=dtype)
+
+    def begin(self):
+        pass
+
+    def start_thread(self):
+        pass
+
+    def new_stream(self):
+        q: queue.SimpleQueue = queue.SimpleQueue()
+
+        def run():
+            while (job := q.get()) is not None:
+                job()
+
+        threading.Thread(target=run, daemon=True).start()
+        self.streams.append(q)
+        return q
+
+    def new_event(self):
+        ev = threading.Event()
+        ev.set()
+        self.events.append(ev)
+        return ev
+
+    def copy(self, dst, src, stream, event):
+        event.clear()
+        delay = self.rng.random() * self.max_delay
+
+        def job():
+            time.sleep(delay)
+            dst.copy_(src)
+            event.set()
+
+        stream.put(job)
+
+    def is_done(self, event):
+        return event.is_set()
+
+    def wait(self, event):
+        event.wait()
+
+    def finish(self):
+        for q in self.streams:
+            done = threading.Event()
+            q.put(done.set)
+            done.wait()
+
+    def close(self):
+        for q in self.streams:
+            q.put(None)
+
+
+def host_pool() -> PinnedPool:
+    return PinnedPool(allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("model_loader-reader")]
+
+
+def cold_cache_supported(path) -> bool:
+    drop_page_cache(path)
+    return mio.resident_fraction(path) < 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("align", [0, 64, 128, 4096])
+def test_round_trip_of_packs_from_our_writer_is_bit_exact(tmp_path, align):
+    sd = mixed_state_dict()
+    pack_state_dict(sd, tmp_path / "m.flashpack", align_bytes=align)
+    assert_bit_exact(load_state_dict(tmp_path / "m.flashpack"), sd)
+
+
+@pytest.mark.parametrize("align", [0, 64, 128, 4096])
+def test_round_trip_of_packs_from_flashpack_is_bit_exact(tmp_path, align):
+    from flashpack.serialization import pack_to_file
+
+    sd = mixed_state_dict()
+    pack_to_file(sd, str(tmp_path / "f.flashpack"), target_dtype=None, align_bytes=align)
+    assert_bit_exact(load_state_dict(tmp_path / "f.flashpack", threads=3, chunk_bytes=ALIGN), sd)
+
+
+def test_tensors_are_views_into_one_block_per_dtype(pack):
+    path, sd = pack
+    data = read_pack(path)
+    assert [b.dtype for b in data.blocks] == [b.dtype for b in data.layout.blocks]
+    assert len({b.dtype for b in data.blocks}) == len(data.blocks) == len({v.dtype for v in sd.values()})
+    for name, t in data.tensors().items():
+        block = data.blocks[next(e.block for e in data.layout.entries if e.name == name)]
+        assert t.dtype == block.dtype
+        assert t.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+
+
+def test_in_place_writes_to_loaded_tensors_work(pack):
+    path, sd = pack
+    data = read_pack(path)
+    t = data.tensors()["unet.conv.weight"]
+    t.add_(1.0)
+    assert torch.equal(data.tensors()["unet.conv.weight"], sd["unet.conv.weight"] + 1.0)
+    data.tensors()["ids"].zero_()
+    assert int(data.tensors()["ids"].abs().sum()) == 0
+
+
+def test_many_tiny_chunks_over_many_threads_equal_a_single_threaded_read(pack):
+    path, sd = pack
+    many = read_pack(path, threads=8, chunk_bytes=ALIGN)
+    one = read_pack(path, threads=1, chunk_bytes=64 << 20)
+    assert many.stats.chunks > 2 * len(many.layout.blocks)
+    assert many.stats.threads == 8 and one.stats.threads == 1
+    assert_bit_exact(many.tensors(), one.tensors())
+    assert_bit_exact(many.tensors(), sd)
+
+
+def test_concurrent_loads_in_one_process_return_the_same_tensors(pack):
+    path, sd = pack
+    results: list[dict] = [{}, {}, {}]
+
+    def load(i):
+        results[i] = load_state_dict(path, threads=3, chunk_bytes=ALIGN)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert_bit_exact(r, sd)
+
+
+def test_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_pack(tmp_path / "absent.flashpack")
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk planning and options
+
+
+def test_plan_chunks_cover_every_block_exactly_and_fit_one_grid_cell(pack):
+    path, _ = pack
+    layout = read_layout(path)
+    for chunk_bytes in (ALIGN, 2 * ALIGN, 1 << 20):
+        chunks = plan_chunks(layout, chunk_bytes)
+        assert chunks == sorted(chunks, key=lambda c: c.file_offset)
+        for i, b in enumerate(layout.blocks):
+            mine = [c for c in chunks if c.block == i]
+            assert sum(c.length for c in mine) == b.length_bytes
+            pos = b.offset_bytes
+            for c in mine:
+                assert c.file_offset == pos and c.block_offset == pos - b.offset_bytes
+                pos += c.length
+                a0, a1 = c.span
+                assert a0 % ALIGN == 0 and a1 % ALIGN == 0
+                assert a0 // chunk_bytes == (a1 - 1) // chunk_bytes  # fits a staging buffer
+                assert a1 - a0 <= chunk_bytes
+
+
+def test_plan_chunks_splits_a_block_crossing_the_grid():
+    from model_loader.format import Block, PackLayout, TensorEntry
+
+    layout = PackLayout(
+        0,
+        (Block(torch.uint8, 100, 10_000),),
+        (TensorEntry("x", (10_000,), 0, 10_000, 0),),
+    )
+    assert plan_chunks(layout, ALIGN) == [
+        Chunk(0, 100, 0, 3996),
+        Chunk(0, 4096, 3996, 4096),
+        Chunk(0, 8192, 8092, 1908),
+    ]
+
+
+def test_options_come_from_arguments_then_environment(monkeypatch):
+    monkeypatch.setenv("MODEL_LOADER_THREADS", "3")
+    monkeypatch.setenv("MODEL_LOADER_CHUNK_MB", "2")
+    monkeypatch.setenv("MODEL_LOADER_DIRECT_IO", "0")
+    assert resolve_options() == reader.ReadOptions(3, 2 << 20, False)
+    assert resolve_options(threads=5, chunk_bytes=5000, direct_io=True) == reader.ReadOptions(
+        5, 2 * ALIGN, True
+    )
+
+
+def test_invalid_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MODEL_LOADER_THREADS", "many")
+    with pytest.raises(ValueError, match="MODEL_LOADER_THREADS"):
+        resolve_options()
+
+
+# ----------------------------------------------------------------------------------------------
+# O_DIRECT and page-cache residency
+
+
+def test_forced_o_direct_reads_the_same_bytes(pack):
+    path, sd = pack
+    fd = open_direct(str(path))
+    if fd is None:
+        pytest.skip(f"O_DIRECT is not supported on the filesystem of {path}")
+    os.close(fd)
+    data = read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=True)
+    assert data.stats.direct_bytes == data.stats.bytes
+    assert data.stats.direct_fallbacks == 0
+    assert_bit_exact(data.tensors(), sd)
+
+
+def test_o_direct_refused_by_the_filesystem_falls_back_to_buffered(pack, monkeypatch):
+    path, sd = pack
+    if (fd := open_direct(str(path))) is None:
+        pytest.skip(f"O_DIRECT is not supported on the filesystem of {path}")
+    os.close(fd)
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(mio, "pread_direct", refuse)
+    data = read_pack(path, threads=2, chunk_bytes=ALIGN, direct_io=True)
+    assert data.stats.direct_bytes == 0
+    assert data.stats.direct_fallbacks == data.stats.chunks
+    assert_bit_exact(data.tensors(), sd)
+
+
+def test_auto_mode_reads_cold_chunks_direct_and_cached_chunks_buffered(pack):
+    path, sd = pack
+    if (fd := open_direct(str(path))) is None:
+        pytest.skip(f"O_DIRECT is not supported on the filesystem of {path}")
+    os.close(fd)
+    if not cold_cache_supported(path):
+        pytest.skip("POSIX_FADV_DONTNEED does not evict pages here")
+    cold = read_pack(path, chunk_bytes=ALIGN)
+    # all but the page(s) shared with the footer, which parsing the footer brought in
+    assert 0 <= cold.stats.bytes - cold.stats.direct_bytes < 2 * ALIGN
+    path.read_bytes()  # now in the page cache
+    hot = read_pack(path, chunk_bytes=ALIGN)
+    assert hot.stats.direct_bytes == 0
+    assert_bit_exact(cold.tensors(), sd)
+    assert_bit_exact(hot.tensors(), sd)
+
+
+def test_residency_is_full_after_reading_and_low_after_dontneed(tmp_path):
+    path = tmp_path / "blob"
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    path.read_bytes()
+    assert mio.resident_fraction(path) == 1.0
+    drop_page_cache(path)
+    after = mio.resident_fraction(path)
+    if after == 1.0:
+        pytest.skip("POSIX_FADV_DONTNEED does not evict pages here")
+    assert after < 0.5
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 1 << 20, 0)
+        with Residency(fd, 4 << 20) as res:
+            assert res.fraction(0, 1 << 20) == 1.0
+            assert res.fraction(3 << 20, 1 << 20) < 0.5
+    finally:
+        os.close(fd)
+
+
+def test_alloc_phased_places_region_at_the_requested_phase():
+    for phase in (0, 128, 4000):
+        raw, start = mio.alloc_phased(10_000, phase, head=phase, tail=ALIGN)
+        assert (raw.data_ptr() + start) % ALIGN == phase
+        assert start >= phase
+        assert start + 10_000 + ALIGN <= raw.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_truncated_file_raises_format_error_naming_the_file(pack):
+    path, _ = pack
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FlashPackFormatError, match=re.escape(str(path))):
+        read_pack(path)
+
+
+def test_file_shrinking_during_the_load_raises_format_error(pack, monkeypatch):
+    path, _ = pack
+    layout = read_layout(path)
+    monkeypatch.setattr(reader, "read_layout", lambda p: layout)
+    with open(path, "r+b") as f:
+        f.truncate(layout.payload_bytes // 2)
+    with pytest.raises(FlashPackFormatError, match=re.escape(str(path)) + ".*file ends at byte"):
+        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False)
+    assert reader_threads() == []
+
+
+def test_read_error_in_one_thread_stops_the_others_and_propagates(pack, monkeypatch):
+    path, _ = pack
+    original = mio.pread_exact
+    calls = []
+    lock = threading.Lock()
+
+    def flaky(fd, view, offset, p):
+        with lock:
+            calls.append(offset)
+            n = len(calls)
+        if n == 3:
+            raise PackReadError(errno.EIO, f"{p}: read failed at byte {offset}: Input/output error")
+        time.sleep(0.01)
+        original(fd, view, offset, p)
+
+    monkeypatch.setattr(mio, "pread_exact", flaky)
+    total = len(plan_chunks(read_layout(path), ALIGN))
+    with pytest.raises(PackReadError, match=re.escape(str(path))):
+        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False)
+    assert reader_threads() == []
+    assert len(calls) <= 3 + 4 < total  # the others stopped after their current chunk
+
+
+def test_os_error_from_preadv_becomes_pack_read_error_naming_the_file(pack, monkeypatch):
+    path, _ = pack
+
+    def broken(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(mio.os, "preadv", broken)
+    with pytest.raises(PackReadError, match=re.escape(str(path)) + ".*Input/output error") as info:
+        read_pack(path, threads=2, direct_io=False)
+    assert info.value.errno == errno.EIO
+    assert isinstance(info.value, OSError)
+
+
+def test_one_info_line_is_logged_per_load(pack, caplog):
+    path, _ = pack
+    with caplog.at_level(logging.INFO, logger="model_loader.reader"):
+        read_pack(path)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(lines) == 1
+    assert re.fullmatch(
+        re.escape(f"load {path}: ") + r"\d+\.\d\d GB in \d+\.\d\d s \(\d+\.\d\d GB/s\)", lines[0]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The staged (CUDA-shaped) pipeline, run on the host
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_staged_pipeline_is_bit_exact_with_asynchronous_copies(pack, direct_io):
+    path, sd = pack
+    if direct_io and (fd := open_direct(str(path))) is None:
+        pytest.skip(f"O_DIRECT is not supported on the filesystem of {path}")
+    if direct_io:
+        os.close(fd)
+    engine = HostEngine()
+    try:
+        data = read_pack(path, threads=3, chunk_bytes=ALIGN, direct_io=direct_io, engine=engine, pool=host_pool())
+    finally:
+        engine.close()
+    assert data.stats.direct_bytes == (data.stats.bytes if direct_io else 0)
+    assert_bit_exact(data.tensors(), sd)
+
+
+def test_staged_loads_return_buffers_to_the_pool_and_reuse_them(pack):
+    path, sd = pack
+    pool = host_pool()
+    engine = HostEngine(max_delay=0.0005)
+    try:
+        read_pack(path, threads=2, chunk_bytes=ALIGN, engine=engine, pool=pool)
+        first = pool.allocations
+        assert pool.leased_bytes == 0 and pool.idle_bytes == first * ALIGN
+        data = read_pack(path, threads=2, chunk_bytes=ALIGN, engine=engine, pool=pool)
+    finally:
+        engine.close()
+    assert 1 <= first <= 2 * reader.BUFFERS_PER_THREAD
+    assert pool.allocations == first
+    assert_bit_exact(data.tensors(), sd)
+
+
+def test_staged_error_releases_the_lease_after_pending_copies(pack, monkeypatch):
+    path, _ = pack
+    pool = host_pool()
+    original = mio.pread_exact
+    calls = []
+
+    def flaky(fd, view, offset, p):
+        calls.append(offset)
+        if len(calls) == 5:
+            raise PackReadError(errno.EIO, f"{p}: boom")
+        original(fd, view, offset, p)
+
+    monkeypatch.setattr(mio, "pread_exact", flaky)
+    engine = HostEngine(max_delay=0.02)
+    copies_pending_at_release = []
+    give_back = pool._give_back
+
+    def checked_give_back(buffers):
+        copies_pending_at_release.append(sum(not ev.is_set() for ev in engine.events))
+        give_back(buffers)
+
+    monkeypatch.setattr(pool, "_give_back", checked_give_back)
+    try:
+        with pytest.raises(PackReadError, match="boom"):
+            read_pack(path, threads=2, chunk_bytes=ALIGN, direct_io=False, engine=engine, pool=pool)
+    finally:
+        engine.close()
+    assert copies_pending_at_release == [0]
+    assert reader_threads() == []
+    assert pool.leased_bytes == 0 and pool.idle_bytes > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_round_trip_is_bit_exact(pack):
+    path, sd = pack
+    data = read_pack(path, "cuda", threads=4, chunk_bytes=ALIGN)
+    assert all(b.is_cuda for b in data.blocks)
+    assert_bit_exact({k: v.cpu() for k, v in data.tensors().items()}, sd)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_concurrent_cuda_loads_share_the_pool_without_sharing_buffers(pack):
+    path, sd = pack
+    results: list[dict] = [{}, {}]
+
+    def load(i):
+        results[i] = load_state_dict(path, "cuda", threads=3, chunk_bytes=ALIGN)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert_bit_exact({k: v.cpu() for k, v in r.items()}, sd)

@@ -1,0 +1,212 @@
+"""Sources: parsing what fal.toml / the CLI name, and which Hub files a pipeline download fetches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conversion.errors import SourceError
+from conversion.sources import (
+    Source,
+    directory_fingerprint,
+    parse_source,
+    parse_weight_name,
+    select_files,
+    source_from_config,
+)
+
+SD_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.42.1",
+    "feature_extractor": [None, None],
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+# The file list of a typical SD 1.x repo on the Hub.
+SD_REPO = [
+    ".gitattributes", "README.md", "model_index.json",
+    "v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt", "v1-inference.yaml",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json", "safety_checker/model.safetensors", "safety_checker/pytorch_model.bin",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin", "text_encoder/flax_model.msgpack",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.non_ema.bin", "unet/diffusion_flax_model.msgpack",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+    "vae_decoder/model.onnx", "vae_encoder/model.onnx", "text_encoder/model.onnx",
+]
+SIDE_FILES = [
+    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json", "unet/config.json", "vae/config.json",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# parse_source
+
+
+def test_repo_id_is_a_hub_source_with_its_revision_and_variant():
+    assert parse_source("org/name", revision="v1", variant="fp16") == Source("hub", "org/name", "v1", "fp16")
+
+
+def test_inline_revision_after_at_sign():
+    assert parse_source("org/name@dev").revision == "dev"
+
+
+def test_conflicting_revisions_are_rejected():
+    with pytest.raises(SourceError, match="revision given twice"):
+        parse_source("org/name@dev", revision="main")
+
+
+def test_https_url_is_a_single_file_source_with_default_pipeline_class():
+    src = parse_source("https://example.com/models/x.safetensors?token=abc")
+    assert (src.kind, src.pipeline_class) == ("url", "StableDiffusionPipeline")
+
+
+def test_url_description_drops_the_query_string():
+    info = parse_source("https://example.com/models/x.safetensors?token=SECRET").describe()
+    assert info["ref"] == "https://example.com/models/x.safetensors"
+    assert "SECRET" not in repr(info)
+
+
+def test_plain_http_urls_are_refused():
+    with pytest.raises(SourceError, match="only https://"):
+        parse_source("http://example.com/x.safetensors")
+
+
+def test_existing_directory_is_a_local_source(tmp_path):
+    assert parse_source(str(tmp_path)) == Source("local", str(tmp_path.resolve()))
+
+
+def test_missing_directory_path_is_an_error(tmp_path):
+    with pytest.raises(SourceError, match="no such directory"):
+        parse_source(str(tmp_path / "absent"))
+
+
+def test_variant_on_a_local_directory_is_an_error(tmp_path):
+    with pytest.raises(SourceError, match="apply to Hub repos"):
+        parse_source(str(tmp_path), variant="fp16")
+
+
+@pytest.mark.parametrize("text", ["", "just-a-name", "a/b/c", "org/../x"])
+def test_text_that_is_no_source_is_an_error(text):
+    with pytest.raises(SourceError):
+        parse_source(text)
+
+
+def test_source_from_config_table():
+    src = source_from_config({"source": "org/name", "revision": "main", "variant": "fp16", "subfolder": "pipe"})
+    assert src == Source("hub", "org/name", "main", "fp16", "pipe")
+
+
+def test_subfolder_cannot_leave_the_repo():
+    with pytest.raises(SourceError, match="relative folder"):
+        parse_source("org/name", subfolder="../x")
+
+
+# ---------------------------------------------------------------------------------------------
+# weight names and file selection
+
+
+@pytest.mark.parametrize(
+    ("name", "parsed"),
+    [
+        ("diffusion_pytorch_model.safetensors", ("diffusion_pytorch_model", None, "safetensors", False)),
+        ("diffusion_pytorch_model.fp16.safetensors", ("diffusion_pytorch_model", "fp16", "safetensors", False)),
+        ("model.fp16-00001-of-00002.safetensors", ("model", "fp16", "safetensors", True)),
+        ("diffusion_pytorch_model-00001-of-00002.fp16.safetensors", ("diffusion_pytorch_model", "fp16", "safetensors", True)),
+        ("pytorch_model.bin", ("pytorch_model", None, "bin", False)),
+    ],
+)
+def test_parse_weight_name(name, parsed):
+    w = parse_weight_name(name)
+    assert (w.stem, w.variant, w.ext, w.sharded) == parsed
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.onnx", "flax_model.msgpack", "x.ckpt"])
+def test_non_weight_names_are_not_weights(name):
+    assert parse_weight_name(name) is None
+
+
+def test_default_selection_takes_safetensors_configs_and_tokenizers_only():
+    assert select_files(SD_REPO, SD_INDEX) == sorted(SIDE_FILES + [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ])
+
+
+def test_fp16_variant_replaces_the_fp32_weights_where_it_exists():
+    assert select_files(SD_REPO, SD_INDEX, variant="fp16") == sorted(SIDE_FILES + [
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",  # no fp16 copy: its default weights
+    ])
+
+
+def test_bin_weights_are_taken_only_when_no_safetensors_exist():
+    files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin"]
+    index = {"unet": ["diffusers", "UNet2DConditionModel"]}
+    assert select_files(files, index) == files
+
+
+def test_sharded_weights_come_with_their_index_of_the_same_variant():
+    files = [
+        "model_index.json", "transformer/config.json",
+        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "transformer/diffusion_pytorch_model.bf16-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.bf16-00002-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.bf16.json",
+    ]
+    index = {"transformer": ["diffusers", "FluxTransformer2DModel"]}
+    assert select_files(files, index, variant="bf16") == [
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.bf16-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.bf16-00002-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.bf16.json",
+    ]
+
+
+def test_component_with_only_variant_weights_needs_the_variant():
+    files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]
+    with pytest.raises(SourceError, match=r"no default \(non-variant\) weights.*\['fp16'\]"):
+        select_files(files, {"unet": ["diffusers", "UNet2DConditionModel"]})
+
+
+def test_subfolder_selects_inside_it_only():
+    files = ["model_index.json", "unet/config.json", "pipe/model_index.json", "pipe/unet/config.json",
+             "pipe/unet/diffusion_pytorch_model.safetensors"]
+    assert select_files(files, {"unet": ["diffusers", "UNet2DConditionModel"]}, subfolder="pipe") == [
+        "pipe/model_index.json", "pipe/unet/config.json", "pipe/unet/diffusion_pytorch_model.safetensors",
+    ]
+
+
+def test_config_only_selection_skips_every_weight():
+    assert select_files(SD_REPO, SD_INDEX, weights=False) == SIDE_FILES
+
+
+# ---------------------------------------------------------------------------------------------
+# local identity
+
+
+def test_directory_fingerprint_changes_when_a_file_changes(tmp_path):
+    (tmp_path / "a.json").write_text("{}")
+    before = directory_fingerprint(tmp_path)
+    assert directory_fingerprint(tmp_path) == before
+    (tmp_path / "a.json").write_text('{"x": 1}')
+    os.utime(tmp_path / "a.json", ns=(1, 1))
+    assert directory_fingerprint(tmp_path) != before

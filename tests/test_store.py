@@ -1,0 +1,472 @@
+"""The store on the persistent volume: keyed once-only conversion, warm starts without network,
+concurrent runners, full disks, corrupted entries, leftovers of killed builders."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import conversion.convert
+from conversion import download
+from conversion.errors import DiskFullError, SourceError
+from conversion.locking import host_tag
+from conversion.manifest import VerificationError, read_manifest, verify_converted
+from conversion.sources import parse_source
+from conversion.store import STORE_DIRNAME, Store, convert_source, ensure_converted, resolve_root
+from model_loader import read_layout
+from tests.hub_server import HubRepo, HubServer, use_hub
+from tests.tiny_models import make_tiny_sd
+
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.fixture
+def local_src(tiny_sd, tmp_path) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_sd, src)
+    return src
+
+
+@pytest.fixture
+def hub(tiny_sd, monkeypatch, tmp_path_factory):
+    with HubServer([HubRepo.from_dir("org/tiny-sd", tiny_sd)]) as server:
+        use_hub(monkeypatch, server, tmp_path_factory.mktemp("hf-home"))
+        yield server
+
+
+def entries(root: Path) -> list[str]:
+    """Names in the store directory other than its bookkeeping (.locks, .refs)."""
+    return sorted(p.name for p in (root / STORE_DIRNAME).iterdir() if p.name not in (".locks", ".refs"))
+
+
+def files_of(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys, warm starts, refs
+
+
+def test_root_is_app_data_root_when_set(monkeypatch, tmp_path):
+    monkeypatch.setenv("APP_DATA_ROOT", str(tmp_path))
+    assert resolve_root() == tmp_path
+    assert resolve_root(tmp_path / "explicit") == tmp_path / "explicit"
+
+
+def test_warm_start_of_a_hub_source_makes_no_request_and_starts_no_download(hub, tmp_path, monkeypatch):
+    cold = ensure_converted("org/tiny-sd", root=tmp_path)
+    verify_converted(cold, full=True)
+    assert cold.parent == tmp_path / STORE_DIRNAME
+    hub.reset_counts()
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("the warm path fetched")
+
+    monkeypatch.setattr(download, "fetch_hub", no_fetch)
+    assert ensure_converted("org/tiny-sd", root=tmp_path) == cold
+    assert hub.count() == 0
+
+
+def test_warm_start_works_with_the_hub_gone_and_imports_no_download_code(tiny_sd, tmp_path, monkeypatch):
+    with HubServer([HubRepo.from_dir("org/tiny-sd", tiny_sd)]) as server:
+        use_hub(monkeypatch, server, tmp_path / "hf-home")
+        path = ensure_converted("org/tiny-sd", root=tmp_path)
+    code = (
+        "import sys; from conversion.store import ensure_converted; "
+        f"print(ensure_converted('org/tiny-sd', root={str(tmp_path)!r})); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'fal', 'diffusers', 'transformers'}),"
+        " 'conversion.download' in sys.modules)"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [str(path), "[] False"]
+
+
+def test_lookup_finds_the_entry_offline_only_once_it_exists(local_src, tmp_path):
+    store, src = Store(tmp_path), parse_source(str(local_src))
+    assert store.lookup(src, "float16") is None
+    path = ensure_converted(src, root=tmp_path, dtype="float16")
+    assert store.lookup(src, "fp16") == path
+    assert store.lookup(src) is None  # another dtype, another entry
+
+
+def test_branch_stays_on_its_recorded_commit_until_refresh(hub, tiny_sd, tmp_path):
+    first = ensure_converted("org/tiny-sd", root=tmp_path)
+    old_commit = read_manifest(first)["source"]["identity"]
+    repo = hub.repos["org/tiny-sd"]
+    new_files = dict(repo.commits[old_commit])
+    new_files["scheduler/scheduler_config.json"] = new_files["scheduler/scheduler_config.json"].replace(b"1000", b"999")
+    new_commit = repo.push(new_files)
+    hub.reset_counts()
+    assert ensure_converted("org/tiny-sd", root=tmp_path) == first
+    assert hub.count() == 0
+    refreshed = ensure_converted("org/tiny-sd", root=tmp_path, refresh=True)
+    assert refreshed != first
+    assert read_manifest(refreshed)["source"]["identity"] == new_commit
+    hub.reset_counts()
+    assert ensure_converted("org/tiny-sd", root=tmp_path) == refreshed  # the ref now names the new commit
+    assert hub.count() == 0
+
+
+def test_commit_revision_is_its_own_key_without_a_ref_file(hub, tmp_path):
+    commit = hub.repos["org/tiny-sd"].branches["main"]
+    path = ensure_converted(parse_source("org/tiny-sd", revision=commit), root=tmp_path)
+    shutil.rmtree(tmp_path / STORE_DIRNAME / ".refs", ignore_errors=True)
+    hub.reset_counts()
+    assert ensure_converted(parse_source("org/tiny-sd", revision=commit), root=tmp_path) == path
+    assert hub.count() == 0
+
+
+def test_local_source_is_converted_once_and_again_when_it_changes(local_src, tmp_path, monkeypatch):
+    calls = []
+    real = conversion.convert.convert_pipeline
+    monkeypatch.setattr(conversion.convert, "convert_pipeline", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = ensure_converted(str(local_src), root=tmp_path)
+    assert ensure_converted(str(local_src), root=tmp_path) == first
+    assert len(calls) == 1
+    cfg = local_src / "scheduler" / "scheduler_config.json"
+    cfg.write_text(cfg.read_text().replace("1000", "999"))
+    second = ensure_converted(str(local_src), root=tmp_path)
+    assert second != first and len(calls) == 2
+    assert "999" in (second / "scheduler" / "scheduler_config.json").read_text()
+
+
+def test_dtype_is_part_of_the_key(local_src, tmp_path):
+    native = ensure_converted(str(local_src), root=tmp_path)
+    half = ensure_converted(str(local_src), root=tmp_path, dtype=torch.float16)
+    assert half != native
+    assert read_layout(half / "unet" / "model.flashpack").blocks[0].dtype == torch.float16
+    assert read_layout(native / "unet" / "model.flashpack").blocks[0].dtype == torch.float32
+    assert ensure_converted(str(local_src), root=tmp_path, dtype="fp16") == half
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad entries are never served
+
+
+def flip_payload_byte(pack: Path) -> None:
+    data = bytearray(pack.read_bytes())
+    data[1000] ^= 0x01
+    pack.write_bytes(bytes(data))
+
+
+def test_flipped_payload_byte_passes_the_cheap_check_and_full_verification_rebuilds(local_src, tmp_path, caplog):
+    path = ensure_converted(str(local_src), root=tmp_path)
+    good = files_of(path)
+    flip_payload_byte(path / "unet" / "model.flashpack")
+    # Documented limit: the warm check reads sizes and footers only, so it cannot see this...
+    assert ensure_converted(str(local_src), root=tmp_path) == path
+    with pytest.raises(VerificationError, match="sha256 mismatch"):
+        verify_converted(path, full=True)
+    # ...verify="full" (or APP_STORE_VERIFY=full) sees it, moves the entry aside and rebuilds.
+    caplog.set_level(logging.WARNING, logger="conversion.store")
+    assert ensure_converted(str(local_src), root=tmp_path, verify="full") == path
+    assert "sha256 mismatch" in caplog.text
+    verify_converted(path, full=True)
+    assert files_of(path).keys() == good.keys()
+    assert files_of(path)["unet/model.flashpack"] == good["unet/model.flashpack"]
+    assert [n for n in entries(tmp_path) if n.startswith(".")] == []
+
+
+def test_full_verification_from_the_environment(local_src, tmp_path, monkeypatch):
+    path = ensure_converted(str(local_src), root=tmp_path)
+    flip_payload_byte(path / "vae" / "model.flashpack")
+    monkeypatch.setenv("APP_STORE_VERIFY", "full")
+    assert ensure_converted(str(local_src), root=tmp_path) == path
+    verify_converted(path, full=True)
+
+
+def test_truncated_pack_is_rebuilt_on_a_warm_start(local_src, tmp_path):
+    path = ensure_converted(str(local_src), root=tmp_path)
+    pack = path / "text_encoder" / "model.flashpack"
+    os.truncate(pack, pack.stat().st_size - 10)
+    assert ensure_converted(str(local_src), root=tmp_path) == path
+    verify_converted(path, full=True)
+
+
+def test_entry_without_manifest_is_moved_aside_and_rebuilt(local_src, tmp_path):
+    path = ensure_converted(str(local_src), root=tmp_path)
+    (path / "flashpack_manifest.json").unlink()
+    assert ensure_converted(str(local_src), root=tmp_path) == path
+    verify_converted(path, full=True)
+    assert entries(tmp_path) == [path.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Publication without a working lock, leftovers
+
+
+def store_entry(local_src: Path, root: Path):
+    store = Store(root)
+    src = parse_source(str(local_src))
+    return store, store.entry(src, store.offline_identity(src), "source")
+
+
+def test_losing_the_publish_race_discards_the_own_copy(local_src, tmp_path):
+    path = ensure_converted(str(local_src), root=tmp_path)
+    inode = path.stat().st_ino
+    store, entry = store_entry(local_src, tmp_path)
+    # A second builder that did not see the lock: its rename onto the published entry fails.
+    assert store.build(local_src, entry, None, {"store_key": entry.digest}) == path
+    assert path.stat().st_ino == inode
+    assert entries(tmp_path) == [path.name]
+
+
+def test_publishing_over_a_bad_entry_moves_it_aside(local_src, tmp_path):
+    store, entry = store_entry(local_src, tmp_path)
+    entry.path.mkdir(parents=True)
+    (entry.path / "half-written").write_bytes(b"x")
+    assert store.build(local_src, entry, None, {"store_key": entry.digest}) == entry.path
+    verify_converted(entry.path, full=True)
+    assert entries(tmp_path) == [entry.path.name]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_dead_or_silent_builders_are_removed_and_live_ones_kept(tmp_path):
+    store = Store(tmp_path)
+    name = "org--x-0123456789abcdef"
+    dirs = {
+        "dead": store.dir / f".tmp-{name}.{host_tag()}.{dead_pid()}.aaaa",
+        "live": store.dir / f".tmp-{name}.{host_tag()}.{os.getpid()}.bbbb",
+        "other_host_fresh": store.dir / f".work-{name}.elsewhere.1.cccc",
+        "other_host_silent": store.dir / f".tmp-{name}.elsewhere.2.dddd",
+        "trash": store.dir / f".trash-{name}.3.eeee",
+        "other_entry": store.dir / f".tmp-org--y-0123456789abcdef.{host_tag()}.{dead_pid()}.ffff",
+    }
+    for d in dirs.values():
+        d.mkdir(parents=True)
+        (d / "model.flashpack").write_bytes(b"partial")
+    old = time.time() - 3 * 3600
+    for p in (dirs["other_host_silent"], dirs["other_host_silent"] / "model.flashpack"):
+        os.utime(p, (old, old))
+    store.cleanup_stale()
+    assert {k for k, d in dirs.items() if d.exists()} == {"live", "other_host_fresh"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Many runners, full disks (forked processes: the parent has torch and diffusers imported)
+
+
+def _forked(target, queue, *args) -> None:
+    torch.set_num_threads(1)  # no OpenMP pool inherited across fork
+    try:
+        queue.put(("ok", str(target(*args))))
+    except BaseException as exc:
+        queue.put(("error", type(exc).__name__, str(exc)))
+
+
+def _convert_when_started(start, src: str, root: str) -> str:
+    start.wait(30)
+    path = ensure_converted(src, root=root)
+    digest = hashlib.sha256()
+    for name, data in files_of(path).items():  # what this runner would load
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return f"{path} {digest.hexdigest()}"
+
+
+def test_eight_runners_at_once_convert_once_and_all_get_the_same_files(local_src, tmp_path, monkeypatch):
+    marker = tmp_path / "conversions.log"
+    real = conversion.convert.convert_pipeline
+
+    def counted(*args, **kwargs):
+        with open(marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conversion.convert, "convert_pipeline", counted)
+    root = tmp_path / "volume"
+    start, queue = FORK.Event(), FORK.Queue()
+    procs = [FORK.Process(target=_forked, args=(_convert_when_started, queue, start, str(local_src), str(root)))
+             for _ in range(8)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert [r[0] for r in results] == ["ok"] * 8, results
+    assert len({r[1] for r in results}) == 1  # same directory, same bytes
+    assert len(marker.read_text().splitlines()) == 1
+    path = Path(results[0][1].split()[0])
+    verify_converted(path, full=True)
+    assert entries(root) == [path.name]
+
+
+def _convert_with_file_size_limit(src: str, root: str, limit: int) -> Path:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return ensure_converted(src, root=root)
+
+
+def test_full_disk_is_a_clear_error_and_leaves_no_partial_entry(local_src, tmp_path):
+    root = tmp_path / "volume"
+    queue = FORK.Queue()
+    proc = FORK.Process(target=_forked, args=(_convert_with_file_size_limit, queue, str(local_src), str(root), 1 << 20))
+    proc.start()
+    result = queue.get(timeout=120)
+    proc.join(30)
+    assert result[0] == "error" and result[1] == DiskFullError.__name__, result
+    assert "no space left" in result[2] and "free space" in result[2]
+    assert entries(root) == []  # no entry, no .tmp-/.work- directory
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI's entry point
+
+
+def test_convert_source_into_a_new_directory(local_src, tmp_path):
+    dst = tmp_path / "out" / "converted"
+    assert convert_source(str(local_src), dst, root=tmp_path / "volume") == dst.resolve()
+    verify_converted(dst, full=True)
+    assert json.loads((dst / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_convert_source_refuses_a_non_empty_destination(local_src, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(Exception, match="not empty"):
+        convert_source(str(local_src), dst, root=tmp_path / "volume")
+    assert (dst / "keep.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-file checkpoints from a URL
+
+
+def test_single_file_url_is_converted_offline_with_a_local_config(tiny_sd, tmp_path, monkeypatch):
+    from safetensors.torch import save
+
+    from model_loader import load_state_dict
+
+    config = tmp_path / "config"  # model_index.json, configs, tokenizer, scheduler: no weights
+    shutil.copytree(tiny_sd, config, ignore=shutil.ignore_patterns("*.safetensors"))
+    url = "data:application/octet-stream;base64," + base64.b64encode(save(ldm_checkpoint(tiny_sd))).decode()
+    source = parse_source(url, config=str(config))
+    path = ensure_converted(source, root=tmp_path / "volume")
+    verify_converted(path, full=True)
+    assert read_manifest(path)["source"]["ref"].startswith("data:...(")  # not the whole URL
+    reference = ensure_converted(str(tiny_sd), root=tmp_path / "volume")
+    for comp in ("unet", "vae", "text_encoder"):
+        got, want = load_state_dict(path / comp / "model.flashpack"), load_state_dict(reference / comp / "model.flashpack")
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), comp
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the warm path downloaded")
+
+    monkeypatch.setattr(download, "_run_child", no_download)
+    assert ensure_converted(source, root=tmp_path / "volume") == path
+
+
+_RESNET_NAMES = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                 ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+
+
+def ldm_checkpoint(pipeline_dir: Path) -> dict[str, torch.Tensor]:
+    """The tiny SD pipeline as an original (LDM) single-file checkpoint: the inverse of diffusers'
+    convert_ldm_unet/vae/clip_checkpoint, for this architecture (the test checks the round trip)."""
+    from safetensors.torch import load_file
+
+    ucfg = json.loads((pipeline_dir / "unet" / "config.json").read_text())
+    vcfg = json.loads((pipeline_dir / "vae" / "config.json").read_text())
+    up_attn = [t.startswith("CrossAttn") for t in ucfg["up_block_types"]]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in load_file(pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors").items():
+        out["model.diffusion_model." + _ldm_unet_key(k, ucfg["layers_per_block"], up_attn)] = v
+    for k, v in load_file(pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors").items():
+        if ".mid_block.attentions." in k and k.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        out["first_stage_model." + _ldm_vae_key(k, len(vcfg["up_block_types"]))] = v
+    for k, v in load_file(pipeline_dir / "text_encoder" / "model.safetensors").items():
+        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    return out
+
+
+def test_unknown_pipeline_class_fails_before_any_download(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded despite a bad pipeline_class")
+
+    monkeypatch.setattr(download, "_run_child", no_download)
+    source = parse_source("https://example.com/model.safetensors", pipeline_class="NoSuchPipeline")
+    with pytest.raises(SourceError, match="pipeline_class 'NoSuchPipeline' is not a diffusers pipeline"):
+        ensure_converted(source, root=tmp_path)
+
+
+def _ldm_resnet(rest: str) -> str:
+    for new, old in _RESNET_NAMES:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    raise KeyError(rest)
+
+
+def _ldm_unet_key(key: str, layers: int, up_attn: list[bool]) -> str:
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    head, _, leaf = key.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+    per = layers + 1
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.*)", key):
+        b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if kind == "resnets":
+            return f"input_blocks.{1 + b * per + i}.0.{_ldm_resnet(rest)}"
+        if kind == "attentions":
+            return f"input_blocks.{1 + b * per + i}.1.{rest}"
+        return f"input_blocks.{1 + b * per + layers}.0.op.{rest.removeprefix('conv.')}"
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        return f"middle_block.{2 * int(m[2])}.{_ldm_resnet(m[3])}" if m[1] == "resnets" else f"middle_block.1.{m[3]}"
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.*)", key):
+        b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if kind == "resnets":
+            return f"output_blocks.{b * per + i}.0.{_ldm_resnet(rest)}"
+        if kind == "attentions":
+            return f"output_blocks.{b * per + i}.1.{rest}"
+        return f"output_blocks.{b * per + layers}.{2 if up_attn[b] else 1}.{rest}"
+    raise KeyError(key)
+
+
+def _ldm_vae_key(key: str, n_up: int) -> str:
+    head, _, leaf = key.rpartition(".")
+    if head in ("encoder.conv_norm_out", "decoder.conv_norm_out"):
+        return f"{head.split('.')[0]}.norm_out.{leaf}"
+    key = key.replace("conv_shortcut", "nin_shortcut")
+    if m := re.match(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        if m[2] == "resnets":
+            return f"{m[1]}.mid.block_{int(m[3]) + 1}.{m[4]}"
+        name, leaf = m[4].rsplit(".", 1)
+        short = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[name]
+        return f"{m[1]}.mid.attn_1.{short}.{leaf}"
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.(?:resnets\.(\d+)|downsamplers\.0)\.(.*)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}" if m[2] else f"encoder.down.{m[1]}.downsample.{m[3]}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.(?:resnets\.(\d+)|upsamplers\.0)\.(.*)", key):
+        i = n_up - 1 - int(m[1])
+        return f"decoder.up.{i}.block.{m[2]}.{m[3]}" if m[2] else f"decoder.up.{i}.upsample.{m[3]}"
+    return key

@@ -1,0 +1,169 @@
+"""Tiny pipelines and models with seeded random weights, built offline from configs.
+
+Shared by the tests: Stable Diffusion (the demo pipeline), SDXL (two text encoders, one with a
+projection), Flux (a transformer with a T5 encoder whose embeddings are tied), and a GPT-2 with
+tied input/output embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from conversion.demo import make_clip_tokenizer, make_demo_pipeline, tiny_clip_text_config, tiny_vae
+
+SD_HEIGHT = 64  # pixels; the demo VAE upsamples 4x from 16x16 latents
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def make_tiny_sd(dst: str | os.PathLike[str], seed: int = 0) -> Path:
+    """A tiny StableDiffusionPipeline source directory (the demo pipeline)."""
+    return make_demo_pipeline(dst, seed=seed)
+
+
+def make_tiny_sd_with_safety_checker(dst: str | os.PathLike[str], seed: int = 0) -> Path:
+    """The tiny SD pipeline plus a tiny safety checker (a class from a diffusers pipeline module,
+    with a ``requires_grad=False`` parameter) and its CLIP image processor."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    dst = Path(dst)
+    base = make_tiny_sd(dst.with_name(dst.name + "-base"), seed)
+    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
+    config = CLIPConfig(
+        text_config=tiny_clip_text_config(pipe.tokenizer).to_dict(),
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                       "num_hidden_layers": 2, "image_size": 32, "patch_size": 4, "projection_dim": 32},
+        projection_dim=32,
+    )
+    _seeded(seed)
+    pipe.register_modules(
+        safety_checker=StableDiffusionSafetyChecker(config),
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+    )
+    pipe.register_to_config(requires_safety_checker=True)
+    pipe.save_pretrained(dst, safe_serialization=True)
+    return dst
+
+
+def tiny_sdxl_pipeline(seed: int = 0, force_zeros_for_empty_prompt: bool = False):
+    """A tiny StableDiffusionXLPipeline in memory (CLIPTextModel + CLIPTextModelWithProjection)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = make_clip_tokenizer()
+    _seeded(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled text (32)
+        cross_attention_dim=64,  # 32 + 32 from the two text encoders
+        norm_num_groups=8,
+    )
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=make_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+    )
+
+
+def make_tiny_sdxl(dst: str | os.PathLike[str], seed: int = 0) -> Path:
+    """A tiny StableDiffusionXLPipeline source directory (``force_zeros_for_empty_prompt=False``,
+    the opposite of the default, so tests can see pipeline config kwargs survive)."""
+    tiny_sdxl_pipeline(seed).save_pretrained(dst, safe_serialization=True)
+    return Path(dst)
+
+
+def make_t5_tokenizer(model_max_length: int = 32):
+    """A small Unigram ``T5Tokenizer``: specials, the space marker, letters, a few words."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    pieces += [("▁" + w, -3.0) for w in ("a", "photo", "of", "the", "cat", "dog", "on")]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5_encoder(tokenizer, seed: int = 0):
+    """A ``T5EncoderModel`` whose ``shared`` and ``encoder.embed_tokens`` weights are tied."""
+    from transformers import T5Config, T5EncoderModel
+
+    _seeded(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def make_tiny_flux(dst: str | os.PathLike[str], seed: int = 0) -> Path:
+    """A tiny FluxPipeline source directory (transformer, CLIP + T5 text encoders)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer = make_clip_tokenizer()
+    tokenizer_2 = make_t5_tokenizer()
+    _seeded(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
+    text_encoder_2 = tiny_t5_encoder(tokenizer_2, seed)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(dst, safe_serialization=True)
+    return Path(dst)
+
+
+def tiny_gpt2(seed: int = 0):
+    """A GPT-2 LM whose output projection is tied to its input embedding."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _seeded(seed)
+    config = GPT2Config(
+        vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
