@@ -39,17 +39,28 @@ DEFAULT_CHUNK_BYTES = 32 << 20
 MIN_AUTO_CHUNK_BYTES = 4 << 20
 # Auto mode reads a chunk with O_DIRECT when less than this fraction of it is in the page cache.
 COLD_FRACTION = 0.5
+# A file at least this resident is "in the page cache" when choosing the thread count.
+HOT_FRACTION = 0.9
 # Staging buffers per CUDA reader thread: one is filled while the other's copy is in flight.
 BUFFERS_PER_THREAD = 2
 
 
-def default_threads() -> int:
-    """Reader threads: I/O queue depth more than CPU work, so more than the cores, at most 16."""
+def _cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cpus = os.cpu_count() or 4
-    return min(16, max(8, 2 * cpus))
+        return os.cpu_count() or 4
+
+
+def default_threads(resident: float = 0.0) -> int:
+    """Reader threads for a file of which ``resident`` (0..1) is in the page cache.
+
+    Reading from storage wants I/O queue depth, so more threads than cores (at most 16); a file
+    already in the page cache is a memory copy, where threads beyond the cores only contend.
+    """
+    cpus = _cpus()
+    io_bound = min(16, max(8, 2 * cpus))
+    return min(io_bound, max(2, cpus)) if resident >= HOT_FRACTION else io_bound
 
 
 @dataclass
@@ -137,7 +148,7 @@ def effective_chunk_bytes(payload_bytes: int, threads: int, chunk_bytes: int) ->
 
 @dataclass(frozen=True)
 class ReadOptions:
-    threads: int
+    threads: int | None  # None: default_threads() for the file's page-cache residency
     chunk_bytes: int
     direct_io: bool | None  # None: per chunk, O_DIRECT when not in the page cache
 
@@ -147,9 +158,9 @@ def resolve_options(
 ) -> ReadOptions:
     """Arguments win over ``MODEL_LOADER_THREADS`` / ``MODEL_LOADER_CHUNK_MB`` /
     ``MODEL_LOADER_DIRECT_IO`` (``auto``, ``1``, ``0``), which win over the defaults."""
-    if threads is None:
-        threads = env_int("MODEL_LOADER_THREADS", default_threads())
-    if threads < 1:
+    if threads is None and os.environ.get("MODEL_LOADER_THREADS", "").strip():
+        threads = env_int("MODEL_LOADER_THREADS", 1)
+    if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if chunk_bytes is None:
         chunk_bytes = env_int("MODEL_LOADER_CHUNK_MB", DEFAULT_CHUNK_BYTES >> 20) << 20
@@ -523,9 +534,13 @@ def read_pack(
     fd, st, layout = _open_checked(path)
     claim(st.st_dev, st.st_ino)
     payload = sum(b.length_bytes for b in layout.blocks)
-    chunk = effective_chunk_bytes(payload, opts.threads, opts.chunk_bytes)
+    threads = opts.threads
+    if threads is None:
+        with _io.Residency(fd, st.st_size) as residency:
+            threads = default_threads(residency.sampled_fraction() if residency.known else 0.0)
+    chunk = effective_chunk_bytes(payload, threads, opts.chunk_bytes)
     chunks = plan_chunks(layout, chunk)
-    n_threads = max(1, min(opts.threads, len(chunks)))
+    n_threads = max(1, min(threads, len(chunks)))
     stats = ReadStats(bytes=payload, threads=n_threads, chunks=len(chunks), chunk_bytes=chunk)
     source = _Source(path, fd, st.st_size, opts.direct_io, stats)
     try:

@@ -262,6 +262,14 @@ def test_options_come_from_arguments_then_environment(monkeypatch):
     )
 
 
+def test_default_threads_exceed_the_cores_only_for_files_not_in_the_page_cache(monkeypatch):
+    monkeypatch.setattr(reader, "_cpus", lambda: 2)
+    assert reader.default_threads(resident=0.0) == 8
+    assert reader.default_threads(resident=1.0) == 2
+    monkeypatch.setattr(reader, "_cpus", lambda: 64)
+    assert reader.default_threads(resident=0.0) == reader.default_threads(resident=1.0) == 16
+
+
 def test_invalid_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_THREADS", "many")
     with pytest.raises(ValueError, match="MODEL_LOADER_THREADS"):
