@@ -111,7 +111,7 @@ def _convert_local(src: Path, dst: Path, dtype: torch.dtype | None, variant: str
     except ImportError as exc:
         raise ConversionError(f"converting a local directory needs conversion.convert ({exc})") from exc
     from .sources import Source
-    from .writer import fsync_dir
+    from .durable import fsync_dir
 
     if dst.exists():
         raise ConversionError(f"{dst}: already exists; remove it or choose another destination")
@@ -254,7 +254,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
     from model_loader import load_state_dict
 
-    from .writer import fsync_dir
+    from .durable import fsync_dir
 
     src, dst = Path(args.file), Path(args.dst)
     read_layout(src)

@@ -44,7 +44,8 @@ from model_loader.pipeline import (
 )
 
 from .errors import ConversionError
-from .writer import _safetensors_dtype, fsync_dir, write_pack
+from .durable import fsync_dir
+from .writer import safetensors_dtype, write_pack
 
 logger = logging.getLogger("conversion.convert")
 
@@ -236,7 +237,7 @@ def _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar):
                     raise ConversionError(f"{f}: tensor {key!r} appears in more than one shard")
                 sl = h.get_slice(key)
                 handles[key] = h
-                file_shapes[key] = (tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype()))
+                file_shapes[key] = (tuple(sl.get_shape()), safetensors_dtype(sl.get_dtype()))
         renamed = checkpoint_key_map(model, list(file_shapes))
         if renamed is None:
             logger.info("convert: %s needs weight conversion ops; loading it instead", files[0].parent)
@@ -366,7 +367,7 @@ def _dominant_float_dtype(files: list[Path]) -> torch.dtype | None:
         with safe_open(os.fspath(f), framework="pt") as h:
             for key in h.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 sl = h.get_slice(key)
-                dt = _safetensors_dtype(sl.get_dtype())
+                dt = safetensors_dtype(sl.get_dtype())
                 if dt.is_floating_point:
                     counts[dt] = counts.get(dt, 0) + math.prod(sl.get_shape())
     return max(counts, key=counts.__getitem__) if counts else None

@@ -18,10 +18,8 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from model_loader.format import FlashPackFormatError, read_layout
-
 from .errors import ConversionError
-from .writer import fsync_dir
+from .durable import fsync_dir
 
 MANIFEST_NAME = "flashpack_manifest.json"
 # Version of the converted-directory layout; bump on any incompatible change so old stores are
@@ -200,6 +198,9 @@ def verify_converted(path: str | os.PathLike[str], full: bool = True) -> None:
             raise VerificationError(
                 f"{file}: size {size} bytes, the manifest says {entry['size']} (truncated or modified since conversion)"
             )
+    # Imported here: the format needs torch, and the store's warm lookup must not wait for it.
+    from model_loader.format import FlashPackFormatError, read_layout
+
     for rel in files:
         if rel.endswith(".flashpack"):
             try:

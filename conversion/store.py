@@ -40,7 +40,7 @@ from .errors import ConversionError, DiskFullError, SourceError, StoreError
 from .locking import FileLock, host_tag, pid_alive
 from .manifest import FORMAT_VERSION, VerificationError, read_manifest, verify_converted
 from .sources import Source, directory_fingerprint, is_commit, parse_source, url_hash
-from .writer import fsync_dir
+from .durable import fsync_dir
 
 if TYPE_CHECKING:
     import torch

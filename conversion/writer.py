@@ -22,6 +22,7 @@ from model_loader.format import (
     storage_dtype,
 )
 
+from .durable import fsync_dir
 from .errors import ConversionError, DiskFullError
 
 _ZEROS = bytes(1 << 16)
@@ -114,7 +115,7 @@ def pack_safetensors(
                     raise ConversionError(f"tensor {name!r} appears in more than one shard")
                 owner[name] = h
                 sl = h.get_slice(name)
-                specs.append((name, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype())))
+                specs.append((name, tuple(sl.get_shape()), safetensors_dtype(sl.get_dtype())))
         return write_pack(
             specs, lambda n: owner[n].get_tensor(n), path, target_dtype, align_bytes  # type: ignore[attr-defined]
         )
@@ -131,7 +132,8 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _safetensors_dtype(name: str) -> torch.dtype:
+def safetensors_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``F16`` -> ``torch.float16``)."""
     try:
         return _SAFETENSORS_DTYPES[name]
     except KeyError:
@@ -165,15 +167,6 @@ def _pad_to(f, cursor: int, target: int) -> int:
         f.write(_ZEROS[:n])
         cursor += n
     return cursor
-
-
-def fsync_dir(directory: str | os.PathLike[str]) -> None:
-    """Make a rename in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path: Path) -> None:

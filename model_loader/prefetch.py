@@ -2,8 +2,8 @@
 heavy imports and module construction.
 
 ``prefetch(paths)`` returns at once; daemon threads then read each file in large chunks into a
-small scratch buffer (chunks already in the page cache are skipped) after a
-``POSIX_FADV_WILLNEED`` hint. When a load starts on a file, the prefetch stops reading that file
+small scratch buffer, each chunk after a ``POSIX_FADV_WILLNEED`` hint for it (chunks already in
+the page cache are skipped). When a load starts on a file, the prefetch stops reading that file
 (:func:`claim`) so the loader's own readers take over instead of competing with it.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 import weakref
@@ -25,6 +26,7 @@ DEFAULT_THREADS = 8
 DEFAULT_CHUNK_BYTES = 8 << 20
 # A chunk at least this resident is not read again.
 HOT_FRACTION = 0.99
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 3)
 
 _active: weakref.WeakSet[Prefetch] = weakref.WeakSet()
 _active_lock = threading.Lock()
@@ -57,7 +59,7 @@ class Prefetch:
         threads: int = DEFAULT_THREADS,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
-        self.paths = list(paths)
+        self.paths = [os.fspath(p) for p in paths]
         self.bytes_read = 0
         self.seconds = 0.0
         self._threads = max(1, threads)
@@ -88,26 +90,21 @@ class Prefetch:
     def _run(self) -> None:
         t0 = time.perf_counter()
         files: list[_File] = []
+        workers: list[threading.Thread] = []
         try:
             files = [f for f in map(self._open, self.paths) if f is not None]
             work = iter([(f, off) for f in files for off in range(0, f.size, self._chunk_bytes)])
-            workers = [
-                threading.Thread(
+            for i in range(self._threads):
+                worker = threading.Thread(
                     target=self._worker, args=(work,), name=f"model_loader-prefetch-{i}", daemon=True
                 )
-                for i in range(self._threads)
-            ]
-            for w in workers:
-                w.start()
-            willneed = getattr(os, "POSIX_FADV_WILLNEED", 3)
-            for f in files:  # kernel readahead runs alongside the workers' reads
-                if not self._cancelled.is_set() and f.key not in self._claimed:
-                    _io.fadvise(f.fd, 0, 0, willneed)
-            for w in workers:
-                w.join()
+                worker.start()
+                workers.append(worker)
         except Exception as exc:  # a prefetch is only a hint: never raise from the background
             log.debug("prefetch stopped: %s", exc)
         finally:
+            for worker in workers:
+                worker.join()
             for f in files:
                 f.residency.close()
                 os.close(f.fd)
@@ -126,7 +123,14 @@ class Prefetch:
         except OSError as exc:
             log.debug("prefetch: skipping %s (%s)", path, exc.strerror or exc)
             return None
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(f"{path} is not a regular file")
+        except OSError as exc:
+            log.debug("prefetch: skipping %s (%s)", path, exc)
+            os.close(fd)
+            return None
         _io.fadvise(fd, 0, 0, getattr(os, "POSIX_FADV_SEQUENTIAL", 2))
         return _File(path, fd, st.st_size, (st.st_dev, st.st_ino), _io.Residency(fd, st.st_size))
 
@@ -147,6 +151,9 @@ class Prefetch:
             length = min(self._chunk_bytes, f.size - off)
             if f.residency.known and f.residency.fraction(off, length) >= HOT_FRACTION:
                 continue
+            # The hint hands the kernel the whole chunk as one readahead; the read then waits for
+            # it. Hints go chunk by chunk, so none is pending for a file a load has claimed.
+            _io.fadvise(f.fd, off, length, _WILLNEED)
             try:
                 n = os.preadv(f.fd, [scratch[:length]], off)
             except OSError as exc:

@@ -301,10 +301,14 @@ def _alloc_cpu_blocks(layout: PackLayout) -> tuple[list[torch.Tensor], list[tupl
     ALIGN (O_DIRECT can then read into it), with room for aligned spans overhanging the block."""
     blocks: list[torch.Tensor] = []
     raws: list[tuple[torch.Tensor, int]] = []
+    # Transparent huge pages cut the page faults of filling fresh memory; MODEL_LOADER_HUGEPAGES=0
+    # turns the hint off.
+    huge = os.environ.get("MODEL_LOADER_HUGEPAGES", "1").strip() != "0"
     for b in layout.blocks:
         phase = b.offset_bytes % ALIGN
         raw, start = _io.alloc_phased(b.length_bytes, phase, head=phase, tail=ALIGN)
-        _io.advise_hugepages(raw)
+        if huge:
+            _io.advise_hugepages(raw)
         blocks.append(raw.narrow(0, start, b.length_bytes).view(b.dtype))
         raws.append((raw, start))
     return blocks, raws
@@ -532,18 +536,19 @@ def read_pack(
     device = torch.device(device)
     opts = resolve_options(threads, chunk_bytes, direct_io)
     fd, st, layout = _open_checked(path)
-    claim(st.st_dev, st.st_ino)
-    payload = sum(b.length_bytes for b in layout.blocks)
-    threads = opts.threads
-    if threads is None:
-        with _io.Residency(fd, st.st_size) as residency:
-            threads = default_threads(residency.sampled_fraction() if residency.known else 0.0)
-    chunk = effective_chunk_bytes(payload, threads, opts.chunk_bytes)
-    chunks = plan_chunks(layout, chunk)
-    n_threads = max(1, min(threads, len(chunks)))
-    stats = ReadStats(bytes=payload, threads=n_threads, chunks=len(chunks), chunk_bytes=chunk)
-    source = _Source(path, fd, st.st_size, opts.direct_io, stats)
+    source: _Source | None = None
     try:
+        claim(st.st_dev, st.st_ino)  # a running prefetch leaves this file to us
+        payload = sum(b.length_bytes for b in layout.blocks)
+        threads = opts.threads
+        if threads is None:
+            with _io.Residency(fd, st.st_size) as residency:
+                threads = default_threads(residency.sampled_fraction() if residency.known else 0.0)
+        chunk = effective_chunk_bytes(payload, threads, opts.chunk_bytes)
+        chunks = plan_chunks(layout, chunk)
+        n_threads = max(1, min(threads, len(chunks)))
+        stats = ReadStats(bytes=payload, threads=n_threads, chunks=len(chunks), chunk_bytes=chunk)
+        source = _Source(path, fd, st.st_size, opts.direct_io, stats)
         if engine is None and device.type == "cuda":
             engine = CudaEngine(device)
         if engine is not None:
@@ -555,7 +560,8 @@ def read_pack(
             if device.type != "cpu":
                 blocks = [b.to(device) for b in blocks]
     finally:
-        source.close()
+        if source is not None:
+            source.close()
         os.close(fd)
     stats.seconds = time.perf_counter() - t0
     log.info("load %s: %.2f GB in %.2f s (%.2f GB/s)", path, payload / 1e9, stats.seconds, stats.gbps)

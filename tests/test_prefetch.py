@@ -32,8 +32,8 @@ def prefetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("model_loader-prefetch")]
 
 
-def test_prefetch_of_missing_paths_is_harmless(tmp_path):
-    handle = prefetch([tmp_path / "nope.flashpack", str(tmp_path / "also" / "missing")])
+def test_prefetch_of_missing_paths_and_directories_is_harmless(tmp_path):
+    handle = prefetch([tmp_path / "nope.flashpack", str(tmp_path / "also" / "missing"), tmp_path])
     assert handle.wait(timeout=10)
     assert handle.done and handle.bytes_read == 0
 
