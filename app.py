@@ -480,6 +480,12 @@ class TextToImageApp(fal.App, name=APP_NAME):
             size = sum(p.stat().st_size for p in self.store_path.glob("*/*.flashpack"))
             phase.rate(size, f"to {self.device}")
 
+        # The warm start checked only sizes and footers; hash every file in the background (while
+        # the warm-up runs) and serve no image before that check has passed.
+        self._store_checked = threading.Event()
+        self._store_problem: str | None = None
+        threading.Thread(target=self._verify_store, args=(root,), name="verify-store", daemon=True).start()
+
         # 5. warm up: run every served shape once, so no request pays first-call costs.
         self._lock = threading.Lock()
         serving = self.settings.serving
@@ -511,6 +517,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
             ]
         generated = time.perf_counter()
 
+        self._require_verified_store()
         inline = input.sync_mode or self.settings.serving.output == "data_uri"
         images = [encode_image(picture, input.output_format, inline) for picture in pictures]
         done = time.perf_counter()
@@ -527,8 +534,44 @@ class TextToImageApp(fal.App, name=APP_NAME):
         """Readiness and setup timings (fal also serves this method on GET /health)."""
         if getattr(self, "pipe", None) is None:
             raise RuntimeError("setup() has not finished: no pipeline is loaded")
+        if self._store_problem is not None:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=503, detail=f"the converted model failed verification: {self._store_problem}")
         return HealthOutput(status="ok", profile=self.settings.profile, model=self.settings.model.source,
                             device=str(self.device), store=str(self.store_path), setup_seconds=self.phase_seconds)
+
+    def _verify_store(self, root: Path) -> None:
+        """Check every file of the loaded store against its manifest sha256; a mismatch moves the
+        entry aside (the next runner rebuilds it) and this runner stops serving."""
+        from conversion.manifest import VerificationError, verify_converted
+        from conversion.store import Store
+
+        started = time.perf_counter()
+        try:
+            verify_converted(self.store_path, full=True)
+            log.info("verify: %s matches its manifest (%.2f s)", self.store_path, time.perf_counter() - started)
+        except VerificationError as exc:
+            self._store_problem = str(exc)
+            log.error("verify: %s; moving the entry aside so the next start rebuilds it", exc)
+            try:
+                Store(root).quarantine(self.store_path, str(exc))
+            except Exception as move_exc:  # still refuse to serve; say why the entry stays
+                log.error("verify: %s", move_exc)
+        finally:
+            self._store_checked.set()
+
+    def _require_verified_store(self) -> None:
+        """Wait for the background store check; 503 when the model on disk is corrupt."""
+        self._store_checked.wait()
+        if self._store_problem is not None:
+            from fastapi import HTTPException
+
+            raise HTTPException(
+                status_code=503,
+                detail=f"the converted model failed verification ({self._store_problem}); "
+                "this runner no longer serves, a new one rebuilds the model",
+            )
 
     def _generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                   guidance_scale: float, seed: int):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import FlashPackFormatError
+
 MAGIC = b"FLASHPK\0"
 TRAILER = struct.Struct("<Q8s")  # footer length, magic
 FORMAT_V3 = "flashpack_v3"
@@ -30,10 +32,6 @@ _V4_KEYS = {"format", "align_bytes", "total_payload_bytes", "total_elems", "macr
 _V3_ENTRY_KEYS = {"name", "shape", "offset", "length"}
 _V4_ENTRY_KEYS = _V3_ENTRY_KEYS | {"macroblock"}
 _BLOCK_KEYS = {"dtype", "offset_bytes", "length_bytes", "length_elems"}
-
-
-class FlashPackFormatError(ValueError):
-    """A file is not a valid FlashPack file; the message names the file and the problem."""
 
 
 def _supported_dtypes() -> dict[str, torch.dtype]:

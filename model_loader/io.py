@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from typing import TYPE_CHECKING
 
-import torch
+from .errors import FlashPackFormatError
 
-from .format import FlashPackFormatError
+if TYPE_CHECKING:  # torch is imported where used: the prefetch runs before torch is loaded
+    import torch
 
 # O_DIRECT needs file offset, length and memory address aligned to the device's logical block
 # size; 4096 covers every block size in practice (512 and 4096).
@@ -132,6 +134,8 @@ def alloc_phased(nbytes: int, phase: int, head: int, tail: int) -> tuple[torch.T
     spans that overhang the region can be read straight into it. Returns ``(raw, start)``: the
     region is ``raw[start:start + nbytes]``.
     """
+    import torch
+
     raw = torch.empty(nbytes + head + tail + 2 * ALIGN, dtype=torch.uint8)
     base = raw.data_ptr()
     start = head + (phase - (base + head)) % ALIGN
@@ -142,6 +146,8 @@ def alloc_phased(nbytes: int, phase: int, head: int, tail: int) -> tuple[torch.T
 # Page-cache residency (mincore on a shared mapping)
 
 _libc: ctypes.CDLL | None = None
+# mincore sets bit 0 of a page's byte when it is resident; the other bits are reserved.
+_LOW_BIT = bytes(i & 1 for i in range(256))
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -195,10 +201,10 @@ class Residency:
         npages = (end - start) // PAGE
         if npages <= 0:
             return 1.0
-        vec = torch.empty(npages, dtype=torch.uint8)
-        if self._libc.mincore(self._addr + start, end - start, vec.data_ptr()) != 0:
+        vec = (ctypes.c_ubyte * npages)()
+        if self._libc.mincore(self._addr + start, end - start, vec) != 0:
             return 1.0
-        return int(vec.bitwise_and_(1).sum()) / npages
+        return bytes(vec).translate(_LOW_BIT).count(1) / npages
 
     def sampled_fraction(self, samples: int = 64, window: int = 256 * 1024) -> float:
         """Residency of the whole file estimated from ``samples`` evenly spaced windows."""

@@ -118,6 +118,33 @@ def test_second_start_finds_the_store_and_converts_nothing(served, caplog):
     assert image_bytes(response.json()["images"][0]) == image_bytes(generate(served, seed=3)["images"][0])
 
 
+def test_a_corrupt_store_is_never_served_and_the_next_start_rebuilds_it(served, tmp_path, caplog):
+    root = tmp_path / "data"
+    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(root)):
+        with TestClient(served.module.TextToImageApp(_allow_init=True)._build_app()) as client:
+            store = Path(client.get("/health").json()["store"])
+        pack = store / "unet" / "model.flashpack"
+        with open(pack, "r+b") as f:  # byte 0 is payload: the size and footer stay valid
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+
+        with caplog.at_level("INFO"), TestClient(served.module.TextToImageApp(_allow_init=True)._build_app()) as client:
+            response = client.post("/", json={"prompt": "a cat on a horse", **SMALL, "seed": 3})
+            health = client.get("/health")
+        assert response.status_code == 503
+        assert "failed verification" in response.json()["detail"] and "unet/model.flashpack" in response.json()["detail"]
+        assert health.status_code == 503 and "failed verification" in health.json()["detail"]
+        assert not store.exists()  # moved aside, so no later runner loads it
+
+        caplog.clear()
+        with caplog.at_level("INFO"), TestClient(served.module.TextToImageApp(_allow_init=True)._build_app()) as client:
+            rebuilt = client.post("/", json={"prompt": "a cat on a horse", **SMALL, "seed": 3})
+        assert rebuilt.status_code == 200
+        assert any(r.name == "conversion.convert" for r in caplog.records)
+        assert image_bytes(rebuilt.json()["images"][0]) == image_bytes(generate(served, seed=3)["images"][0])
+
+
 def test_setup_fails_naming_a_missing_model_source(served, tmp_path, caplog):
     from conversion.errors import SourceError
 

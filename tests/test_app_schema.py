@@ -221,6 +221,8 @@ def test_schema_sweep_finds_no_server_errors(app_module):
         def setup(self):
             self.pipe, self._lock, self.device = NoisePipe(), threading.Lock(), "cpu"
             self.store_path, self.phase_seconds = Path("stub"), {}
+            self._store_checked, self._store_problem = threading.Event(), None
+            self._store_checked.set()
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", StubApp(_allow_init=True)._build_app())
     statuses: dict[tuple[str, int], int] = {}
