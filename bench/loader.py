@@ -417,7 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=5, help="runs per peer, device and cache state (median reported)")
     ap.add_argument("--peers", default=",".join(p.name for p in PEERS), help="comma-separated subset of: "
                     + ", ".join(p.name for p in PEERS))
-    ap.add_argument("--caches", default="hot,cold", help="hot, cold or both")
+    ap.add_argument("--caches", default="hot,cold", help="comma-separated: hot, cold (default: both)")
     ap.add_argument("--devices", default=None, help="cpu and/or cuda; default: cpu, plus cuda when available")
     ap.add_argument("--workdir", default=str(REPO / "bench" / "out"), help="where the model files are written")
     ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
@@ -447,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     peers = [PEERS_BY_NAME[n.strip()] for n in args.peers.split(",") if n.strip()]
     caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+    if not caches or set(caches) - {"hot", "cold"}:
+        ap.error(f"--caches: expected hot and/or cold, got {args.caches!r}")
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
