@@ -296,23 +296,18 @@ def run_workers(
 # Destinations
 
 
-def use_hugepages(resident: float) -> bool:
-    """Whether to ask for transparent huge pages behind CPU blocks (``MODEL_LOADER_HUGEPAGES``:
-    ``auto`` (default), ``1`` or ``0``).
+def use_hugepages() -> bool:
+    """Whether to ask for transparent huge pages behind CPU blocks: off unless
+    ``MODEL_LOADER_HUGEPAGES=1``.
 
-    Auto asks only for cold loads. Measured on the 2-core VM of docs/BENCHMARKS.md (1.7 GB pack):
-    cold 0.71 s with the hint vs 1.45 s without (O_DIRECT fills fresh memory, 512x fewer faults);
-    hot 1.68 s with it vs 0.55 s without (the kernel compacts memory to find huge pages while
-    the page cache is full of the file).
+    On the 2-core VM of docs/BENCHMARKS.md the hint helped or hurt depending on how fragmented
+    memory was (cold loads: 0.71 s with it vs 1.45 s without in one hour, 1.67 s vs 1.16 s the
+    next; hot loads: 1.68 s vs 0.55 s), so it is opt-in.
     """
-    raw = os.environ.get("MODEL_LOADER_HUGEPAGES", "auto").strip().lower()
-    if raw in ("1", "true"):
-        return True
-    if raw in ("0", "false"):
-        return False
-    if raw not in ("", "auto"):
-        raise ValueError(f"MODEL_LOADER_HUGEPAGES={raw!r}: expected auto, 1 or 0")
-    return resident < HOT_FRACTION
+    raw = os.environ.get("MODEL_LOADER_HUGEPAGES", "0").strip().lower()
+    if raw not in ("", "0", "1", "false", "true"):
+        raise ValueError(f"MODEL_LOADER_HUGEPAGES={raw!r}: expected 1 or 0")
+    return raw in ("1", "true")
 
 
 def _alloc_cpu_blocks(
@@ -560,9 +555,10 @@ def read_pack(
     try:
         claim(st.st_dev, st.st_ino)  # a running prefetch leaves this file to us
         payload = sum(b.length_bytes for b in layout.blocks)
-        with _io.Residency(fd, st.st_size) as residency:
-            resident = residency.sampled_fraction() if residency.known else 0.0
-        threads = opts.threads if opts.threads is not None else default_threads(resident)
+        threads = opts.threads
+        if threads is None:
+            with _io.Residency(fd, st.st_size) as residency:
+                threads = default_threads(residency.sampled_fraction() if residency.known else 0.0)
         chunk = effective_chunk_bytes(payload, threads, opts.chunk_bytes)
         chunks = plan_chunks(layout, chunk)
         n_threads = max(1, min(threads, len(chunks)))
@@ -575,7 +571,7 @@ def read_pack(
                 source, layout, chunks, n_threads, engine, opts.chunk_bytes, pool or default_pool()
             )
         else:
-            blocks = _read_cpu(source, layout, chunks, n_threads, use_hugepages(resident))
+            blocks = _read_cpu(source, layout, chunks, n_threads, use_hugepages())
             if device.type != "cpu":
                 blocks = [b.to(device) for b in blocks]
     finally:

@@ -519,18 +519,16 @@ def test_concurrent_cuda_loads_share_the_pool_without_sharing_buffers(pack):
         assert_bit_exact({k: v.cpu() for k, v in r.items()}, sd)
 
 
-@pytest.mark.parametrize(
-    ("setting", "resident", "expected"),
-    [("auto", 0.0, True), ("auto", 1.0, False), ("", 0.2, True), ("1", 1.0, True), ("0", 0.0, False)],
-)
-def test_hugepages_are_asked_for_cold_loads_unless_the_environment_says_otherwise(
-    monkeypatch, setting, resident, expected
-):
-    monkeypatch.setenv("MODEL_LOADER_HUGEPAGES", setting)
-    assert reader.use_hugepages(resident) is expected
+@pytest.mark.parametrize(("setting", "expected"), [(None, False), ("0", False), ("1", True), ("true", True)])
+def test_hugepages_are_opt_in(monkeypatch, setting, expected):
+    if setting is None:
+        monkeypatch.delenv("MODEL_LOADER_HUGEPAGES", raising=False)
+    else:
+        monkeypatch.setenv("MODEL_LOADER_HUGEPAGES", setting)
+    assert reader.use_hugepages() is expected
 
 
 def test_an_unknown_hugepages_setting_is_named(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_HUGEPAGES", "sometimes")
     with pytest.raises(ValueError, match="MODEL_LOADER_HUGEPAGES='sometimes'"):
-        reader.use_hugepages(0.0)
+        reader.use_hugepages()
