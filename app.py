@@ -681,11 +681,10 @@ def start_prefetch(store: Any, model: ModelSettings, root: Path) -> tuple[Any, s
     if model.source == DEMO_SOURCE and not os.path.isdir(text):
         return None, "no store entry yet"
     try:
-        source = parse_source(text, revision=model.revision, variant=model.variant)
-        identity = store.offline_identity(source)
+        entry = store.lookup(parse_source(text, revision=model.revision, variant=model.variant), model.dtype)
     except (ConversionError, OSError) as exc:  # only a hint: the store phase reports real problems
         return None, f"skipped: {exc}"
-    packs = sorted(store.entry(source, identity, model.dtype).path.glob("*/*.flashpack")) if identity else []
+    packs = sorted(entry.glob("*/*.flashpack")) if entry is not None else []
     if not packs:
         return None, "no store entry yet"
     from model_loader.prefetch import prefetch

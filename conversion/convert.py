@@ -45,7 +45,7 @@ from model_loader.pipeline import (
 
 from .errors import ConversionError
 from .durable import fsync_dir
-from .writer import safetensors_dtype, write_pack
+from .writer import index_safetensors, write_pack
 
 logger = logging.getLogger("conversion.convert")
 
@@ -222,22 +222,9 @@ def _target(dtype: torch.dtype | None, keep_fp32: Callable[[str], bool]) -> Call
 def _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar):
     """Stream tensors file to pack if the files' keys fit the model (after the renames its
     library applies on load, e.g. a legacy prefix); None when they don't."""
-    from safetensors import safe_open
-
-    handles: dict[str, Any] = {}
-    file_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    index = index_safetensors(files)
     try:
-        for f in files:
-            try:
-                h = safe_open(os.fspath(f), framework="pt")
-            except Exception as exc:  # safetensors raises its own types for bad headers
-                raise ConversionError(f"{f}: not a readable safetensors file ({exc})") from exc
-            for key in h.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                if key in handles:
-                    raise ConversionError(f"{f}: tensor {key!r} appears in more than one shard")
-                sl = h.get_slice(key)
-                handles[key] = h
-                file_shapes[key] = (tuple(sl.get_shape()), safetensors_dtype(sl.get_dtype()))
+        file_shapes = {key: (shape, dt) for key, (_, shape, dt) in index.items()}
         renamed = checkpoint_key_map(model, list(file_shapes))
         if renamed is None:
             logger.info("convert: %s needs weight conversion ops; loading it instead", files[0].parent)
@@ -261,13 +248,13 @@ def _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar):
 
         def get(key: str) -> torch.Tensor:
             old = source_key[key]
-            t = handles[old].get_tensor(old)
+            t = index[old][0].get_tensor(old)
             bar.update(t.nbytes)
             return t
 
         return write_pack(specs, get, pack_path)
     finally:
-        handles.clear()
+        index.clear()  # close the shard handles now, not at garbage collection
 
 
 def ignored_on_load(model: torch.nn.Module) -> Callable[[str], bool]:
@@ -360,16 +347,10 @@ def _variants_present(comp: Path) -> list[str]:
 
 def _dominant_float_dtype(files: list[Path]) -> torch.dtype | None:
     """The floating dtype holding most elements of these safetensors files (headers only)."""
-    from safetensors import safe_open
-
     counts: dict[torch.dtype, int] = {}
-    for f in files:
-        with safe_open(os.fspath(f), framework="pt") as h:
-            for key in h.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                sl = h.get_slice(key)
-                dt = safetensors_dtype(sl.get_dtype())
-                if dt.is_floating_point:
-                    counts[dt] = counts.get(dt, 0) + math.prod(sl.get_shape())
+    for _, shape, dt in index_safetensors(files).values():
+        if dt.is_floating_point:
+            counts[dt] = counts.get(dt, 0) + math.prod(shape)
     return max(counts, key=counts.__getitem__) if counts else None
 
 

@@ -11,6 +11,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,29 +99,32 @@ def pack_safetensors(
     align_bytes: int = DEFAULT_ALIGN_BYTES,
 ) -> PackLayout:
     """Pack one or more safetensors files (shards of one state dict) without loading them whole."""
+    index = index_safetensors(sources)
+    specs = [(name, shape, dtype) for name, (_, shape, dtype) in index.items()]
+    return write_pack(specs, lambda n: index[n][0].get_tensor(n), path, target_dtype, align_bytes)
+
+
+def index_safetensors(
+    sources: Iterable[str | os.PathLike[str]],
+) -> dict[str, tuple[Any, tuple[int, ...], torch.dtype]]:
+    """``name -> (open handle, shape, dtype)`` over the shards of one state dict; reads headers only.
+
+    A file that is not safetensors, or a name in two shards, raises ConversionError naming it.
+    """
     from safetensors import safe_open
 
-    handles = []
-    owner: dict[str, object] = {}
-    specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-    try:
-        for src in sources:
-            try:
-                h = safe_open(os.fspath(src), framework="pt")
-            except Exception as exc:  # safetensors raises its own types for bad headers
-                raise ConversionError(f"{src}: not a readable safetensors file ({exc})") from exc
-            handles.append(h)
-            for name in h.keys():
-                if name in owner:
-                    raise ConversionError(f"tensor {name!r} appears in more than one shard")
-                owner[name] = h
-                sl = h.get_slice(name)
-                specs.append((name, tuple(sl.get_shape()), safetensors_dtype(sl.get_dtype())))
-        return write_pack(
-            specs, lambda n: owner[n].get_tensor(n), path, target_dtype, align_bytes  # type: ignore[attr-defined]
-        )
-    finally:
-        handles.clear()
+    index: dict[str, tuple[Any, tuple[int, ...], torch.dtype]] = {}
+    for src in sources:
+        try:
+            handle = safe_open(os.fspath(src), framework="pt")
+        except Exception as exc:  # safetensors raises its own types for bad headers
+            raise ConversionError(f"{src}: not a readable safetensors file ({exc})") from exc
+        for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+            if name in index:
+                raise ConversionError(f"{src}: tensor {name!r} appears in more than one shard")
+            sl = handle.get_slice(name)
+            index[name] = (handle, tuple(sl.get_shape()), safetensors_dtype(sl.get_dtype()))
+    return index
 
 
 _SAFETENSORS_DTYPES = {

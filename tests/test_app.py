@@ -115,6 +115,7 @@ def test_second_start_finds_the_store_and_converts_nothing(served, caplog):
     assert sorted(p.name for p in store.parent.iterdir()) == entries
     assert [r.name for r in caplog.records if r.name in ("conversion.convert", "conversion.download")] == []
     assert any(r.name == "conversion.store" and "no network" in r.getMessage() for r in caplog.records)
+    assert any(r.name == "app" and "reading in the background" in r.getMessage() for r in caplog.records)
     assert image_bytes(response.json()["images"][0]) == image_bytes(generate(served, seed=3)["images"][0])
 
 
