@@ -3,14 +3,15 @@
 Read top to bottom:
   1. settings   fal.toml, validated strictly, one profile chosen by APP_PROFILE (``demo`` = offline)
   2. schema     the public request/response models (fal's conventions, bounds from fal.toml)
-  3. the app    setup(): prefetch -> store (acquire + convert once) -> load -> warm up;
+  3. the app    setup(): lookup (+ start reading) -> store (acquire + convert once) -> load -> warm up;
                 POST / generates images, GET|POST /health reports readiness and setup timings.
 
 Run it: ``make serve`` (demo, offline), ``fal run flashpack-t2i`` (a fal runner),
 ``fal deploy flashpack-t2i``. Heavy libraries (torch, diffusers, conversion, model_loader) are
-imported inside setup(): importing this file stays cheap, and the prefetch starts before them.
+imported inside setup(): importing this file stays cheap, and the pack reads start before them.
 """
 
+import glob
 import logging
 import os
 import re
@@ -402,8 +403,8 @@ class HealthOutput(BaseModel):
     store: str = Field(description="The converted model directory loaded.",
                        examples=["/data/flashpack/stable-diffusion-xl-base-1.0"])
     setup_seconds: dict[str, float] = Field(
-        description="Duration of each setup phase: prefetch, store, load, warmup, total.",
-        examples=[{"prefetch": 0.01, "store": 0.05, "load": 1.9, "warmup": 1.2, "total": 3.4}],
+        description="Duration of each setup phase: lookup, store, load, warmup, total.",
+        examples=[{"lookup": 0.01, "store": 0.0, "load": 1.9, "warmup": 1.2, "total": 3.4}],
     )
 
 
@@ -447,44 +448,62 @@ class TextToImageApp(fal.App, name=APP_NAME):
         started = time.perf_counter()
         self.phase_seconds: dict[str, float] = {}
         model = self.settings.model
+        from conversion.store import Store, resolve_root  # torch-free, like everything in "lookup"
 
-        # 1. prefetch: when the store already holds this model, start reading its packs into the
-        #    page cache now, so the disk works while diffusers/transformers are imported.
-        with self._phase("prefetch") as phase:
-            from conversion.store import Store, resolve_root
+        root = resolve_root()
+        store = Store(root)
 
-            root = resolve_root()
-            self._prefetch, phase.detail = start_prefetch(Store(root), model, root)
+        # 1. lookup: a warm store entry, checked offline (sizes, small files' sha256), and the
+        #    reads of its packs started at once: they are the load's first leg and run while
+        #    torch, diffusers and transformers import. No network, no torch.
+        reads = None
+        with self._phase("lookup") as phase:
+            source = warm_source(model, root)
+            self.store_path = store.warm(source, model.dtype) if source is not None else None
+            device = early_device(model.device) if self.store_path is not None else None
+            if device is not None:
+                reads = start_reads(self.store_path, device)
+            phase.detail = (f"{self.store_path}; {len(reads.names)} pack(s) reading in the background" if reads
+                            else str(self.store_path) if self.store_path else "no store entry yet")
 
-        # 2-3. store: acquire + convert once; a warm start finds the entry offline and does neither.
+        # 2-3. store: acquire + convert once; a warm start has nothing to do here.
         with self._phase("store") as phase:
-            from conversion.sources import parse_source
-            from conversion.store import ensure_converted
+            if self.store_path is None:
+                source = self._source(root)
+                from conversion.store import ensure_converted
 
-            text = str(ensure_demo_source(root)) if model.source == DEMO_SOURCE else model.source
-            source = parse_source(text, revision=model.revision, variant=model.variant)
-            self.store_path = Path(ensure_converted(source, root=root, dtype=model.dtype))
-            phase.detail = str(self.store_path)
+                self.store_path = Path(ensure_converted(source, root=root, dtype=model.dtype))
+                phase.detail = str(self.store_path)
+            else:
+                phase.detail = "warm: found in lookup"
 
-        # 4. load: stream the packs to the device; modules are built around views of them.
+        # 4. load: finish the reads (each pack's checksum checked as its bytes pass) while the
+        #    modules are built on the meta device; parameters become views of the packs' blocks.
         with self._phase("load") as phase:
             import torch
 
-            from model_loader import load_pipeline
+            from model_loader import ChecksumMismatchError
 
             self.device = resolve_device(model.device)
-            self.pipe = load_pipeline(self.store_path, device=self.device, torch_dtype=getattr(torch, model.dtype))
-            self.pipe.set_progress_bar_config(disable=True)
-            if self._prefetch is not None:
-                self._prefetch.cancel()  # the loader read everything itself; stop any stragglers
-            size = sum(p.stat().st_size for p in self.store_path.glob("*/*.flashpack"))
-            phase.rate(size, f"to {self.device}")
+            if reads is None:
+                reads = start_reads(self.store_path, self.device)
+            from model_loader import load_pipeline
 
-        # The warm start checked only sizes and footers; hash every file in the background (while
-        # the warm-up runs) and serve no image before that check has passed.
-        self._store_checked = threading.Event()
-        self._store_problem: str | None = None
-        threading.Thread(target=self._verify_store, args=(root,), name="verify-store", daemon=True).start()
+            torch_dtype = getattr(torch, model.dtype)
+            try:
+                self.pipe = load_pipeline(self.store_path, device=self.device, torch_dtype=torch_dtype, reads=reads)
+            except Exception as exc:  # a damaged entry is rebuilt on this start; anything else is raised
+                problem = str(exc) if isinstance(exc, ChecksumMismatchError) else store_problem(self.store_path)
+                if problem is None:
+                    raise
+                self.store_path = self._rebuild(store, root, problem)
+                self.pipe = load_pipeline(self.store_path, device=self.device, torch_dtype=torch_dtype,
+                                          reads=start_reads(self.store_path, self.device))
+            finally:
+                reads = None  # the pipeline holds the blocks it uses; nothing else keeps them
+            self.pipe.set_progress_bar_config(disable=True)
+            size = sum(p.stat().st_size for p in self.store_path.glob("*/*.flashpack"))
+            phase.rate(size, f"to {self.device}, checksums verified")
 
         # 5. warm up: run every served shape once, so no request pays first-call costs.
         self._lock = threading.Lock()
@@ -500,6 +519,32 @@ class TextToImageApp(fal.App, name=APP_NAME):
         self.phase_seconds["total"] = round(time.perf_counter() - started, 3)
         log.info("setup: ready in %.2f s (profile %s, model %s, device %s)", self.phase_seconds["total"],
                  self.settings.profile, model.source, self.device)
+
+    def _source(self, root: Path) -> Any:
+        """The model's source, the demo source generated first when it is the demo."""
+        from conversion.sources import parse_source
+
+        model = self.settings.model
+        text = str(ensure_demo_source(root)) if model.source == DEMO_SOURCE else model.source
+        return parse_source(text, revision=model.revision, variant=model.variant)
+
+    def _rebuild(self, store: Any, root: Path, problem: str) -> Path:
+        """Move the damaged entry aside and build it again from the source, on this start."""
+        from conversion.errors import ConversionError, StoreError
+        from conversion.store import ensure_converted
+
+        damaged = self.store_path
+        log.error("load: the store entry %s is damaged (%s); moving it aside and rebuilding it from the source",
+                  damaged, problem)
+        store.quarantine(damaged, problem)
+        try:
+            return Path(ensure_converted(self._source(root), root=root, dtype=self.settings.model.dtype))
+        except ConversionError as exc:
+            raise StoreError(
+                f"the store entry {damaged} was damaged ({problem}) and has been moved aside, but rebuilding it "
+                f"failed: {exc}. Make the source ({self.settings.model.source}) reachable; the next start "
+                "rebuilds it"
+            ) from exc
 
     @fal.endpoint("/")
     def text_to_image(self, input: TextToImageInput) -> TextToImageOutput:
@@ -517,7 +562,6 @@ class TextToImageApp(fal.App, name=APP_NAME):
             ]
         generated = time.perf_counter()
 
-        self._require_verified_store()
         inline = input.sync_mode or self.settings.serving.output == "data_uri"
         images = [encode_image(picture, input.output_format, inline) for picture in pictures]
         done = time.perf_counter()
@@ -534,44 +578,8 @@ class TextToImageApp(fal.App, name=APP_NAME):
         """Readiness and setup timings (fal also serves this method on GET /health)."""
         if getattr(self, "pipe", None) is None:
             raise RuntimeError("setup() has not finished: no pipeline is loaded")
-        if self._store_problem is not None:
-            from fastapi import HTTPException
-
-            raise HTTPException(status_code=503, detail=f"the converted model failed verification: {self._store_problem}")
         return HealthOutput(status="ok", profile=self.settings.profile, model=self.settings.model.source,
                             device=str(self.device), store=str(self.store_path), setup_seconds=self.phase_seconds)
-
-    def _verify_store(self, root: Path) -> None:
-        """Check every file of the loaded store against its manifest sha256; a mismatch moves the
-        entry aside (the next runner rebuilds it) and this runner stops serving."""
-        from conversion.manifest import VerificationError, verify_converted
-        from conversion.store import Store
-
-        started = time.perf_counter()
-        try:
-            verify_converted(self.store_path, full=True)
-            log.info("verify: %s matches its manifest (%.2f s)", self.store_path, time.perf_counter() - started)
-        except VerificationError as exc:
-            self._store_problem = str(exc)
-            log.error("verify: %s; moving the entry aside so the next start rebuilds it", exc)
-            try:
-                Store(root).quarantine(self.store_path, str(exc))
-            except Exception as move_exc:  # still refuse to serve; say why the entry stays
-                log.error("verify: %s", move_exc)
-        finally:
-            self._store_checked.set()
-
-    def _require_verified_store(self) -> None:
-        """Wait for the background store check; 503 when the model on disk is corrupt."""
-        self._store_checked.wait()
-        if self._store_problem is not None:
-            from fastapi import HTTPException
-
-            raise HTTPException(
-                status_code=503,
-                detail=f"the converted model failed verification ({self._store_problem}); "
-                "this runner no longer serves, a new one rebuilds the model",
-            )
 
     def _generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                   guidance_scale: float, seed: int):
@@ -669,28 +677,43 @@ def demo_source_dir(root: Path, seed: int = 0) -> Path:
     return root / "demo-source" / f"seed-{seed}"
 
 
-def start_prefetch(store: Any, model: ModelSettings, root: Path) -> tuple[Any, str]:
-    """Start background reads of this model's packs if the store already has them (offline lookup).
-
-    Returns the prefetch handle (None when there is nothing to read yet) and a line for the log.
-    """
-    from conversion.errors import ConversionError
+def warm_source(model: ModelSettings, root: Path) -> Any:
+    """The model's source when a warm lookup can use it (torch-free); None when the demo source
+    has not been generated yet (so there is no entry for it either)."""
     from conversion.sources import parse_source
 
-    text = str(demo_source_dir(root)) if model.source == DEMO_SOURCE else model.source
-    if model.source == DEMO_SOURCE and not os.path.isdir(text):
-        return None, "no store entry yet"
-    try:
-        entry = store.lookup(parse_source(text, revision=model.revision, variant=model.variant), model.dtype)
-    except (ConversionError, OSError) as exc:  # only a hint: the store phase reports real problems
-        return None, f"skipped: {exc}"
-    packs = sorted(entry.glob("*/*.flashpack")) if entry is not None else []
-    if not packs:
-        return None, "no store entry yet"
-    from model_loader.prefetch import prefetch
+    if model.source == DEMO_SOURCE:
+        demo = demo_source_dir(root)
+        return parse_source(str(demo)) if (demo / "model_index.json").is_file() else None
+    return parse_source(model.source, revision=model.revision, variant=model.variant)
 
-    nbytes = sum(p.stat().st_size for p in packs)
-    return prefetch(packs), f"{len(packs)} pack(s), {nbytes / 1e9:.2f} GB reading in the background"
+
+def early_device(device: str) -> str | None:
+    """The device known before torch is imported: ``cpu`` when fal.toml says so, or says ``auto``
+    on a machine without NVIDIA device nodes; None when only torch can tell."""
+    if device == "cpu" or (device == "auto" and not glob.glob("/dev/nvidia[0-9]*")):
+        return "cpu"
+    return None
+
+
+def start_reads(store_path: Path, device: str) -> Any:
+    """Start reading the packs of a converted directory for ``device``, with their checksums."""
+    from conversion.manifest import packs_to_read
+    from model_loader import start_pack_reads
+
+    return start_pack_reads(packs_to_read(store_path), str(device))
+
+
+def store_problem(store_path: Path) -> str | None:
+    """What is wrong with a store entry that failed to load (its full sha256 check), or None
+    when it matches its manifest (then the load error is not the store's)."""
+    from conversion.manifest import VerificationError, verify_converted
+
+    try:
+        verify_converted(store_path, full=True)
+    except VerificationError as exc:
+        return str(exc)
+    return None
 
 
 def encode_image(picture: Any, output_format: str, inline: bool) -> Image:

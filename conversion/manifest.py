@@ -1,8 +1,11 @@
-"""The manifest of a converted directory: what it was built from and every file's size and sha256.
+"""The manifest of a converted directory: what it was built from, every file's size and sha256,
+and for each pack the per-segment checksum the loader checks while it reads.
 
-Written last (atomically), so its presence means the conversion finished. ``verify_converted``
-checks a directory against it: cheaply (sizes and FlashPack footers, the warm-start check) or
-fully (plus every file's sha256).
+Written last (atomically), so its presence means the conversion finished. Three checks:
+``verify_converted(full=True)`` (every sha256; ``verify`` and publication), ``full=False``
+(sizes and pack footers) and ``check_warm`` (the warm start's: sizes, the small files' sha256,
+checksums present; the packs themselves are checked by the loader as it reads them). All of
+them refuse a file the manifest does not list.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -18,8 +22,10 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import ConversionError
+from model_loader.checksum import Checksum, SegmentHasher
+
 from .durable import fsync_dir
+from .errors import ConversionError
 
 MANIFEST_NAME = "flashpack_manifest.json"
 # Version of the converted-directory layout; bump on any incompatible change so old stores are
@@ -55,9 +61,15 @@ def list_files(converted_dir: str | os.PathLike[str]) -> list[str]:
     return sorted(found)
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in large chunks (hashlib releases the GIL, so threads scale)."""
+def is_pack(rel: str) -> bool:
+    return rel.endswith(".flashpack")
+
+
+def hash_file(path: str | os.PathLike[str], segments: bool = False) -> tuple[str, Checksum | None]:
+    """Hex sha256 of a file and, with ``segments``, its load-time checksum, in one read (hashlib
+    and xxhash release the GIL, so threads scale)."""
     digest = hashlib.sha256()
+    hasher = SegmentHasher() if segments else None
     buf = bytearray(_READ_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
@@ -65,18 +77,32 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while n := f.readinto(buf):
             digest.update(view[:n])
-    return digest.hexdigest()
+            if hasher is not None:
+                hasher.update(view[:n])
+    return digest.hexdigest(), hasher.result() if hasher is not None else None
 
 
-def _hash_all(root: Path, rel_paths: list[str]) -> dict[str, str]:
-    """sha256 of each file, the largest first, on a thread pool."""
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file."""
+    return hash_file(path)[0]
+
+
+def _hash_all(root: Path, rel_paths: list[str], segments: bool = False) -> dict[str, tuple[str, Checksum | None]]:
+    """sha256 (and, with ``segments``, each pack's checksum) of each file, largest first, on a thread pool."""
     if not rel_paths:
         return {}
     order = sorted(rel_paths, key=lambda r: (root / r).stat().st_size, reverse=True)
     workers = min(_MAX_HASH_THREADS, len(order), (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256") as pool:
-        digests = pool.map(lambda r: sha256_file(root / r), order)
+        digests = pool.map(lambda r: hash_file(root / r, segments and is_pack(r)), order)
         return dict(zip(order, digests, strict=True))
+
+
+def _file_record(root: Path, rel: str, sha256: str, checksum: Checksum | None) -> dict[str, Any]:
+    record: dict[str, Any] = {"size": (root / rel).stat().st_size, "sha256": sha256}
+    if checksum is not None:
+        record["checksum"] = checksum.to_json()
+    return record
 
 
 def _tool_versions() -> dict[str, str | None]:
@@ -103,13 +129,13 @@ def write_manifest(converted_dir: str | os.PathLike[str], source: dict) -> dict:
     """
     root = Path(converted_dir)
     rel_paths = list_files(root)
-    digests = _hash_all(root, rel_paths)
+    digests = _hash_all(root, rel_paths, segments=True)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source,
         "tools": _tool_versions(),
-        "files": {rel: {"size": (root / rel).stat().st_size, "sha256": digests[rel]} for rel in rel_paths},
+        "files": {rel: _file_record(root, rel, *digests[rel]) for rel in rel_paths},
     }
     body = json.dumps(manifest, indent=2, ensure_ascii=False, default=_json_default) + "\n"
     final = root / MANIFEST_NAME
@@ -171,33 +197,87 @@ def read_manifest(converted_dir: str | os.PathLike[str]) -> dict:
             or len(entry["sha256"]) != 64
         ):
             raise fail(f"entry for {rel!r} must be {{'size': int >= 0, 'sha256': 64 hex chars}}")
+        if "checksum" in entry:
+            try:
+                Checksum.from_json(entry["checksum"], entry["size"])
+            except ValueError as exc:
+                raise fail(f"checksum of {rel!r}: {exc}") from None
     return manifest
+
+
+def pack_checksums(manifest: dict) -> dict[str, Checksum]:
+    """The load-time checksum of every pack a (read_manifest-checked) manifest records."""
+    return {
+        rel: Checksum.from_json(entry["checksum"], entry["size"])
+        for rel, entry in manifest["files"].items()
+        if is_pack(rel) and "checksum" in entry
+    }
+
+
+def _check_files(root: Path, files: dict[str, dict]) -> None:
+    """Every listed file exists as a regular file of its listed size; no other file is there."""
+    for rel, entry in files.items():
+        file = root / rel
+        try:
+            st = os.lstat(file)
+        except FileNotFoundError:
+            raise VerificationError(f"{file}: listed in the manifest but missing") from None
+        except OSError as exc:
+            raise VerificationError(f"{file}: cannot stat ({exc.strerror or exc})") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise VerificationError(f"{file}: listed in the manifest but not a regular file")
+        if st.st_size != entry["size"]:
+            raise VerificationError(
+                f"{file}: size {st.st_size} bytes, the manifest says {entry['size']} (truncated or modified since conversion)"
+            )
+    unlisted = sorted(set(list_files(root)) - set(files))
+    if unlisted:
+        raise VerificationError(
+            f"{root / unlisted[0]}: not in the manifest ({len(unlisted)} unlisted file(s)); the directory was "
+            "modified since conversion"
+        )
+
+
+def check_warm(path: str | os.PathLike[str]) -> dict:
+    """The warm start's check of a converted directory; returns its manifest.
+
+    The listing and sizes as in :func:`verify_converted`, the sha256 of every file that is not a
+    pack (configs, tokenizers, schedulers: kilobytes), and a load-time checksum for every pack
+    (the loader checks the packs' bytes as it reads them). Torch-free and reads no pack.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    files: dict[str, dict] = manifest["files"]
+    _check_files(root, files)
+    for rel, entry in files.items():
+        if is_pack(rel) and "checksum" not in entry:
+            raise VerificationError(
+                f"{root / rel}: converted before packs carried load-time checksums; this entry is rebuilt once"
+            )
+    try:
+        digests = _hash_all(root, [rel for rel in files if not is_pack(rel)])
+    except OSError as exc:
+        raise VerificationError(f"{exc.filename}: cannot read ({exc.strerror or exc})") from exc
+    _compare_sha256(root, files, digests)
+    return manifest
+
+
+def _compare_sha256(root: Path, files: dict[str, dict], digests: dict[str, tuple[str, Checksum | None]]) -> None:
+    for rel, (sha256, _) in digests.items():
+        if sha256 != files[rel]["sha256"]:
+            raise VerificationError(f"{root / rel}: sha256 mismatch (contents changed since conversion); convert again")
 
 
 def verify_converted(path: str | os.PathLike[str], full: bool = True) -> None:
     """Check ``path`` against its manifest; raise VerificationError naming the file and problem.
 
     Always: the manifest parses and has our format version, every listed file exists with its
-    listed size, every ``*.flashpack`` footer is valid and its blocks end exactly where the
-    footer starts. ``full=True`` also hashes every file (sha256); ``full=False`` does not read
-    file contents beyond footers, so it is fast enough for every warm start.
+    listed size, no unlisted file is there, every ``*.flashpack`` footer is valid.
+    ``full=True`` also hashes every file (sha256); ``full=False`` reads nothing beyond footers.
     """
     root = Path(path)
     files: dict[str, dict] = read_manifest(root)["files"]
-    for rel, entry in files.items():
-        file = root / rel
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            raise VerificationError(f"{file}: listed in the manifest but missing") from None
-        except OSError as exc:
-            raise VerificationError(f"{file}: cannot stat ({exc.strerror or exc})") from exc
-        if not file.is_file():
-            raise VerificationError(f"{file}: listed in the manifest but not a regular file")
-        if size != entry["size"]:
-            raise VerificationError(
-                f"{file}: size {size} bytes, the manifest says {entry['size']} (truncated or modified since conversion)"
-            )
+    _check_files(root, files)
     # Imported here: the format needs torch, and the store's warm lookup must not wait for it.
     from model_loader.format import FlashPackFormatError, read_layout
 
@@ -213,6 +293,17 @@ def verify_converted(path: str | os.PathLike[str], full: bool = True) -> None:
         digests = _hash_all(root, list(files))
     except OSError as exc:
         raise VerificationError(f"{exc.filename}: cannot read ({exc.strerror or exc})") from exc
-    for rel, entry in files.items():
-        if digests[rel] != entry["sha256"]:
-            raise VerificationError(f"{root / rel}: sha256 mismatch (contents changed since conversion); convert again")
+    _compare_sha256(root, files, digests)
+
+
+def packs_to_read(converted_dir: str | os.PathLike[str]) -> list[tuple[str, Path, Checksum | None]]:
+    """``(component, path, checksum)`` of every pack of a converted directory, from its manifest,
+    for :func:`model_loader.start_pack_reads`."""
+    root = Path(converted_dir)
+    manifest = read_manifest(root)
+    checksums = pack_checksums(manifest)
+    return [
+        (PurePosixPath(rel).parent.as_posix(), root / rel, checksums.get(rel))
+        for rel in manifest["files"]
+        if is_pack(rel)
+    ]

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConversionError, DiskFullError, SourceError, StoreError
 from .locking import FileLock, host_tag, pid_alive
-from .manifest import FORMAT_VERSION, VerificationError, read_manifest, verify_converted
+from .manifest import FORMAT_VERSION, VerificationError, check_warm, verify_converted
 from .sources import Source, directory_fingerprint, is_commit, parse_source, url_hash
 from .durable import fsync_dir
 
@@ -121,19 +121,24 @@ def _verify_mode(verify: str | None) -> Verify:
     return mode  # type: ignore[return-value]
 
 
-def dtype_key(dtype: Any) -> tuple[Any, str]:
-    """(torch dtype or None, its name in store keys): None keeps the source's dtypes."""
+def dtype_name(dtype: Any) -> str:
+    """The name of a dtype (``"float16"``, a torch dtype, an alias such as ``"fp16"``) in store
+    keys; ``"source"`` for None (keep the source's dtypes). Torch-free: the warm lookup uses it."""
     if dtype is None:
-        return None, "source"
-    import torch
-
-    from model_loader.format import dtype_name
-
-    if isinstance(dtype, torch.dtype):
-        return dtype, dtype_name(dtype)
-    name = _DTYPE_ALIASES.get(str(dtype).strip().lower())
+        return "source"
+    name = _DTYPE_ALIASES.get(str(dtype).removeprefix("torch.").strip().lower())
     if name is None:
         raise ConversionError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPE_ALIASES)})")
+    return name
+
+
+def dtype_key(dtype: Any) -> tuple[Any, str]:
+    """(torch dtype or None, its name in store keys): None keeps the source's dtypes."""
+    name = dtype_name(dtype)
+    if name == "source":
+        return None, name
+    import torch
+
     return getattr(torch, name), name
 
 
@@ -228,13 +233,23 @@ class Store:
         return self.read_ref(source)
 
     def lookup(self, source: Source, dtype: Any = None) -> Path | None:
-        """The entry directory for ``source`` if it exists, found offline and unverified (for a
-        prefetch hint before ``ensure``; never load what ``ensure`` has not returned)."""
+        """The entry directory for ``source`` if it exists, found offline and unverified (never
+        load what ``warm`` or ``ensure`` has not returned)."""
         identity = self.offline_identity(source)
         if identity is None:
             return None
-        path = self.entry(source, identity, dtype_key(dtype)[1]).path
+        path = self.entry(source, identity, dtype_name(dtype)).path
         return path if path.is_dir() else None
+
+    def warm(self, source: Source, dtype: Any = None, verify: Verify = "cheap") -> Path | None:
+        """The checked entry for ``source`` when the store already has it, found offline; None
+        when it must be built (missing, or damaged: then it is rebuilt by ``ensure``). No network,
+        no torch, no download code."""
+        t0 = time.monotonic()
+        hit = self._warm(source, dtype_name(dtype), verify)
+        if hit is not None:
+            log.info("store: ready %s (%s check in %.2f s, no network)", hit, verify, time.monotonic() - t0)
+        return hit
 
     # -- the entry point -------------------------------------------------------------------------
 
@@ -250,9 +265,8 @@ class Store:
         torch_dtype, dtype_name = dtype_key(dtype)
         t0 = time.monotonic()
         if not refresh:
-            hit = self._warm(source, dtype_name, verify)
+            hit = self.warm(source, dtype, verify)
             if hit is not None:
-                log.info("store: ready %s (%s check in %.2f s, no network)", hit, verify, time.monotonic() - t0)
                 return hit
         self._ensure_writable()
         timeout = float(os.environ.get("APP_STORE_LOCK_TIMEOUT_S", 3 * 3600))
@@ -332,8 +346,9 @@ class Store:
         if not entry.path.exists():
             return "missing"
         try:
-            verify_converted(entry.path, full=(verify == "full"))
-            recorded = read_manifest(entry.path).get("source")
+            if verify == "full":
+                verify_converted(entry.path, full=True)
+            recorded = check_warm(entry.path).get("source")
         except VerificationError as exc:
             return str(exc)
         if isinstance(recorded, dict) and recorded.get("store_key") not in (None, entry.digest):

@@ -190,7 +190,11 @@ def build_empty_model(cls: type, config: Any, dtype: torch.dtype | None = None) 
         if is_diffusers_model(cls):
             model = cls.from_config(config)
         elif is_transformers_model(cls):
-            model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+            # The weights come from the pack: skip transformers' random initialisation (post_init).
+            from transformers.initialization import no_init_weights
+
+            with no_init_weights():
+                model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
         else:
             raise TypeError(f"{cls.__module__}.{cls.__name__} is neither a diffusers nor a transformers model")
     if is_transformers_model(cls):

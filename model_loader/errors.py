@@ -1,5 +1,9 @@
-"""The loader's error types, importable without torch (the prefetch starts before torch loads)."""
+"""The loader's error types, importable without torch (the first reads start before torch loads)."""
 
 
 class FlashPackFormatError(ValueError):
     """A file is not a valid FlashPack file; the message names the file and the problem."""
+
+
+class ChecksumMismatchError(FlashPackFormatError):
+    """A pack's bytes differ from the checksum recorded at conversion: the stored file is corrupt."""

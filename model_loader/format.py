@@ -237,27 +237,34 @@ def read_layout(path: str | os.PathLike[str]) -> PackLayout:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size < TRAILER.size:
-                raise FlashPackFormatError(
-                    f"{path}: not a FlashPack file (only {size} bytes; truncated or empty)"
-                )
-            f.seek(size - TRAILER.size)
-            footer_len, magic = TRAILER.unpack(f.read(TRAILER.size))
-            if magic != MAGIC:
-                raise FlashPackFormatError(
-                    f"{path}: not a FlashPack file (no FLASHPK magic at the end; truncated or "
-                    "another format)"
-                )
-            if footer_len > min(size - TRAILER.size, MAX_FOOTER_BYTES):
-                raise FlashPackFormatError(
-                    f"{path}: footer length {footer_len} does not fit in a {size}-byte file"
-                )
-            payload_end = size - TRAILER.size - footer_len
+            f.seek(max(0, size - TRAILER.size))
+            payload_end, footer_len = footer_span(size, f.read(TRAILER.size), path)
             f.seek(payload_end)
             raw = f.read(footer_len)
     except OSError as exc:
         raise FlashPackFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     return parse_footer(raw, payload_end, path)
+
+
+def layout_from_bytes(data: memoryview | bytes, path: str = "<pack>") -> PackLayout:
+    """Validate the footer of a whole FlashPack file already in memory (``data`` = its bytes)."""
+    size = len(data)
+    payload_end, footer_len = footer_span(size, bytes(data[max(0, size - TRAILER.size) :]), path)
+    return parse_footer(bytes(data[payload_end : payload_end + footer_len]), payload_end, path)
+
+
+def footer_span(size: int, trailer: bytes, path: str) -> tuple[int, int]:
+    """``(payload_end, footer_len)`` of a ``size``-byte file whose last 16 bytes are ``trailer``."""
+    if size < TRAILER.size:
+        raise FlashPackFormatError(f"{path}: not a FlashPack file (only {size} bytes; truncated or empty)")
+    footer_len, magic = TRAILER.unpack(trailer)
+    if magic != MAGIC:
+        raise FlashPackFormatError(
+            f"{path}: not a FlashPack file (no FLASHPK magic at the end; truncated or another format)"
+        )
+    if footer_len > min(size - TRAILER.size, MAX_FOOTER_BYTES):
+        raise FlashPackFormatError(f"{path}: footer length {footer_len} does not fit in a {size}-byte file")
+    return size - TRAILER.size - footer_len, footer_len
 
 
 def parse_footer(raw: bytes, payload_end: int, path: str = "<pack>") -> PackLayout:

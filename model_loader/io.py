@@ -2,7 +2,7 @@
 spans, page-cache residency (``mincore``) and ``posix_fadvise`` hints.
 
 Everything here works on raw file descriptors and writable buffers, so the CPU and CUDA paths
-(and the prefetcher) share one implementation of "read these bytes or fail loudly".
+(and the torch-free host reads) share one implementation of "read these bytes or fail loudly".
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .errors import FlashPackFormatError
 
-if TYPE_CHECKING:  # torch is imported where used: the prefetch runs before torch is loaded
+if TYPE_CHECKING:  # torch is imported where used: host reads start before torch is loaded
     import torch
 
 # O_DIRECT needs file offset, length and memory address aligned to the device's logical block
@@ -127,21 +127,6 @@ def drop_page_cache(path: str | os.PathLike[str]) -> bool:
         os.close(fd)
 
 
-def alloc_phased(nbytes: int, phase: int, head: int, tail: int) -> tuple[torch.Tensor, int]:
-    """A CPU byte buffer with a region of ``nbytes`` whose address is ``phase`` modulo ALIGN.
-
-    At least ``head`` bytes before and ``tail`` bytes after the region are also owned, so aligned
-    spans that overhang the region can be read straight into it. Returns ``(raw, start)``: the
-    region is ``raw[start:start + nbytes]``.
-    """
-    import torch
-
-    raw = torch.empty(nbytes + head + tail + 2 * ALIGN, dtype=torch.uint8)
-    base = raw.data_ptr()
-    start = head + (phase - (base + head)) % ALIGN
-    return raw, start
-
-
 # ----------------------------------------------------------------------------------------------
 # Page-cache residency (mincore on a shared mapping)
 
@@ -237,17 +222,15 @@ def resident_fraction(path: str | os.PathLike[str], samples: int = 64) -> float:
         os.close(fd)
 
 
-
-def advise_hugepages(t: torch.Tensor) -> bool:
-    """Ask for transparent huge pages behind a large CPU tensor before it is first written, which
+def advise_hugepages(address: int, nbytes: int) -> bool:
+    """Ask for transparent huge pages behind a large buffer before it is first written, which
     cuts the page faults of filling fresh memory 512-fold (a no-op where THP is off)."""
     libc = _load_libc()
     huge = 2 << 20
-    nbytes = t.numel() * t.element_size()
     if libc is None or nbytes < 2 * huge:
         return False
-    start = align_up(t.data_ptr(), huge)
-    end = align_down(t.data_ptr() + nbytes, huge)
+    start = align_up(address, huge)
+    end = align_down(address + nbytes, huge)
     if end <= start:
         return False
     madvise = libc.madvise

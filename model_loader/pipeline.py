@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,8 @@ import torch
 
 from .assemble import build_empty_model, construction_dtype, fill_model, is_diffusers_model, is_transformers_model
 from .format import read_layout
-from .reader import PackData, read_pack
+from .host_read import HostFile, PackReads, start_pack_reads
+from .reader import PackData, pack_from_host, read_pack
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -83,28 +83,26 @@ def load_pipeline(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
+    reads: PackReads | None = None,
 ) -> DiffusionPipeline:
     """Load the diffusers pipeline of the converted directory ``path`` with weights on ``device``.
 
-    Without ``torch_dtype`` weights keep their stored dtype. Packs are read in the background
-    (one after another, each with the reader's own threads) while the modules are built on the
-    meta device and the other components load.
+    Without ``torch_dtype`` weights keep their stored dtype. ``reads`` are pack reads already
+    running (see :func:`model_loader.host_read.start_pack_reads`, which the app starts before the
+    heavy imports); packs it lacks are read here, in the background, one after another, while the
+    modules are built on the meta device and the other components load.
     """
     start = time.perf_counter()
     root = Path(path)
+    device = torch.device(device)
     index = read_model_index(root)
     pipeline_cls = _pipeline_class(index, root)
     expected, optional_kwargs = pipeline_cls._get_signature_keys(pipeline_cls)
     specs = _component_specs(index, root, expected, pipeline_cls)
-
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-read")
+    packed = [name for name, spec in specs.items() if spec is not None and (root / name / PACK_NAME).is_file()]
+    missing = [(name, root / name / PACK_NAME, None) for name in packed if reads is None or name not in reads]
+    own_reads = start_pack_reads(missing, str(device)) if missing else None
     try:
-        # Reads start first (in model_index order) and overlap everything below.
-        reads: dict[str, Future[PackData]] = {
-            name: reader.submit(read_pack, root / name / PACK_NAME, device)
-            for name, spec in specs.items()
-            if spec is not None and (root / name / PACK_NAME).is_file()
-        }
         where = str(root / MODEL_INDEX_NAME)
         classes = {name: resolve_class(*spec, where=where) for name, spec in specs.items() if spec}
         components: dict[str, Any] = {name: None for name, spec in specs.items() if spec is None}
@@ -119,13 +117,18 @@ def load_pipeline(
             else:
                 components[name] = _load_plain_component(cls, comp)
         total_bytes = 0
-        for name, model in empty.items():
-            pack = reads[name].result()
+        order = {name: i for i, name in enumerate(reads.names)} if reads is not None else {}
+        for name in sorted(empty, key=lambda n: order.get(n, len(order))):  # as the reads finish
+            model = empty[name]
+            result = (own_reads if own_reads is not None and name in own_reads else reads).result(name)
+            pack = as_pack(result, device)
             total_bytes += pack.layout.payload_bytes
             components[name] = _fill(model, pack, device, torch_dtype, root / name / PACK_NAME)
-            del pack
-    finally:
-        reader.shutdown(wait=True, cancel_futures=True)
+            del pack, result
+    except BaseException:
+        if own_reads is not None:
+            own_reads.cancel()
+        raise
 
     init_kwargs = {k: v for k, v in index.items() if k in optional_kwargs and not k.startswith("_")}
     try:
@@ -136,9 +139,19 @@ def load_pipeline(
     elapsed = time.perf_counter() - start
     logger.info(
         "load: %.2f GB in %.2f s (%.2f GB/s) %s -> %s",
-        total_bytes / 1e9, elapsed, total_bytes / 1e9 / max(elapsed, 1e-9), root, torch.device(device),
+        total_bytes / 1e9, elapsed, total_bytes / 1e9 / max(elapsed, 1e-9), root, device,
     )
     return pipe
+
+
+def as_pack(result: HostFile | PackData, device: torch.device) -> PackData:
+    """A pack read's result as a :class:`PackData` on ``device``."""
+    if isinstance(result, PackData):
+        return result
+    pack = pack_from_host(result)
+    if device.type != "cpu":
+        pack = PackData(pack.layout, [b.to(device) for b in pack.blocks], pack.stats)
+    return pack
 
 
 def read_model_index(root: Path) -> dict[str, Any]:

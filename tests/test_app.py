@@ -85,7 +85,7 @@ def test_health_reports_ready_with_setup_phase_timings(served):
         body = response.json()
         assert body["status"] == "ok" and body["profile"] == "demo" and body["model"] == "demo"
         assert body["device"] == "cpu"
-        assert set(body["setup_seconds"]) == {"prefetch", "store", "load", "warmup", "total"}
+        assert set(body["setup_seconds"]) == {"lookup", "store", "load", "warmup", "total"}
         assert Path(body["store"], MANIFEST).is_file()
         assert Path(body["store"]).is_relative_to(served.root)
 
@@ -119,31 +119,42 @@ def test_second_start_finds_the_store_and_converts_nothing(served, caplog):
     assert image_bytes(response.json()["images"][0]) == image_bytes(generate(served, seed=3)["images"][0])
 
 
-def test_a_corrupt_store_is_never_served_and_the_next_start_rebuilds_it(served, tmp_path, caplog):
-    root = tmp_path / "data"
-    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(root)):
-        with TestClient(served.module.TextToImageApp(_allow_init=True)._build_app()) as client:
-            store = Path(client.get("/health").json()["store"])
-        pack = store / "unet" / "model.flashpack"
-        with open(pack, "r+b") as f:  # byte 0 is payload: the size and footer stay valid
-            first = f.read(1)
-            f.seek(0)
-            f.write(bytes([first[0] ^ 0xFF]))
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
 
-        with caplog.at_level("INFO"), TestClient(served.module.TextToImageApp(_allow_init=True)._build_app()) as client:
-            response = client.post("/", json={"prompt": "a cat on a horse", **SMALL, "seed": 3})
-            health = client.get("/health")
-        assert response.status_code == 503
-        assert "failed verification" in response.json()["detail"] and "unet/model.flashpack" in response.json()["detail"]
-        assert health.status_code == 503 and "failed verification" in health.json()["detail"]
-        assert not store.exists()  # moved aside, so no later runner loads it
 
+def _start_and_generate(served, caplog) -> tuple[Path, bytes]:
+    with caplog.at_level("INFO"), TestClient(served.module.TextToImageApp(_allow_init=True)._build_app()) as client:
+        response = client.post("/", json={"prompt": "a cat on a horse", **SMALL, "seed": 3})
+        assert response.status_code == 200
+        return Path(client.get("/health").json()["store"]), image_bytes(response.json()["images"][0])
+
+
+def test_a_corrupt_pack_is_caught_while_loading_and_rebuilt_on_the_same_start(served, tmp_path, caplog):
+    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(tmp_path / "data")):
+        store, clean = _start_and_generate(served, caplog)
+        _flip_byte(store / "unet" / "model.flashpack", 0)  # payload: the size and footer stay valid
         caplog.clear()
-        with caplog.at_level("INFO"), TestClient(served.module.TextToImageApp(_allow_init=True)._build_app()) as client:
-            rebuilt = client.post("/", json={"prompt": "a cat on a horse", **SMALL, "seed": 3})
-        assert rebuilt.status_code == 200
-        assert any(r.name == "conversion.convert" for r in caplog.records)
-        assert image_bytes(rebuilt.json()["images"][0]) == image_bytes(generate(served, seed=3)["images"][0])
+        rebuilt_store, image = _start_and_generate(served, caplog)
+    assert rebuilt_store == store and image == clean
+    damaged = [r.getMessage() for r in caplog.records if r.name == "app" and "is damaged" in r.getMessage()]
+    assert len(damaged) == 1 and "unet/model.flashpack: bytes 0-" in damaged[0] and "checksum" in damaged[0]
+    assert any(r.name == "conversion.convert" for r in caplog.records)  # rebuilt from the source
+
+
+def test_a_corrupt_tokenizer_file_is_caught_by_the_warm_check_and_rebuilt(served, tmp_path, caplog):
+    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(tmp_path / "data")):
+        store, clean = _start_and_generate(served, caplog)
+        _flip_byte(store / "tokenizer" / "tokenizer.json", 3)
+        caplog.clear()
+        _, image = _start_and_generate(served, caplog)
+    assert image == clean
+    assert any("tokenizer/tokenizer.json: sha256 mismatch" in r.getMessage() for r in caplog.records)
+    assert any(r.name == "conversion.convert" for r in caplog.records)
 
 
 def test_setup_fails_naming_a_missing_model_source(served, tmp_path, caplog):
@@ -165,7 +176,7 @@ def test_setup_fails_naming_a_missing_model_source(served, tmp_path, caplog):
         TestClient(MissingModelApp(_allow_init=True)._build_app()),
     ):
         pass
-    assert any(r.name == "app" and r.getMessage().startswith("store: failed after") for r in caplog.records)
+    assert any(r.name == "app" and r.getMessage().startswith("lookup: failed after") for r in caplog.records)
 
 
 # --------------------------------------------------------------------------------------------------

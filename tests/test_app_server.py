@@ -86,13 +86,13 @@ def image_bytes(response: httpx.Response) -> list[bytes]:
 def test_health_reports_the_demo_model_and_setup_phases(server):
     body = httpx.get(f"{server['url']}/health", timeout=10).json()
     assert body["status"] == "ok" and body["profile"] == "demo" and body["model"] == "demo"
-    assert set(body["setup_seconds"]) == {"prefetch", "store", "load", "warmup", "total"}
+    assert set(body["setup_seconds"]) == {"lookup", "store", "load", "warmup", "total"}
     assert Path(body["store"]).is_relative_to(server["root"])
 
 
 def test_setup_logs_one_line_per_phase(server):
     log = server["log"].read_text()
-    for phase in ("prefetch", "store", "load", "warmup"):
+    for phase in ("lookup", "store", "load", "warmup"):
         assert f"app INFO {phase}: " in log, log[-3000:]
     assert "setup: ready in" in log
 

@@ -181,3 +181,14 @@ def test_fp16_keeps_the_modules_transformers_keeps_in_float32(tmp_path):
     assert got == {n: p.dtype for n, p in want.named_parameters()}
     assert got["encoder.block.0.layer.1.DenseReluDense.wo.weight"] == torch.float32
     assert got["shared.weight"] == torch.float16
+
+
+def test_transformers_models_are_built_without_random_initialisation(clip_text, monkeypatch):
+    calls = []
+    original = CLIPTextModel._init_weights
+    monkeypatch.setattr(CLIPTextModel, "_init_weights", lambda self, module: calls.append(module) or original(self, module))
+    CLIPTextModel._from_config(clip_text.config)  # what from_config does: initialises every module
+    assert calls
+    calls.clear()
+    build_empty_model(CLIPTextModel, clip_text.config)
+    assert calls == []

@@ -1,7 +1,8 @@
-"""conversion.manifest: what write_manifest records and what verify_converted catches.
+"""conversion.manifest: what write_manifest records and what verify_converted / check_warm catch.
 
 Cheap mode (full=False) checks sizes and FlashPack footers only -- it never hashes -- so a flipped
-payload byte that keeps the size passes it; only full mode (sha256) catches that.
+payload byte that keeps the size passes it; full mode (sha256) catches that, and so does the
+loader's per-segment checksum while it reads the pack (tests/test_reader.py).
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ import pytest
 import torch
 
 from conversion.errors import ConversionError
+import xxhash
+
 from conversion.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     VerificationError,
+    check_warm,
+    packs_to_read,
     verify_converted,
     write_manifest,
 )
+from model_loader.checksum import file_checksum
 from conversion.writer import pack_state_dict
 from model_loader.format import TRAILER
 
@@ -81,7 +87,57 @@ def test_manifest_lists_every_file_with_size_and_sha256(converted):
     assert list(files) == expected
     for rel, entry in files.items():
         data = (converted / rel).read_bytes()
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        expected_entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if rel.endswith(".flashpack"):  # packs also carry the loader's per-segment checksum
+            expected_entry["checksum"] = {
+                "algorithm": "xxh3_64", "segment_bytes": 8 << 20, "segments": [f"{xxhash.xxh3_64_intdigest(data):016x}"],
+            }
+        assert entry == expected_entry
+
+
+def test_warm_check_returns_the_manifest_of_an_intact_directory(converted):
+    assert check_warm(converted)["files"].keys() == json.loads((converted / MANIFEST_NAME).read_text())["files"].keys()
+
+
+def test_warm_check_catches_a_changed_small_file_by_its_sha256(converted):
+    (converted / "tokenizer" / "vocab.json").write_text('{"b": 0}')  # same size as before
+    with pytest.raises(VerificationError, match=r"tokenizer/vocab\.json: sha256 mismatch"):
+        check_warm(converted)
+
+
+def test_warm_check_does_not_read_packs(converted):
+    pack = converted / "unet" / "model.flashpack"
+    data = bytearray(pack.read_bytes())
+    data[0] ^= 0xFF  # the loader's checksum catches this while it reads the pack
+    pack.write_bytes(bytes(data))
+    check_warm(converted)
+
+
+def test_warm_check_rebuilds_an_entry_made_before_pack_checksums(converted):
+    manifest = json.loads((converted / MANIFEST_NAME).read_text())
+    del manifest["files"]["unet/model.flashpack"]["checksum"]
+    (converted / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(VerificationError, match=r"unet/model\.flashpack: converted before packs carried load-time checksums"):
+        check_warm(converted)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_a_file_missing_from_the_manifest_fails_verification(converted, full):
+    (converted / "unet" / "extra.json").write_text("{}")
+    with pytest.raises(VerificationError, match=r"unet/extra\.json: not in the manifest"):
+        verify_converted(converted, full=full)
+    with pytest.raises(VerificationError, match=r"unet/extra\.json: not in the manifest"):
+        check_warm(converted)
+
+
+def test_packs_to_read_lists_each_component_pack_with_its_checksum(converted):
+    packs = packs_to_read(converted)
+    assert [(name, path) for name, path, _ in packs] == [
+        ("text_encoder", converted / "text_encoder" / "model.flashpack"),
+        ("unet", converted / "unet" / "model.flashpack"),
+    ]
+    for _, path, checksum in packs:
+        assert checksum == file_checksum(str(path))
 
 
 def test_manifest_records_version_source_tools_and_time(converted):

@@ -16,17 +16,14 @@ import torch
 
 import model_loader.io as mio
 from conversion.writer import pack_state_dict
-from model_loader import reader
+from model_loader import host_read, reader
 from model_loader.format import FlashPackFormatError, read_layout
 from model_loader.io import ALIGN, PackReadError, Residency, drop_page_cache, open_direct
 from model_loader.pinned import PinnedPool
-from model_loader.reader import (
-    Chunk,
-    load_state_dict,
-    plan_chunks,
-    read_pack,
-    resolve_options,
-)
+from model_loader.checksum import file_checksum
+from model_loader.errors import ChecksumMismatchError
+from model_loader.host_read import Chunk, ReadOptions, plan_chunks, read_file, resolve_options
+from model_loader.reader import load_state_dict, read_pack
 
 
 def mixed_state_dict() -> dict[str, torch.Tensor]:
@@ -218,56 +215,43 @@ def test_missing_file_raises_file_not_found(tmp_path):
 # Chunk planning and options
 
 
-def test_plan_chunks_cover_every_block_exactly_and_fit_one_grid_cell(pack):
-    path, _ = pack
-    layout = read_layout(path)
-    for chunk_bytes in (ALIGN, 2 * ALIGN, 1 << 20):
-        chunks = plan_chunks(layout, chunk_bytes)
-        assert chunks == sorted(chunks, key=lambda c: c.file_offset)
-        for i, b in enumerate(layout.blocks):
-            mine = [c for c in chunks if c.block == i]
-            assert sum(c.length for c in mine) == b.length_bytes
-            pos = b.offset_bytes
-            for c in mine:
-                assert c.file_offset == pos and c.block_offset == pos - b.offset_bytes
-                pos += c.length
-                a0, a1 = c.span
-                assert a0 % ALIGN == 0 and a1 % ALIGN == 0
-                assert a0 // chunk_bytes == (a1 - 1) // chunk_bytes  # fits a staging buffer
-                assert a1 - a0 <= chunk_bytes
+def test_plan_chunks_cut_the_file_on_the_grid_and_cover_it_exactly():
+    assert plan_chunks(10_000, ALIGN) == [Chunk(0, 4096), Chunk(4096, 4096), Chunk(8192, 1808)]
+    assert plan_chunks(8192, ALIGN) == [Chunk(0, 4096), Chunk(4096, 4096)]
+    assert plan_chunks(0, ALIGN) == []
 
 
-def test_plan_chunks_splits_a_block_crossing_the_grid():
-    from model_loader.format import Block, PackLayout, TensorEntry
+def test_plan_chunks_from_an_offset_start_on_the_next_grid_line():
+    assert plan_chunks(10_000, ALIGN, start=100) == [Chunk(100, 3996), Chunk(4096, 4096), Chunk(8192, 1808)]
 
-    layout = PackLayout(
-        0,
-        (Block(torch.uint8, 100, 10_000),),
-        (TensorEntry("x", (10_000,), 0, 10_000, 0),),
-    )
-    assert plan_chunks(layout, ALIGN) == [
-        Chunk(0, 100, 0, 3996),
-        Chunk(0, 4096, 3996, 4096),
-        Chunk(0, 8192, 8092, 1908),
-    ]
+
+def test_chunks_hold_whole_checksum_segments():
+    assert host_read.effective_chunk_bytes(100 << 20, 8, 32 << 20, grain=8 << 20) == 8 << 20
+    assert host_read.effective_chunk_bytes(1000, 8, 32 << 20, grain=8 << 20) == 8 << 20
+    assert host_read.effective_chunk_bytes(1 << 30, 8, 12 << 20, grain=8 << 20) == 16 << 20
 
 
 def test_options_come_from_arguments_then_environment(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_THREADS", "3")
     monkeypatch.setenv("MODEL_LOADER_CHUNK_MB", "2")
     monkeypatch.setenv("MODEL_LOADER_DIRECT_IO", "0")
-    assert resolve_options() == reader.ReadOptions(3, 2 << 20, False)
-    assert resolve_options(threads=5, chunk_bytes=5000, direct_io=True) == reader.ReadOptions(
-        5, 2 * ALIGN, True
+    monkeypatch.setenv("MODEL_LOADER_MAP_HOT", "0")
+    assert resolve_options() == ReadOptions(3, 2 << 20, False, False)
+    assert resolve_options(threads=5, chunk_bytes=5000, direct_io=False, map_hot=True) == ReadOptions(
+        5, 2 * ALIGN, False, True
     )
 
 
+def test_forcing_o_direct_turns_mapping_off():
+    assert resolve_options(direct_io=True, map_hot=True).map_hot is False
+
+
 def test_default_threads_exceed_the_cores_only_for_files_not_in_the_page_cache(monkeypatch):
-    monkeypatch.setattr(reader, "_cpus", lambda: 2)
-    assert reader.default_threads(resident=0.0) == 8
-    assert reader.default_threads(resident=1.0) == 2
-    monkeypatch.setattr(reader, "_cpus", lambda: 64)
-    assert reader.default_threads(resident=0.0) == reader.default_threads(resident=1.0) == 16
+    monkeypatch.setattr(host_read, "_cpus", lambda: 2)
+    assert host_read.default_threads(resident=0.0) == 8
+    assert host_read.default_threads(resident=1.0) == 2
+    monkeypatch.setattr(host_read, "_cpus", lambda: 64)
+    assert host_read.default_threads(resident=0.0) == host_read.default_threads(resident=1.0) == 16
 
 
 def test_invalid_environment_value_names_the_variable(monkeypatch):
@@ -348,14 +332,6 @@ def test_residency_is_full_after_reading_and_low_after_dontneed(tmp_path):
         os.close(fd)
 
 
-def test_alloc_phased_places_region_at_the_requested_phase():
-    for phase in (0, 128, 4000):
-        raw, start = mio.alloc_phased(10_000, phase, head=phase, tail=ALIGN)
-        assert (raw.data_ptr() + start) % ALIGN == phase
-        assert start >= phase
-        assert start + 10_000 + ALIGN <= raw.numel()
-
-
 # ----------------------------------------------------------------------------------------------
 # Errors
 
@@ -370,12 +346,16 @@ def test_truncated_file_raises_format_error_naming_the_file(pack):
 
 def test_file_shrinking_during_the_load_raises_format_error(pack, monkeypatch):
     path, _ = pack
-    layout = read_layout(path)
-    monkeypatch.setattr(reader, "read_layout", lambda p: layout)
-    with open(path, "r+b") as f:
-        f.truncate(layout.payload_bytes // 2)
+    original = host_read.open_checked
+
+    def open_then_shrink(p):
+        fd, st = original(p)  # st keeps the size before the file shrinks
+        os.truncate(p, st.st_size // 2)
+        return fd, st
+
+    monkeypatch.setattr(host_read, "open_checked", open_then_shrink)
     with pytest.raises(FlashPackFormatError, match=re.escape(str(path)) + ".*file ends at byte"):
-        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False)
+        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False, map_hot=False)
     assert reader_threads() == []
 
 
@@ -395,9 +375,9 @@ def test_read_error_in_one_thread_stops_the_others_and_propagates(pack, monkeypa
         original(fd, view, offset, p)
 
     monkeypatch.setattr(mio, "pread_exact", flaky)
-    total = len(plan_chunks(read_layout(path), ALIGN))
+    total = len(plan_chunks(path.stat().st_size, ALIGN))
     with pytest.raises(PackReadError, match=re.escape(str(path))):
-        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False)
+        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False, map_hot=False)
     assert reader_threads() == []
     assert len(calls) <= 3 + 4 < total  # the others stopped after their current chunk
 
@@ -410,7 +390,7 @@ def test_os_error_from_preadv_becomes_pack_read_error_naming_the_file(pack, monk
 
     monkeypatch.setattr(mio.os, "preadv", broken)
     with pytest.raises(PackReadError, match=re.escape(str(path)) + ".*Input/output error") as info:
-        read_pack(path, threads=2, direct_io=False)
+        read_pack(path, threads=2, direct_io=False, map_hot=False)
     assert info.value.errno == errno.EIO
     assert isinstance(info.value, OSError)
 
@@ -422,7 +402,7 @@ def test_one_info_line_is_logged_per_load(pack, caplog):
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(lines) == 1
     assert re.fullmatch(
-        re.escape(f"load {path}: ") + r"\d+\.\d\d GB in \d+\.\d\d s \(\d+\.\d\d GB/s\)", lines[0]
+        re.escape(f"load {path}: ") + r"\d+\.\d\d GB in \d+\.\d\d s \(\d+\.\d\d GB/s\)( mapped)?", lines[0]
     )
 
 
@@ -525,10 +505,95 @@ def test_hugepages_are_opt_in(monkeypatch, setting, expected):
         monkeypatch.delenv("MODEL_LOADER_HUGEPAGES", raising=False)
     else:
         monkeypatch.setenv("MODEL_LOADER_HUGEPAGES", setting)
-    assert reader.use_hugepages() is expected
+    assert host_read.use_hugepages() is expected
 
 
 def test_an_unknown_hugepages_setting_is_named(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_HUGEPAGES", "sometimes")
     with pytest.raises(ValueError, match="MODEL_LOADER_HUGEPAGES='sometimes'"):
-        reader.use_hugepages()
+        host_read.use_hugepages()
+
+
+# ----------------------------------------------------------------------------------------------
+# Host memory: mapped when in the page cache, owned memory otherwise; checksums as bytes pass
+
+
+def test_a_pack_in_the_page_cache_is_mapped_and_writes_stay_in_this_process(pack):
+    path, sd = pack
+    before = path.read_bytes()  # in the page cache now
+    data = read_pack(path)
+    assert data.stats.mapped
+    tensors = data.tensors()
+    assert_bit_exact(tensors, sd)
+    tensors["unet.conv.weight"].add_(1.0)  # copy-on-write: no SIGSEGV, the file is unchanged
+    assert path.read_bytes() == before
+    assert_bit_exact(read_pack(path).tensors(), sd)
+
+
+def test_a_pack_read_into_owned_memory_is_bit_exact_and_writable(pack):
+    path, sd = pack
+    data = read_pack(path, map_hot=False, threads=3, chunk_bytes=ALIGN)
+    assert not data.stats.mapped
+    tensors = data.tensors()
+    assert_bit_exact(tensors, sd)
+    tensors["unet.norm.weight"].zero_()
+    assert not tensors["unet.norm.weight"].any()
+
+
+@pytest.mark.parametrize("how", ["mapped", "read", "staged"])
+def test_a_flipped_byte_fails_the_checksum_naming_its_segment(pack, how):
+    path, _ = pack
+    checksum = file_checksum(str(path), segment_bytes=ALIGN)
+    data = bytearray(path.read_bytes())
+    data[5000] ^= 0x01
+    path.write_bytes(bytes(data))
+    options = {"mapped": {}, "read": {"map_hot": False}, "staged": {"engine": HostEngine(), "pool": host_pool()}}[how]
+    with pytest.raises(ChecksumMismatchError, match=re.escape(f"{path}: bytes 4096-8192 do not match")):
+        read_pack(path, checksum=checksum, threads=2, chunk_bytes=ALIGN, **options)
+
+
+@pytest.mark.parametrize("how", ["mapped", "read", "staged"])
+def test_an_intact_pack_passes_its_checksum(pack, how):
+    path, sd = pack
+    checksum = file_checksum(str(path), segment_bytes=ALIGN)
+    options = {"mapped": {}, "read": {"map_hot": False}, "staged": {"engine": HostEngine(), "pool": host_pool()}}[how]
+    data = read_pack(path, checksum=checksum, threads=2, chunk_bytes=ALIGN, **options)
+    assert data.stats.checked
+    assert_bit_exact(data.tensors(), sd)
+
+
+def test_a_pack_of_another_size_than_its_checksum_is_refused(pack):
+    path, _ = pack
+    checksum = file_checksum(str(path))
+    with open(path, "ab") as f:
+        f.write(b"\0" * 10)
+    with pytest.raises(ChecksumMismatchError, match=re.escape(str(path)) + ".*truncated or replaced"):
+        read_file(path, checksum)
+
+
+def test_pack_reads_run_in_order_and_raise_each_error_at_its_result(pack, tmp_path):
+    path, sd = pack
+    reads = host_read.start_pack_reads([("a", path, None), ("missing", tmp_path / "nope", None), ("b", path, None)])
+    assert reads.names == ["a", "missing", "b"]
+    assert_bit_exact(reader.pack_from_host(reads.result("a")).tensors(), sd)
+    with pytest.raises(FileNotFoundError):
+        reads.result("missing")
+    assert_bit_exact(reader.pack_from_host(reads.result("b")).tensors(), sd)
+    assert reads.wait(5)
+
+
+def test_starting_cpu_pack_reads_does_not_import_torch(pack):
+    import subprocess
+    import sys
+
+    path, _ = pack
+    code = (
+        "import sys\n"
+        "from model_loader import start_pack_reads\n"
+        f"reads = start_pack_reads([('unet', {str(path)!r}, None)])\n"
+        "host = reads.result('unet')\n"
+        "print(host.size, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split() == [str(path.stat().st_size), "False"]

@@ -1,0 +1,487 @@
+"""Read a whole pack file into host memory, torch-free, checking its checksum as the bytes pass.
+
+The result is a :class:`HostFile`: one buffer holding the file's bytes ``[0, size)``, from which
+the reader makes each dtype's block a zero-copy tensor view. Two ways to fill it:
+
+- **mapped**: when the file is (almost) all in the page cache, it is mapped privately
+  (copy-on-write): writable, no copy, and a write changes only this process's page;
+- **read**: otherwise parallel threads ``preadv`` a grid of chunks into owned anonymous memory,
+  with O_DIRECT for chunks not in the page cache (no second copy through the cache) and
+  buffered reads for the rest.
+
+Either way every segment of a :class:`~model_loader.checksum.Checksum` is hashed once (by the
+thread that read it, or by a pool over the mapping) and a mismatch raises. Nothing here imports
+torch, so the app starts these reads before the heavy imports (:class:`PackReads`).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import io as _io
+from .checksum import Checksum
+from .errors import FlashPackFormatError
+from .io import ALIGN, align_down, align_up
+
+log = logging.getLogger("model_loader.host_read")
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+# Chunks are made smaller for small files so every thread gets work, but not below this.
+MIN_AUTO_CHUNK_BYTES = 4 << 20
+# Auto mode reads a chunk with O_DIRECT when less than this fraction of it is in the page cache.
+COLD_FRACTION = 0.5
+# A file at least this resident is "in the page cache": mapped, and read with fewer threads.
+HOT_FRACTION = 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# Options (arguments win over the environment, which wins over the defaults)
+
+
+def env_int(name: str, default: int) -> int:
+    """A positive integer from environment variable ``name`` (``default`` when unset)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"{name}={raw!r} must be >= 1")
+    return value
+
+
+def _env_mode(name: str, default: str) -> bool | None:
+    raw = os.environ.get(name, default).strip().lower()
+    modes = {"auto": None, "": None, "1": True, "true": True, "0": False, "false": False}
+    if raw not in modes:
+        raise ValueError(f"{name}={raw!r}: expected auto, 1 or 0")
+    return modes[raw]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    threads: int | None  # None: default_threads() for the file's page-cache residency
+    chunk_bytes: int
+    direct_io: bool | None  # None: per chunk, O_DIRECT when not in the page cache
+    map_hot: bool  # map a file that is in the page cache instead of reading it
+
+
+def resolve_options(
+    threads: int | None = None,
+    chunk_bytes: int | None = None,
+    direct_io: bool | None = None,
+    map_hot: bool | None = None,
+) -> ReadOptions:
+    """Arguments win over ``MODEL_LOADER_THREADS`` / ``MODEL_LOADER_CHUNK_MB`` /
+    ``MODEL_LOADER_DIRECT_IO`` (``auto``, ``1``, ``0``) / ``MODEL_LOADER_MAP_HOT`` (``1``, ``0``),
+    which win over the defaults. Forcing O_DIRECT turns mapping off."""
+    if threads is None and os.environ.get("MODEL_LOADER_THREADS", "").strip():
+        threads = env_int("MODEL_LOADER_THREADS", 1)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if chunk_bytes is None:
+        chunk_bytes = env_int("MODEL_LOADER_CHUNK_MB", DEFAULT_CHUNK_BYTES >> 20) << 20
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if direct_io is None:
+        direct_io = _env_mode("MODEL_LOADER_DIRECT_IO", "auto")
+    if map_hot is None:
+        map_hot = _env_mode("MODEL_LOADER_MAP_HOT", "1") is not False
+    return ReadOptions(threads, align_up(chunk_bytes), direct_io, map_hot and direct_io is not True)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 4
+
+
+def default_threads(resident: float = 0.0) -> int:
+    """Reader threads for a file of which ``resident`` (0..1) is in the page cache.
+
+    Reading from storage wants I/O queue depth, so more threads than cores (at most 16); a file
+    already in the page cache is a memory copy, where threads beyond the cores only contend.
+    """
+    cpus = _cpus()
+    io_bound = min(16, max(8, 2 * cpus))
+    return min(io_bound, max(2, cpus)) if resident >= HOT_FRACTION else io_bound
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunks and worker threads
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Bytes ``[offset, offset + length)`` of the file."""
+
+    offset: int
+    length: int
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The ALIGN-aligned file range covering the chunk (what an O_DIRECT read fetches)."""
+        return align_down(self.offset), align_up(self.offset + self.length)
+
+
+def plan_chunks(size: int, chunk_bytes: int, start: int = 0) -> list[Chunk]:
+    """Bytes ``[start, size)`` cut at the multiples of ``chunk_bytes`` (a multiple of ALIGN)."""
+    if chunk_bytes <= 0 or chunk_bytes % ALIGN:
+        raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGN}, got {chunk_bytes}")
+    chunks = []
+    pos = start
+    while pos < size:
+        stop = min(size, align_down(pos, chunk_bytes) + chunk_bytes)
+        chunks.append(Chunk(pos, stop - pos))
+        pos = stop
+    return chunks
+
+
+def effective_chunk_bytes(nbytes: int, threads: int, chunk_bytes: int, grain: int = 1 << 20) -> int:
+    """``chunk_bytes``, or smaller for small files so each thread gets about two chunks; always a
+    multiple of ``grain`` (the checksum's segment size, so every chunk holds whole segments)."""
+    per_thread = max(1, -(-nbytes // (2 * threads)))
+    chosen = min(chunk_bytes, max(MIN_AUTO_CHUNK_BYTES, per_thread))
+    return align_up(max(chosen, grain), grain)
+
+
+class Worker(Protocol):
+    def process(self, chunk: Chunk) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_workers(chunks: Sequence[Chunk], threads: int, make_worker: Callable[[], Worker], name: str) -> None:
+    """Process ``chunks`` (in file order) with ``threads`` threads, each with its own worker. The
+    first exception stops the rest and is raised after all threads have ended."""
+    lock = threading.Lock()
+    pending = iter(chunks)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def fail(exc: BaseException) -> None:
+        with lock:
+            errors.append(exc)
+        stop.set()
+
+    def body() -> None:
+        worker = None
+        try:
+            worker = make_worker()
+            while not stop.is_set():
+                with lock:
+                    chunk = next(pending, None)
+                if chunk is None:
+                    break
+                worker.process(chunk)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            fail(exc)
+        finally:
+            if worker is not None:
+                try:
+                    worker.close()
+                except BaseException as exc:  # noqa: BLE001
+                    fail(exc)
+
+    pool = [threading.Thread(target=body, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+    try:
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    except BaseException:
+        stop.set()  # e.g. KeyboardInterrupt while joining: let the readers wind down first
+        for t in pool:
+            if t.is_alive():
+                t.join()
+        raise
+    if errors:
+        raise errors[0]
+
+
+@dataclass
+class ReadStats:
+    """What one read did: for logs, benchmarks and tests."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    threads: int = 0
+    chunks: int = 0
+    chunk_bytes: int = 0
+    direct_bytes: int = 0
+    direct_fallbacks: int = 0
+    mapped: bool = False
+    checked: bool = False
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+class FileSource:
+    """One open file: the buffered and O_DIRECT descriptors and the per-chunk read policy."""
+
+    def __init__(self, path: str, fd: int, size: int, direct_io: bool | None, stats: ReadStats):
+        self.path = path
+        self.fd = fd
+        self.stats = stats
+        self._lock = threading.Lock()
+        self.fd_direct = _io.open_direct(path) if direct_io is not False else None
+        if direct_io and self.fd_direct is None:
+            log.warning("%s: O_DIRECT is not available on this filesystem; reading buffered", path)
+        self.residency = _io.Residency(fd, size) if self.fd_direct is not None and direct_io is None else None
+
+    def close(self) -> None:
+        if self.residency is not None:
+            self.residency.close()
+        if self.fd_direct is not None:
+            os.close(self.fd_direct)
+            self.fd_direct = None
+
+    def _use_direct(self, chunk: Chunk) -> bool:
+        if self.fd_direct is None:
+            return False
+        if self.residency is None:  # forced on
+            return True
+        return self.residency.fraction(chunk.offset, chunk.length) < COLD_FRACTION
+
+    def read(self, chunk: Chunk, mem: memoryview, mem_addr: int, at: int) -> None:
+        """Put the chunk's bytes at ``mem[at:at + chunk.length]``.
+
+        With O_DIRECT the whole aligned span is read, so the caller must own the bytes of ``mem``
+        from ``at - (offset - span start)`` up to the span's length.
+        """
+        n = chunk.length
+        done = 0
+        if self._use_direct(chunk):
+            a0, a1 = chunk.span
+            lead = chunk.offset - a0
+            base = at - lead
+            if base >= 0 and (mem_addr + base) % ALIGN == 0 and base + (a1 - a0) <= len(mem):
+                try:
+                    got = _io.pread_direct(self.fd_direct, mem[base : base + a1 - a0], a0, lead + n)
+                    done = max(0, min(n, got - lead))
+                except OSError:
+                    done = 0
+            with self._lock:
+                self.stats.direct_bytes += done
+                if done < n:
+                    self.stats.direct_fallbacks += 1
+        if done < n:
+            _io.pread_exact(self.fd, mem[at + done : at + n], chunk.offset + done, self.path)
+
+
+def check_segments(checksum: Checksum | None, chunk: Chunk, data: memoryview, path: str) -> None:
+    """Hash the checksum segments that ``chunk`` (whose bytes are ``data``) holds."""
+    if checksum is None:
+        return
+    seg = checksum.segment_bytes
+    first = chunk.offset // seg
+    for index in range(first, -(-(chunk.offset + chunk.length) // seg)):
+        start, end = checksum.span(index)
+        if start < chunk.offset or end > chunk.offset + chunk.length:
+            raise ValueError(f"chunk {chunk} does not hold whole checksum segments of {seg} bytes")
+        checksum.check(index, data[start - chunk.offset : end - chunk.offset], path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole files into host memory
+
+
+@dataclass
+class HostFile:
+    """The bytes ``[0, size)`` of the file at ``path`` in ``buffer`` (a private mapping of the
+    file, or owned anonymous memory), checked against its checksum when one was given."""
+
+    path: str
+    size: int
+    buffer: mmap.mmap | bytearray
+    stats: ReadStats
+
+
+class _HostWorker:
+    def __init__(self, source: FileSource, mem: memoryview, addr: int, checksum: Checksum | None):
+        self.source, self.mem, self.addr, self.checksum = source, mem, addr, checksum
+
+    def process(self, chunk: Chunk) -> None:
+        self.source.read(chunk, self.mem, self.addr, chunk.offset)
+        check_segments(self.checksum, chunk, self.mem[chunk.offset : chunk.offset + chunk.length], self.source.path)
+
+    def close(self) -> None:
+        pass
+
+
+class _HashWorker:
+    def __init__(self, mem: memoryview, checksum: Checksum, path: str):
+        self.mem, self.checksum, self.path = mem, checksum, path
+
+    def process(self, chunk: Chunk) -> None:
+        check_segments(self.checksum, chunk, self.mem[chunk.offset : chunk.offset + chunk.length], self.path)
+
+    def close(self) -> None:
+        pass
+
+
+def open_checked(path: str) -> tuple[int, os.stat_result]:
+    """An open read-only descriptor of the regular file ``path`` and its stat."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FlashPackFormatError(f"{path}: not a regular file")
+    return fd, st
+
+
+def read_file(
+    path: str | os.PathLike[str],
+    checksum: Checksum | None = None,
+    *,
+    threads: int | None = None,
+    chunk_bytes: int | None = None,
+    direct_io: bool | None = None,
+    map_hot: bool | None = None,
+) -> HostFile:
+    """All bytes of ``path`` in host memory (see the module docstring), checked against
+    ``checksum`` when given (ChecksumMismatchError names the bytes that differ)."""
+    t0 = time.perf_counter()
+    path = os.fspath(path)
+    opts = resolve_options(threads, chunk_bytes, direct_io, map_hot)
+    fd, st = open_checked(path)
+    size = st.st_size
+    try:
+        if checksum is not None:
+            checksum.check_size(size, path)
+        with _io.Residency(fd, size) as residency:
+            resident = residency.sampled_fraction() if residency.known else 0.0
+        n_threads = opts.threads or default_threads(resident)
+        grain = checksum.segment_bytes if checksum is not None else ALIGN
+        chunk = effective_chunk_bytes(size, n_threads, opts.chunk_bytes, grain)
+        chunks = plan_chunks(size, chunk)
+        n_threads = max(1, min(n_threads, len(chunks)))
+        stats = ReadStats(size, threads=n_threads, chunks=len(chunks), chunk_bytes=chunk)
+        if size == 0:
+            buffer: mmap.mmap | bytearray = bytearray(0)
+        elif opts.map_hot and resident >= HOT_FRACTION:
+            buffer = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            stats.mapped = True
+            if checksum is not None:
+                mem = memoryview(buffer)
+                run_workers(chunks, n_threads, lambda: _HashWorker(mem, checksum, path), "model_loader-hash")
+                mem.release()
+        else:
+            buffer = mmap.mmap(-1, align_up(size, ALIGN))  # anonymous, page-aligned, writable
+            if use_hugepages():
+                _io.advise_hugepages(_io.buffer_address(memoryview(buffer)), len(buffer))
+            mem = memoryview(buffer)
+            source = FileSource(path, fd, size, opts.direct_io, stats)
+            try:
+                addr = _io.buffer_address(mem)
+                run_workers(chunks, n_threads, lambda: _HostWorker(source, mem, addr, checksum), "model_loader-reader")
+            finally:
+                source.close()
+                mem.release()
+        stats.checked = checksum is not None
+    finally:
+        os.close(fd)
+    stats.seconds = time.perf_counter() - t0
+    log.debug(
+        "read %s: %.2f GB in %.2f s (%.2f GB/s), %s, %d threads, %.0f%% via O_DIRECT%s",
+        path, size / 1e9, stats.seconds, stats.gbps, "mapped" if stats.mapped else "read", n_threads,
+        100 * stats.direct_bytes / max(1, size), ", checksum ok" if stats.checked else "",
+    )
+    return HostFile(path, size, buffer, stats)
+
+
+def use_hugepages() -> bool:
+    """Whether to ask for transparent huge pages behind read buffers: off unless
+    ``MODEL_LOADER_HUGEPAGES=1``.
+
+    On the 2-core VM of docs/BENCHMARKS.md the hint helped or hurt depending on how fragmented
+    memory was, so it is opt-in.
+    """
+    raw = os.environ.get("MODEL_LOADER_HUGEPAGES", "0").strip().lower()
+    if raw not in ("", "0", "1", "false", "true"):
+        raise ValueError(f"MODEL_LOADER_HUGEPAGES={raw!r}: expected 1 or 0")
+    return raw in ("1", "true")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reads in the background (the load's first leg, started before the heavy imports)
+
+
+class PackReads:
+    """Jobs that read packs, run one after another in a background thread, in the order given
+    (each job uses the reader's own threads). ``result(name)`` waits for one and returns its
+    value or raises its error; ``cancel()`` drops the jobs not started yet."""
+
+    def __init__(self, jobs: Iterable[tuple[str, Callable[[], Any]]]):
+        self._jobs = list(jobs)
+        self._futures: dict[str, Future] = {name: Future() for name, _ in self._jobs}
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model_loader-pack-reads", daemon=True)
+        self._thread.start()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._futures
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._futures)
+
+    def _run(self) -> None:
+        for name, job in self._jobs:
+            future = self._futures[name]
+            if self._cancelled.is_set() or not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # noqa: BLE001 - raised again by result()
+                future.set_exception(exc)
+
+    def result(self, name: str) -> Any:
+        return self._futures[name].result()
+
+    def cancel(self) -> None:
+        """Stop after the job in progress; results already read are dropped with this object."""
+        self._cancelled.set()
+        for future in self._futures.values():
+            future.cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every job has ended (or was cancelled); False if ``timeout`` passed first."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+def start_pack_reads(packs: Iterable[tuple[str, str | os.PathLike[str], Checksum | None]], device: str = "cpu") -> PackReads:
+    """Start reading ``(name, path, checksum)`` packs for ``device`` in the background, in order.
+
+    For the CPU each result is a :class:`HostFile` (torch is not needed until it is consumed);
+    for other devices a ``reader.PackData`` already on the device (this imports torch in the
+    background thread).
+    """
+
+    def job(path: str | os.PathLike[str], checksum: Checksum | None) -> Callable[[], Any]:
+        if device == "cpu":
+            return lambda: read_file(path, checksum)
+
+        def to_device() -> Any:
+            from .reader import read_pack
+
+            return read_pack(path, device, checksum)
+
+        return to_device
+
+    return PackReads((name, job(path, checksum)) for name, path, checksum in packs)
