@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 # Tests and the demo never reach the network: no Hub calls, no telemetry.
 OFFLINE := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 
-.PHONY: test serve bench venv clean
+.PHONY: test serve bench bench-startup venv clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(OFFLINE) $(PY) bench/loader.py $(BENCH_ARGS)
+
+# The warm start end to end (fal run --local to /health 200 and the first image) vs the stock recipes.
+bench-startup: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(OFFLINE) $(PY) bench/startup.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .data bench/out .pytest_cache

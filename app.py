@@ -484,6 +484,8 @@ class TextToImageApp(fal.App, name=APP_NAME):
 
             from model_loader import ChecksumMismatchError
 
+            imported_torch = time.perf_counter() - phase.started
+
             self.device = resolve_device(model.device)
             if reads is None:
                 reads = start_reads(self.store_path, self.device)
@@ -503,7 +505,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
                 reads = None  # the pipeline holds the blocks it uses; nothing else keeps them
             self.pipe.set_progress_bar_config(disable=True)
             size = sum(p.stat().st_size for p in self.store_path.glob("*/*.flashpack"))
-            phase.rate(size, f"to {self.device}, checksums verified")
+            phase.rate(size, f"to {self.device}, checksums verified (import torch {imported_torch:.2f} s)")
 
         # 5. warm up: run every served shape once, so no request pays first-call costs.
         self._lock = threading.Lock()
@@ -637,12 +639,16 @@ class _Phase:
 
 
 def resolve_device(device: str) -> str:
+    """fal.toml's ``model.device`` as a concrete device (``cuda`` gets the current device's index,
+    so background reader threads target the same GPU as this thread)."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SettingsError(f"fal.toml: model.device is {device!r} but no CUDA device is visible (use 'auto' or 'cpu')")
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     return device
 
 

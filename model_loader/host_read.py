@@ -429,6 +429,8 @@ class PackReads:
     def __init__(self, jobs: Iterable[tuple[str, Callable[[], Any]]]):
         self._jobs = list(jobs)
         self._futures: dict[str, Future] = {name: Future() for name, _ in self._jobs}
+        self.started = time.perf_counter()
+        self.finished: float | None = None  # when the last job ended
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model_loader-pack-reads", daemon=True)
         self._thread.start()
@@ -449,6 +451,7 @@ class PackReads:
                 future.set_result(job())
             except BaseException as exc:  # noqa: BLE001 - raised again by result()
                 future.set_exception(exc)
+        self.finished = time.perf_counter()
 
     def result(self, name: str) -> Any:
         return self._futures[name].result()

@@ -21,7 +21,7 @@ import torch
 from .assemble import build_empty_model, construction_dtype, fill_model, is_diffusers_model, is_transformers_model
 from .format import read_layout
 from .host_read import HostFile, PackReads, start_pack_reads
-from .reader import PackData, pack_from_host, read_pack
+from .reader import PackData, pack_from_host, read_pack, resolve_device
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -94,17 +94,18 @@ def load_pipeline(
     """
     start = time.perf_counter()
     root = Path(path)
-    device = torch.device(device)
+    device = resolve_device(device)
     index = read_model_index(root)
-    pipeline_cls = _pipeline_class(index, root)
-    expected, optional_kwargs = pipeline_cls._get_signature_keys(pipeline_cls)
-    specs = _component_specs(index, root, expected, pipeline_cls)
-    packed = [name for name, spec in specs.items() if spec is not None and (root / name / PACK_NAME).is_file()]
+    packed = [name for name in index if not name.startswith("_") and (root / name / PACK_NAME).is_file()]
     missing = [(name, root / name / PACK_NAME, None) for name in packed if reads is None or name not in reads]
-    own_reads = start_pack_reads(missing, str(device)) if missing else None
+    own_reads = start_pack_reads(missing, str(device)) if missing else None  # before importing diffusers
     try:
+        pipeline_cls = _pipeline_class(index, root)
+        expected, optional_kwargs = pipeline_cls._get_signature_keys(pipeline_cls)
+        specs = _component_specs(index, root, expected, pipeline_cls)
         where = str(root / MODEL_INDEX_NAME)
         classes = {name: resolve_class(*spec, where=where) for name, spec in specs.items() if spec}
+        imported = time.perf_counter()
         components: dict[str, Any] = {name: None for name, spec in specs.items() if spec is None}
         empty: dict[str, torch.nn.Module] = {}
         for name, cls in classes.items():
@@ -116,14 +117,18 @@ def load_pipeline(
                 empty[name] = _empty_model(model_cls, config, _pack_path(comp), torch_dtype)
             else:
                 components[name] = _load_plain_component(cls, comp)
+        built = time.perf_counter()
         total_bytes = 0
+        waited = 0.0
         order = {name: i for i, name in enumerate(reads.names)} if reads is not None else {}
         for name in sorted(empty, key=lambda n: order.get(n, len(order))):  # as the reads finish
-            model = empty[name]
-            result = (own_reads if own_reads is not None and name in own_reads else reads).result(name)
+            source = own_reads if own_reads is not None and name in own_reads else reads
+            t0 = time.perf_counter()
+            result = source.result(name)
+            waited += time.perf_counter() - t0
             pack = as_pack(result, device)
             total_bytes += pack.layout.payload_bytes
-            components[name] = _fill(model, pack, device, torch_dtype, root / name / PACK_NAME)
+            components[name] = _fill(empty[name], pack, device, torch_dtype, root / name / PACK_NAME)
             del pack, result
     except BaseException:
         if own_reads is not None:
@@ -136,10 +141,14 @@ def load_pipeline(
     except (TypeError, ValueError) as exc:
         raise PipelineLoadError(f"{root}: cannot construct {pipeline_cls.__name__}: {exc}") from exc
     pipe.register_to_config(_name_or_path=str(root))
-    elapsed = time.perf_counter() - start
+    end = time.perf_counter()
+    all_reads = [r for r in (reads, own_reads) if r is not None]
+    read_span = max((r.finished or end) for r in all_reads) - min(r.started for r in all_reads) if all_reads else 0.0
     logger.info(
-        "load: %.2f GB in %.2f s (%.2f GB/s) %s -> %s",
-        total_bytes / 1e9, elapsed, total_bytes / 1e9 / max(elapsed, 1e-9), root, device,
+        "load: %.2f GB in %.2f s (%.2f GB/s) %s -> %s (imports %.2f s, build %.2f s, waiting for reads %.2f s, "
+        "assemble %.2f s; reads took %.2f s from their start)",
+        total_bytes / 1e9, end - start, total_bytes / 1e9 / max(end - start, 1e-9), root, device,
+        imported - start, built - imported, waited, end - built - waited, read_span,
     )
     return pipe
 

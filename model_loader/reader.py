@@ -67,6 +67,15 @@ class PackData:
         return out
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` with a CUDA index filled in from the calling thread's current device (a reader
+    thread would otherwise resolve a bare ``cuda`` to its own current device, always cuda:0)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def pack_from_host(host: HostFile) -> PackData:
     """The pack whose whole file is in ``host``: footer parsed from memory, blocks as views."""
     view = memoryview(host.buffer)[: host.size]
@@ -288,7 +297,7 @@ def read_pack(
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
-    device = torch.device(device)
+    device = resolve_device(device) if engine is None else torch.device(device)
     if engine is None and device.type == "cuda":
         engine = CudaEngine(device)
     if engine is None:

@@ -597,3 +597,10 @@ def test_starting_cpu_pack_reads_does_not_import_torch(pack):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.split() == [str(path.stat().st_size), "False"]
+
+
+def test_a_bare_cuda_device_is_pinned_to_the_callers_current_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert reader.resolve_device("cuda") == torch.device("cuda", 3)
+    assert reader.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert reader.resolve_device("cpu") == torch.device("cpu")

@@ -1,0 +1,422 @@
+"""The warm start end to end, as a user meets it: ``fal run --local`` until ``GET /health`` answers
+200, then the first image (1 step, 256x256), against the recipes a user would otherwise pick.
+
+    make bench-startup                              # SDXL-shaped fp16 pipeline (6.9 GB), 3 rounds
+    python bench/startup.py --size small --rounds 2 # quicker (about 0.8 GB)
+    python bench/startup.py --help
+
+Peers (each a fresh ``fal run --local`` process per run, the store already converted):
+- ``ours``: this app (a copy of app.py, model_loader/, conversion/ with a fal.toml profile that
+  serves the benchmark model from a local source; no warm-up shapes, so /health is setup alone);
+- ``stock``: a fal.App whose setup() calls ``DiffusionPipeline.from_pretrained(dir, torch_dtype=fp16)``;
+- ``flashpack``: flashpack 0.4.5's recipe: modules built empty, ``assign_from_file`` per component;
+- ``imports-only``: the floor of any recipe: setup() imports torch, diffusers' SDXL classes and
+  transformers' CLIP encoders and loads nothing (no first image).
+
+Each round runs every peer with the page cache hot (its files read just before) and cold (its
+files fsynced and evicted with POSIX_FADV_DONTNEED, checked with mincore), interleaved. Reported:
+median seconds to /health 200 and to the first image, peak RSS of the app process, and our phase
+breakdown from the app's log. Raw runs go to bench/results/startup-<machine>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import evict, machine_info, machine_slug, median, resident_fraction, warm  # noqa: E402
+
+PEERS = ("ours", "stock", "flashpack", "imports-only")
+CACHES = ("hot", "cold")
+REQUEST = {"prompt": "a lighthouse on a cliff", "width": 256, "height": 256, "num_inference_steps": 1,
+           "guidance_scale": 1.0, "seed": 0}
+
+# --------------------------------------------------------------------------------------------------
+# The model: SDXL base 1.0's published configs (or smaller versions of them), random fp16 weights
+
+
+def sdxl_configs(size: str) -> dict:
+    """Configs of the four torch components of an SDXL-shaped pipeline (``sdxl`` = the real ones)."""
+    k, tlayers, te_layers, te2_layers = {"sdxl": (5, (1, 2, 10), 12, 32), "small": (2, (1, 2, 2), 4, 6),
+                                         "tiny": (1, (1, 1, 1), 1, 1)}[size]
+    unet = dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[64 * k, 128 * k, 256 * k], attention_head_dim=[k, 2 * k, 4 * k],
+        transformer_layers_per_block=list(tlayers), cross_attention_dim=2048, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )
+    vae = dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
+        block_out_channels=[128, 256, 512, 512] if size != "tiny" else [32, 32, 64, 64],
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        scaling_factor=0.13025, force_upcast=True, norm_num_groups=32,
+    )
+    te = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=te_layers, num_attention_heads=12,
+              max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu")
+    te2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=te2_layers, num_attention_heads=20,
+               max_position_embeddings=77, vocab_size=49408, projection_dim=1280, hidden_act="gelu")
+    return {"unet": unet, "vae": vae, "text_encoder": te, "text_encoder_2": te2}
+
+
+def _random_fp16(model, seed: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            out[name] = (torch.randn(t.shape, generator=g) * 0.02).half()
+        else:
+            out[name] = torch.zeros(t.shape, dtype=t.dtype)
+    return out
+
+
+def write_source(dst: Path, size: str, seed: int = 0) -> None:
+    """A diffusers StableDiffusionXLPipeline directory with random fp16 weights (one component at a
+    time, built on the meta device, so memory stays at the largest component)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from conversion.demo import make_clip_tokenizer
+
+    cfg = sdxl_configs(size)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for i, (name, cls) in enumerate([("unet", UNet2DConditionModel), ("vae", AutoencoderKL)]):
+        with init_empty_weights():
+            model = cls.from_config(cfg[name])
+        (tmp / name).mkdir(parents=True)
+        model.save_config(tmp / name)
+        save_file(_random_fp16(model, seed + i), str(tmp / name / "diffusion_pytorch_model.safetensors"))
+        del model
+    for i, (name, cls) in enumerate([("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)]):
+        config = CLIPTextConfig(**cfg[name], architectures=[cls.__name__], dtype="float16")
+        with init_empty_weights():
+            model = cls(config)
+        (tmp / name).mkdir(parents=True)
+        config.save_pretrained(tmp / name)
+        save_file(_random_fp16(model, seed + 10 + i), str(tmp / name / "model.safetensors"))
+        del model
+    tokenizer = make_clip_tokenizer()
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer.save_pretrained(tmp / name)
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                           timestep_spacing="leading").save_config(tmp / "scheduler")
+    tok_cls = type(tokenizer).__name__
+    index = {
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": True, "feature_extractor": [None, None], "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", tok_cls],
+        "tokenizer_2": ["transformers", tok_cls], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    os.rename(tmp, dst)
+
+
+def prepare(workdir: Path, size: str) -> dict:
+    """The source directory, its conversion in a store, and our app's copy; built once per size."""
+    base = workdir / size
+    source = base / "source"
+    if not (source / "model_index.json").is_file():
+        log(f"writing an SDXL-shaped ({size}) random fp16 pipeline to {source} ...")
+        base.mkdir(parents=True, exist_ok=True)
+        write_source(source, size)
+    data_root = base / "data"
+    from conversion.store import ensure_converted
+
+    log(f"converting {source} into the store under {data_root} (once) ...")
+    store = Path(ensure_converted(str(source), root=data_root, dtype="float16"))
+    app_dir = base / "app-ours"
+    write_app_copy(app_dir, source)
+    files = {
+        "ours": sorted(str(p) for p in store.rglob("*") if p.is_file()),
+        "stock": sorted(str(p) for p in source.rglob("*") if p.is_file()),
+    }
+    files["flashpack"] = files["ours"]
+    files["imports-only"] = []
+    payload = sum(p.stat().st_size for p in store.glob("*/model.flashpack"))
+    return {"size": size, "source": str(source), "store": str(store), "data_root": str(data_root),
+            "app_dir": str(app_dir), "files": files, "payload_bytes": payload}
+
+
+def write_app_copy(app_dir: Path, source: Path) -> None:
+    """This app as a user's project would hold it, with a ``bench`` profile serving ``source``."""
+    shutil.rmtree(app_dir, ignore_errors=True)
+    app_dir.mkdir(parents=True)
+    for name in ("app.py", "requirements.txt", "pyproject.toml"):
+        shutil.copy2(REPO / name, app_dir / name)
+    for name in ("model_loader", "conversion"):
+        shutil.copytree(REPO / name, app_dir / name, ignore=shutil.ignore_patterns("__pycache__"))
+    profile = f"""
+
+# Added by bench/startup.py: serve the benchmark model, no warm-up (so /health is setup alone).
+[profiles.bench.model]
+source = "{source}"
+dtype = "float16"
+device = "auto"
+
+[profiles.bench.serving]
+output = "data_uri"
+warmup_sizes = []
+"""
+    (app_dir / "fal.toml").write_text((REPO / "fal.toml").read_text() + profile)
+
+
+# --------------------------------------------------------------------------------------------------
+# One run
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(peer: str, data: dict, port: int, metrics: int) -> tuple[list[str], str, dict]:
+    fal_cli = str(Path(sys.executable).with_name("fal"))
+    ports = ["--exposed-port", str(port), "--exposed-metrics-port", str(metrics)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
+           "PYTHONUNBUFFERED": "1"}
+    if peer == "ours":
+        env.update(APP_PROFILE="bench", APP_DATA_ROOT=data["data_root"])
+        return [fal_cli, "run", "--local", *ports, "flashpack-t2i"], data["app_dir"], env
+    env.update(BENCH_SOURCE_DIR=data["source"], BENCH_STORE_DIR=data["store"])
+    cls = {"stock": "StockApp", "flashpack": "FlashpackApp", "imports-only": "ImportsOnlyApp"}[peer]
+    return [fal_cli, "run", "--local", *ports, f"{REPO / 'bench' / 'apps' / 'recipes.py'}::{cls}"], str(REPO), env
+
+
+def _request(url: str, body: dict | None, timeout: float) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _peak_rss_gb(pid: int) -> float | None:
+    """The largest VmHWM among ``pid`` and its descendants (the one holding the model)."""
+    best = None
+    pending = [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    value = int(line.split()[1]) * 1024 / 1e9
+                    best = value if best is None else max(best, value)
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            pending.extend(int(c) for c in children)
+        except (OSError, ValueError):
+            continue
+    return round(best, 3) if best is not None else None
+
+
+def _our_phases(output: str) -> dict:
+    """The phase breakdown of our app from its log lines."""
+    phases = {}
+    for name in ("lookup", "store", "warmup"):
+        if m := re.search(rf"app INFO {name}: (\d+\.\d+) s", output):
+            phases[name] = float(m[1])
+    if m := re.search(r"app INFO load: [\d.]+ GB in (\d+\.\d+) s .*import torch (\d+\.\d+) s", output):
+        phases["load"], phases["import_torch"] = float(m[1]), float(m[2])
+    if m := re.search(r"imports (\d+\.\d+) s, build (\d+\.\d+) s, waiting for reads (\d+\.\d+) s, "
+                      r"assemble (\d+\.\d+) s; reads took (\d+\.\d+) s", output):
+        keys = ("import_diffusers", "build", "wait_reads", "assemble", "reads")
+        phases.update(dict(zip(keys, map(float, m.groups()), strict=True)))
+    if m := re.search(r"setup: ready in (\d+\.\d+) s", output):
+        phases["setup"] = float(m[1])
+    return phases
+
+
+def run_once(peer: str, cache: str, data: dict, timeout: float) -> dict:
+    files = data["files"][peer]
+    if cache == "hot":
+        warm(files)
+    else:
+        evict(files)
+    resident = [resident_fraction(f) or 0.0 for f in files]
+    sizes = [os.path.getsize(f) for f in files]
+    resident_before = sum(r * s for r, s in zip(resident, sizes, strict=True)) / max(1, sum(sizes))
+    port, metrics = _free_port(), _free_port()
+    cmd, cwd, env = _command(peer, data, port, metrics)
+    out_path = Path(data["app_dir"]).parent / f"run-{peer}-{cache}.log"
+    record = {"peer": peer, "cache": cache, "resident_before": round(resident_before, 4)}
+    with open(out_path, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{peer} exited with {proc.returncode} before /health answered")
+                if time.perf_counter() - t0 > timeout:
+                    raise RuntimeError(f"{peer}: no /health 200 within {timeout} s")
+                try:
+                    status, _ = _request(f"http://127.0.0.1:{port}/health", None, 5)
+                    if status == 200:
+                        break
+                except (OSError, urllib.error.URLError):
+                    pass
+                time.sleep(0.05)
+            record["health_s"] = round(time.perf_counter() - t0, 3)
+            if peer == "imports-only":
+                record["peak_rss_gb"] = _peak_rss_gb(proc.pid)
+                return record
+            body = dict(REQUEST)
+            if peer == "ours":
+                body = {"prompt": REQUEST["prompt"], "image_size": {"width": 256, "height": 256},
+                        "num_inference_steps": 1, "guidance_scale": 1.0, "seed": 0, "sync_mode": True}
+            t1 = time.perf_counter()
+            status, reply = _request(f"http://127.0.0.1:{port}/", body, timeout)
+            record["first_image_s"] = round(time.perf_counter() - t1, 3)
+            if status != 200:
+                raise RuntimeError(f"{peer}: first image answered {status}: {reply[:300]!r}")
+            record["peak_rss_gb"] = _peak_rss_gb(proc.pid)
+        except Exception as exc:  # noqa: BLE001 - recorded, the bench goes on
+            record["error"] = str(exc)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = out_path.read_text(errors="replace")
+    if peer == "ours":
+        record["phases"] = _our_phases(output)
+    if "error" in record:
+        record["output_tail"] = output[-3000:]
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = []
+    for cache in CACHES:
+        ours = median([r.get("health_s") for r in runs if r["peer"] == "ours" and r["cache"] == cache])
+        floor = median([r.get("health_s") for r in runs if r["peer"] == "imports-only" and r["cache"] == cache])
+        for peer in PEERS:
+            mine = [r for r in runs if r["peer"] == peer and r["cache"] == cache]
+            if not mine:
+                continue
+            health = median([r.get("health_s") for r in mine])
+            rows.append({
+                "cache": cache, "peer": peer, "health_s": health,
+                "first_image_s": median([r.get("first_image_s") for r in mine]),
+                "load_s": round(health - floor, 2) if floor == floor else None,
+                "vs_ours": round(health / ours, 2) if ours == ours and ours > 0 else None,
+                "peak_rss_gb": median([r.get("peak_rss_gb") for r in mine]),
+                "runs": f"{sum('error' not in r for r in mine)}/{len(mine)}",
+                "all_health_s": [r.get("health_s") for r in mine],
+            })
+    return rows
+
+
+def phase_table(runs: list[dict]) -> str:
+    keys = ("lookup", "import_torch", "import_diffusers", "build", "reads", "wait_reads", "assemble", "load",
+            "warmup", "setup")
+    lines = ["| cache | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for cache in CACHES:
+        mine = [r.get("phases", {}) for r in runs if r["peer"] == "ours" and r["cache"] == cache]
+        if mine:
+            lines.append(f"| {cache} | " + " | ".join(f"{median([p.get(k) for p in mine]):.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| cache | peer | /health 200 s (median) | above the floor s | first image s | time vs ours | peak RSS GB "
+             "| runs | all /health s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['cache']} | {r['peer']} | {r['health_s']:.2f} | {r['load_s'] if r['load_s'] is not None else '-'} "
+                     f"| {r['first_image_s']:.2f} | "
+                     f"{r['vs_ours'] if r['vs_ours'] is not None else '-'}x | {r['peak_rss_gb']} | {r['runs']} | "
+                     f"{', '.join(f'{v:.2f}' if v else '-' for v in r['all_health_s'])} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=("sdxl", "small", "tiny"), default="sdxl",
+                    help="sdxl: SDXL base 1.0's shapes (6.9 GB fp16); small (~0.8 GB); tiny (for smoke tests)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every peer and cache)")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
+    ap.add_argument("--caches", default=",".join(CACHES), help="comma-separated subset of hot,cold")
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "startup")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds a run may take to /health and to its image")
+    ap.add_argument("--machine", default=None, help="a name for the results file (default: from the CPU/GPU)")
+    ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args(argv)
+    args.peers = [p for p in args.peers.split(",") if p]
+    args.caches = [c for c in args.caches.split(",") if c]
+    for name, values, allowed in (("--peers", args.peers, PEERS), ("--caches", args.caches, CACHES)):
+        unknown = sorted(set(values) - set(allowed))
+        if unknown or not values:
+            ap.error(f"{name}: unknown or empty {unknown or values} (choose from {', '.join(allowed)})")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = prepare(args.workdir, args.size)
+    info = machine_info(args.workdir)
+    log(f"model: {args.size}, {data['payload_bytes'] / 1e9:.2f} GB of packs; machine: {info['cpu']}, {info['cores']} cores")
+    runs = []
+    for round_ in range(args.rounds):
+        for cache in args.caches:
+            for peer in args.peers:
+                record = run_once(peer, cache, data, args.timeout)
+                record["round"] = round_
+                runs.append(record)
+                log(f"round {round_ + 1}/{args.rounds} {cache:4} {peer:10} /health {record.get('health_s', '-')} s, "
+                    f"first image {record.get('first_image_s', '-')} s, peak RSS {record.get('peak_rss_gb', '-')} GB"
+                    + (f"  ERROR {record['error']}" if "error" in record else ""))
+                if cache == "cold" and record["resident_before"] > 0.02:
+                    log(f"  warning: {record['resident_before']:.0%} of the files were still cached at the start")
+    rows = summarize(runs)
+    table, phases = markdown(rows), phase_table(runs)
+    print(f"Model: SDXL-shaped ({args.size}), {data['payload_bytes'] / 1e9:.2f} GB fp16 packs; {args.rounds} rounds; "
+          f"{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, torch {info['torch']}\n")
+    print(table + "\n\nOur phases (medians, seconds):\n\n" + phases)
+    args.results.mkdir(parents=True, exist_ok=True)
+    name = args.machine or machine_slug(info)
+    out = args.results / f"startup-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"machine": name, "hardware": info, "config": vars(args) | {
+        "workdir": str(args.workdir), "results": str(args.results)}, "request": REQUEST,
+        "payload_bytes": data["payload_bytes"], "summary": rows, "runs": runs}, indent=2, default=str) + "\n")
+    log(f"raw runs: {out}")
+    return 0 if all("error" not in r for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
