@@ -10,7 +10,6 @@ schedulers and other files are copied. The manifest is written last.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,8 +42,11 @@ from model_loader.pipeline import (
     resolve_class,
 )
 
+from model_loader.bounded_json import load_file_bounded
+
 from .errors import ConversionError
 from .durable import fsync_dir
+from .sources import read_model_index as read_source_index
 from .writer import index_safetensors, write_pack
 
 logger = logging.getLogger("conversion.convert")
@@ -55,6 +57,8 @@ _WEIGHT_SUFFIXES = (
     ".gguf", ".flashpack",
 )
 _WEIGHT_INDEX = re.compile(r"\.(safetensors|bin)\.index(\.[A-Za-z0-9_]+)?\.json$")
+# A shard index maps every tensor name to its file (~100 KB for a large transformer).
+_MAX_SHARD_INDEX_BYTES = 64 * 1024 * 1024
 
 
 def convert_pipeline(
@@ -107,6 +111,8 @@ def convert_pipeline(
 
 
 def _read_index(src: Path) -> dict[str, Any]:
+    # Parsed within limits first, so a hostile model_index.json cannot exhaust the stack.
+    read_source_index(src / MODEL_INDEX_NAME)
     try:
         return read_model_index(src)
     except PipelineLoadError as exc:
@@ -163,7 +169,7 @@ def weight_files(comp: Path, variant: str | None) -> tuple[list[Path], str | Non
 
 def _shards(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = load_file_bounded(index, max_bytes=_MAX_SHARD_INDEX_BYTES)["weight_map"]
         names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConversionError(f"{index}: not a valid safetensors index ({exc})") from None

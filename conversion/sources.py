@@ -8,7 +8,6 @@ a URL hash, a directory fingerprint), and the file selection for ``allow_pattern
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -16,6 +15,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
+
+from model_loader.bounded_json import load_file_bounded
 
 from .errors import SourceError
 
@@ -30,6 +31,8 @@ WEIGHT_EXTS = ("safetensors", "bin")
 # Per-component files copied as-is: configs, tokenizers (BPE, sentencepiece, tiktoken), schedulers.
 _SIDE_FILE = re.compile(r"\.(json|txt|model|tiktoken)$")
 DEFAULT_PIPELINE_CLASS = "StableDiffusionPipeline"
+# A model_index.json names a few components (~1 KB); far larger is not one.
+MAX_MODEL_INDEX_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -278,11 +281,11 @@ def _component_weights(comp: str, names: list[str], variant: str | None) -> list
 def read_model_index(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a ``model_index.json`` (a SourceError names the file when it is not one)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = load_file_bounded(path, max_bytes=MAX_MODEL_INDEX_BYTES)
     except FileNotFoundError:
         raise SourceError(f"{path}: missing; the source is not a diffusers pipeline") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: not a readable model_index.json ({exc})") from exc
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 JSON, too large or too deep
+        raise SourceError(f"{path}: not a readable model_index.json ({exc})") from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a JSON object")
     return data

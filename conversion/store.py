@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from model_loader.bounded_json import load_file_bounded
+
 from .errors import ConversionError, DiskFullError, SourceError, StoreError
 from .locking import FileLock, host_tag, pid_alive
 from .manifest import FORMAT_VERSION, VerificationError, read_manifest, verify_converted
@@ -53,6 +55,7 @@ STORE_DIRNAME = "flashpack"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_REF_BYTES = 64 * 1024  # a ref file is one small JSON object
 Verify = Literal["cheap", "full"]
 
 _DTYPE_ALIASES = {
@@ -193,8 +196,8 @@ class Store:
     def read_ref(self, source: Source) -> str | None:
         """The identity recorded for a branch/tag or local directory, or None."""
         try:
-            data = json.loads(self.ref_path(source).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = load_file_bounded(self.ref_path(source), max_bytes=_MAX_REF_BYTES)
+        except (OSError, ValueError):  # missing, unreadable, not JSON, too large or too deep
             return None
         value = data.get("identity") if isinstance(data, dict) else None
         return value if isinstance(value, str) and value else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -12,6 +13,7 @@ from conversion.sources import (
     directory_fingerprint,
     parse_source,
     parse_weight_name,
+    read_model_index,
     select_files,
     source_from_config,
 )
@@ -210,3 +212,25 @@ def test_directory_fingerprint_changes_when_a_file_changes(tmp_path):
     (tmp_path / "a.json").write_text('{"x": 1}')
     os.utime(tmp_path / "a.json", ns=(1, 1))
     assert directory_fingerprint(tmp_path) != before
+
+
+# ---------------------------------------------------------------------------------------------
+# model_index.json
+
+
+def test_model_index_nested_100000_deep_is_a_source_error_naming_the_file(tmp_path):
+    path = tmp_path / "model_index.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(
+        SourceError, match=re.escape(f"{path}: not a readable model_index.json (nested more than 64 levels deep)")
+    ):
+        read_model_index(path)
+
+
+def test_model_index_larger_than_a_mebibyte_is_a_source_error_naming_the_file(tmp_path):
+    path = tmp_path / "model_index.json"
+    path.write_text('{"_class_name": "' + "x" * (1 << 20) + '"}')
+    with pytest.raises(
+        SourceError, match=re.escape(f"{path}: not a readable model_index.json (more than the limit of 1048576 bytes)")
+    ):
+        read_model_index(path)

@@ -130,6 +130,13 @@ def test_branch_stays_on_its_recorded_commit_until_refresh(hub, tiny_sd, tmp_pat
     assert hub.count() == 0
 
 
+def test_ref_file_nested_100000_deep_reads_as_no_ref(tmp_path):
+    store, source = Store(tmp_path), parse_source("org/tiny-sd")
+    store.ref_path(source).parent.mkdir(parents=True)
+    store.ref_path(source).write_text("[" * 100_000 + "]" * 100_000)
+    assert store.read_ref(source) is None
+
+
 def test_commit_revision_is_its_own_key_without_a_ref_file(hub, tmp_path):
     commit = hub.repos["org/tiny-sd"].branches["main"]
     path = ensure_converted(parse_source("org/tiny-sd", revision=commit), root=tmp_path)
