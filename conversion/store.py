@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from model_loader.bounded_json import load_file_bounded
 
-from .errors import ConversionError, DiskFullError, SourceError, StoreError
+from .errors import ConversionError, DiskFullError, SourceError, StoreError, is_disk_full, os_error_code
 from .locking import FileLock, host_tag, pid_alive
 from .manifest import FORMAT_VERSION, VerificationError, read_manifest, verify_converted
 from .sources import Source, directory_fingerprint, is_commit, parse_source, url_hash
@@ -53,7 +53,6 @@ log = logging.getLogger("conversion.store")
 
 STORE_DIRNAME = "flashpack"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_REF_BYTES = 64 * 1024  # a ref file is one small JSON object
 Verify = Literal["cheap", "full"]
@@ -290,6 +289,9 @@ class Store:
         """Convert ``source`` into a new directory ``dst`` (outside the store)."""
         torch_dtype, dtype_name = dtype_key(dtype)
         if dst.exists() and any(dst.iterdir()):
+            if self._converted_into(dst, source, dtype_name):
+                log.info("convert: %s is already a verified conversion of %s", dst, source.display)
+                return dst.resolve()
             raise ConversionError(f"{dst}: already exists and is not empty; remove it or choose another destination")
         self._ensure_writable()
         prepared = self._prepare(source, None, refresh)
@@ -303,6 +305,21 @@ class Store:
         finally:
             for scratch in prepared.scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+    def _converted_into(self, dst: Path, source: Source, dtype_name: str) -> bool:
+        """Whether ``dst`` holds a conversion of ``source`` as it is now (same store key, found
+        offline) that verifies in full."""
+        identity = self.offline_identity(source)
+        if identity is None:
+            return False
+        try:
+            recorded = read_manifest(dst).get("source")
+            if not isinstance(recorded, dict) or recorded.get("store_key") != self.entry(source, identity, dtype_name).digest:
+                return False
+            verify_converted(dst, full=True)
+        except VerificationError:
+            return False
+        return True
 
     def _warm(self, source: Source, dtype_name: str, verify: Verify) -> Path | None:
         identity = self.offline_identity(source)
@@ -375,7 +392,7 @@ class Store:
             return
         for e in entries:
             if e.name.startswith(".trash-"):
-                shutil.rmtree(e.path, ignore_errors=True)
+                _remove_leftover(e)
                 continue
             if not e.name.startswith((".tmp-", ".work-")):
                 continue
@@ -384,9 +401,14 @@ class Store:
                 owner_dead = host == me and not pid_alive(int(pid))
             except ValueError:
                 owner_dead = False
-            if owner_dead or time.time() - _newest_mtime(Path(e.path)) > stale_after_s:
+            # A symlink is never a build in progress (builders make directories): its own mtime decides.
+            try:
+                mtime = os.lstat(e.path).st_mtime if e.is_symlink() else _newest_mtime(Path(e.path))
+            except FileNotFoundError:  # another runner removed it meanwhile
+                continue
+            if owner_dead or time.time() - mtime > stale_after_s:
                 log.info("store: removing leftover %s of an interrupted build", e.path)
-                shutil.rmtree(e.path, ignore_errors=True)
+                _remove_leftover(e)
 
     # -- building --------------------------------------------------------------------------------
 
@@ -415,9 +437,9 @@ class Store:
             return self._publish(tmp, entry)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            if is_disk_full(exc):  # an OSError, or safetensors' SafetensorError (save_pretrained)
                 raise DiskFullError(
-                    f"no space left writing {target} ({exc.strerror}); free space on {self.root} and retry"
+                    f"no space left writing {target} ({os.strerror(os_error_code(exc))}); free space on {self.root} and retry"
                 ) from exc
             raise
 
@@ -450,10 +472,11 @@ class Store:
         """The source as a local diffusers directory (downloaded and pre-read as needed)."""
         try:
             return self._prepare_kind(source, policy, refresh)
-        except OSError as exc:
-            if exc.errno in _NO_SPACE:
+        except Exception as exc:  # OSError, or SafetensorError from a single-file checkpoint's save_pretrained
+            if is_disk_full(exc):
                 raise DiskFullError(
-                    f"no space left preparing {source.display} ({exc.strerror}); free space on {self.root} and retry"
+                    f"no space left preparing {source.display} ({os.strerror(os_error_code(exc))}); "
+                    f"free space on {self.root} and retry"
                 ) from exc
             raise
 
@@ -575,6 +598,16 @@ def _slug(source: Source) -> str:
 
 def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _remove_leftover(entry: os.DirEntry) -> None:
+    """Delete a leftover in the store: a directory tree, or a symlink or file itself (never what a
+    symlink points to; rmtree refuses symlinks)."""
+    with contextlib.suppress(OSError):  # gone already, or not ours to remove: best effort, as before
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
 
 
 def _newest_mtime(path: Path) -> float:

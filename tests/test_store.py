@@ -277,6 +277,26 @@ def test_leftovers_of_dead_or_silent_builders_are_removed_and_live_ones_kept(tmp
     assert {k for k, d in dirs.items() if d.exists()} == {"live", "other_host_fresh"}
 
 
+def test_leftovers_that_are_symlinks_are_unlinked_and_their_targets_kept(tmp_path):
+    store = Store(tmp_path)
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("not the store's")
+    store.dir.mkdir(parents=True)
+    links = [store.dir / ".trash-org--x-0123456789abcdef.3.eeee",
+             store.dir / f".tmp-org--x-0123456789abcdef.{host_tag()}.{dead_pid()}.aaaa",
+             store.dir / ".work-org--x-0123456789abcdef.elsewhere.2.dddd"]
+    for link in links:
+        link.symlink_to(target)
+    links[2].unlink()
+    links[2].symlink_to(tmp_path / "missing")  # dangling, from a silent builder on another machine
+    old = time.time() - 3 * 3600
+    os.utime(links[2], (old, old), follow_symlinks=False)
+    store.cleanup_stale()
+    assert [link for link in links if os.path.lexists(link)] == []
+    assert (target / "keep.txt").read_text() == "not the store's"
+
+
 # ---------------------------------------------------------------------------------------------
 # Many runners, full disks (forked processes: the parent has torch and diffusers imported)
 
@@ -353,6 +373,17 @@ def test_convert_source_into_a_new_directory(local_src, tmp_path):
     assert convert_source(str(local_src), dst, root=tmp_path / "volume") == dst.resolve()
     verify_converted(dst, full=True)
     assert json.loads((dst / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_convert_source_again_returns_the_verified_conversion_without_converting(local_src, tmp_path, monkeypatch):
+    dst = tmp_path / "out" / "converted"
+    convert_source(str(local_src), dst, root=tmp_path / "volume")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(conversion.convert, "convert_pipeline", no_conversion)
+    assert convert_source(str(local_src), dst, root=tmp_path / "volume") == dst.resolve()
 
 
 def test_convert_source_refuses_a_non_empty_destination(local_src, tmp_path):
