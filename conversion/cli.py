@@ -113,8 +113,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _local_source_info(src: Path) -> dict:
     """What the manifest records about a local source: its path and its contents' fingerprint."""
-    from .sources import Source, directory_fingerprint
+    from .sources import Source, directory_fingerprint, require_pipeline_dir
 
+    require_pipeline_dir(src)
     return {**Source("local", str(src.resolve())).describe(), "identity": directory_fingerprint(src)}
 
 

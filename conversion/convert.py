@@ -47,6 +47,7 @@ from model_loader.bounded_json import load_file_bounded
 from .errors import ConversionError
 from .durable import fsync_dir
 from .sources import read_model_index as read_source_index
+from .sources import warn_broken_symlink
 from .writer import index_safetensors, write_pack
 
 logger = logging.getLogger("conversion.convert")
@@ -381,5 +382,9 @@ def _copy_tree(src: Path, dst: Path) -> None:
         out = dst / Path(root).relative_to(src)
         out.mkdir(parents=True, exist_ok=True)
         for name in sorted(files):
-            _copy_file(Path(root) / name, out / name)
+            path = Path(root) / name
+            if path.is_symlink() and not path.exists():
+                warn_broken_symlink(path)  # nothing to copy; a component that needs it says so on load
+                continue
+            _copy_file(path, out / name)
         fsync_dir(out)

@@ -8,6 +8,7 @@ a URL hash, a directory fingerprint), and the file selection for ``allow_pattern
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 from model_loader.bounded_json import load_file_bounded
 
 from .errors import SourceError
+
+log = logging.getLogger("conversion.sources")
 
 Kind = Literal["hub", "url", "local"]
 
@@ -154,10 +157,23 @@ def url_hash(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8")).hexdigest()
 
 
+def require_pipeline_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` when it holds a ``model_index.json``, else a SourceError saying it does not.
+
+    Checked before anything else reads a local source, so ``/etc`` is told just that.
+    """
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise SourceError(f"{path}: no model_index.json; a local source must be a diffusers pipeline directory")
+    return path
+
+
 def directory_fingerprint(path: str | os.PathLike[str]) -> str:
     """A cheap identity of a local directory's contents: every file's path, size and mtime.
 
     Only ``stat`` calls, so a warm start stays fast; editing, adding or removing a file changes it.
+    A broken symlink has no contents: it is left out (with one warning per link and process); if
+    the pipeline needed it, the conversion names the missing file.
     """
     root = Path(path)
     digest = hashlib.sha256()
@@ -167,10 +183,31 @@ def directory_fingerprint(path: str | os.PathLike[str]) -> str:
             if name.startswith("."):
                 continue
             full = os.path.join(dirpath, name)
-            st = os.stat(full)
+            try:
+                st = os.stat(full)
+            except OSError as exc:
+                if not os.path.islink(full):
+                    raise SourceError(f"{full}: cannot read ({exc.strerror or exc})") from exc
+                warn_broken_symlink(full)
+                continue
             rel = os.path.relpath(full, root)
             digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+_warned_links: set[str] = set()
+
+
+def warn_broken_symlink(path: str | os.PathLike[str]) -> None:
+    """Log once per process that the broken symlink ``path`` of a local source is skipped."""
+    key = os.fspath(path)
+    if key not in _warned_links:
+        _warned_links.add(key)
+        try:
+            target = os.readlink(key)
+        except OSError:
+            target = "?"
+        log.warning("source: skipping the broken symlink %s (to %s)", key, target)
 
 
 def with_revision(source: Source, revision: str) -> Source:

@@ -41,7 +41,7 @@ from model_loader.bounded_json import load_file_bounded
 from .errors import ConversionError, DiskFullError, SourceError, StoreError, is_disk_full, os_error_code
 from .locking import FileLock, host_tag, pid_alive
 from .manifest import FORMAT_VERSION, VerificationError, read_manifest, verify_converted
-from .sources import Source, directory_fingerprint, is_commit, parse_source, url_hash
+from .sources import Source, directory_fingerprint, is_commit, parse_source, require_pipeline_dir, url_hash
 from .durable import fsync_dir
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ class Store:
         if source.kind == "hub":
             return source.revision if is_commit(source.revision) else self.read_ref(source)
         if Path(source.ref).is_dir():
-            return directory_fingerprint(_local_dir(source))
+            return directory_fingerprint(_pipeline_dir(source))
         return self.read_ref(source)
 
     def lookup(self, source: Source, dtype: Any = None) -> Path | None:
@@ -482,9 +482,7 @@ class Store:
 
     def _prepare_kind(self, source: Source, policy: DownloadPolicy | None, refresh: bool) -> Prepared:
         if source.kind == "local":
-            path = _local_dir(source)
-            if not (path / "model_index.json").is_file():
-                raise SourceError(f"{path}: no model_index.json; a local source must be a diffusers pipeline directory")
+            path = _pipeline_dir(source)
             from .download import DownloadPolicy, preread
 
             pol = policy or DownloadPolicy.from_env()
@@ -536,6 +534,11 @@ class Store:
 def _local_dir(source: Source) -> Path:
     path = Path(source.ref)
     return path / source.subfolder if source.subfolder else path
+
+
+def _pipeline_dir(source: Source) -> Path:
+    """The local source's directory, checked to be a pipeline before anything reads it."""
+    return require_pipeline_dir(_local_dir(source))
 
 
 def _pipeline_class(source: Source) -> type:

@@ -357,6 +357,13 @@ def test_revert_on_a_full_disk_is_a_disk_full_error_naming_the_destination(tmp_p
     )
 
 
+def pipeline_dir(path: Path) -> Path:
+    """A directory the CLI takes for a local pipeline (the fake conversion reads nothing else)."""
+    path.mkdir()
+    (path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return path
+
+
 @pytest.fixture
 def fake_convert(monkeypatch):
     """Replace conversion.convert with a recorder that writes a minimal converted directory."""
@@ -379,8 +386,7 @@ def fake_convert(monkeypatch):
 
 
 def test_convert_local_dir_builds_beside_dst_then_renames(tmp_path, fake_convert, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     dst = tmp_path / "out" / "converted"
     assert cli.main(["convert", str(src), str(dst), "--dtype", "half"]) == 0
     assert capsys.readouterr().out == f"{dst}\n"
@@ -394,8 +400,7 @@ def test_convert_local_dir_builds_beside_dst_then_renames(tmp_path, fake_convert
 
 def test_convert_failure_removes_temp_dir_and_creates_no_dst(tmp_path, fake_convert, capsys):
     fake_convert.fail = True
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     dst = tmp_path / "out" / "converted"
     assert cli.main(["convert", str(src), str(dst)]) == 1
     assert capsys.readouterr().err == "error: unexpected RuntimeError: boom while converting\n"
@@ -403,8 +408,7 @@ def test_convert_failure_removes_temp_dir_and_creates_no_dst(tmp_path, fake_conv
 
 
 def test_convert_refuses_existing_dst(tmp_path, fake_convert, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     dst = tmp_path / "converted"
     dst.mkdir()
     assert cli.main(["convert", str(src), str(dst)]) == 1
@@ -414,9 +418,7 @@ def test_convert_refuses_existing_dst(tmp_path, fake_convert, capsys):
 
 @pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink"])
 def test_convert_refuses_a_destination_that_is_its_source(tmp_path, fake_convert, capsys, spelling):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "model_index.json").write_text("{}")
+    src = pipeline_dir(tmp_path / "src")
     dst = {"same": src, "dotdot": src / ".." / "src", "symlink": tmp_path / "link"}[spelling]
     if spelling == "symlink":
         dst.symlink_to(src)
@@ -427,8 +429,7 @@ def test_convert_refuses_a_destination_that_is_its_source(tmp_path, fake_convert
 
 
 def test_convert_again_with_the_same_arguments_recognises_the_verified_conversion(tmp_path, fake_convert, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     dst = tmp_path / "converted"
     assert cli.main(["convert", str(src), str(dst)]) == 0
     capsys.readouterr()
@@ -438,8 +439,7 @@ def test_convert_again_with_the_same_arguments_recognises_the_verified_conversio
 
 
 def test_convert_again_after_the_source_changed_refuses_the_existing_dst(tmp_path, fake_convert, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     dst = tmp_path / "converted"
     assert cli.main(["convert", str(src), str(dst)]) == 0
     (src / "model_index.json").write_text("{}")
@@ -449,8 +449,7 @@ def test_convert_again_after_the_source_changed_refuses_the_existing_dst(tmp_pat
 
 
 def test_convert_again_into_a_damaged_conversion_says_it_fails_verification(tmp_path, fake_convert, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     dst = tmp_path / "converted"
     assert cli.main(["convert", str(src), str(dst)]) == 0
     pack = dst / "unet" / "model.flashpack"
@@ -464,14 +463,21 @@ def test_convert_again_into_a_damaged_conversion_says_it_fails_verification(tmp_
     assert err.endswith("; remove it and convert again\n")
 
 
+def test_convert_a_directory_without_model_index_says_exactly_that(tmp_path, fake_convert, capsys):
+    assert cli.main(["convert", "/etc", str(tmp_path / "dst")]) == 1
+    assert capsys.readouterr().err == (
+        "error: /etc: no model_index.json; a local source must be a diffusers pipeline directory\n"
+    )
+    assert fake_convert.calls == []
+
+
 def test_convert_local_dir_with_revision_is_usage_error(tmp_path, fake_convert, capsys):
     assert cli.main(["convert", str(tmp_path), str(tmp_path / "dst"), "--revision", "main"]) == 2
     assert capsys.readouterr().err == "error: --revision applies to Hub repo ids, not local directories\n"
 
 
 def test_convert_local_dir_passes_variant(tmp_path, fake_convert):
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     assert cli.main(["convert", str(src), str(tmp_path / "dst"), "--variant", "fp16"]) == 0
     assert fake_convert.calls[0][4] == {"variant": "fp16"}
 

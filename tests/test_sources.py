@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -203,6 +204,17 @@ def test_config_only_selection_skips_every_weight():
 
 # ---------------------------------------------------------------------------------------------
 # local identity
+
+
+def test_directory_fingerprint_skips_a_broken_symlink_warning_once(tmp_path, caplog):
+    (tmp_path / "model_index.json").write_text("{}")
+    without = directory_fingerprint(tmp_path)
+    (tmp_path / "README.link").symlink_to(tmp_path / "nowhere")
+    caplog.set_level(logging.WARNING, logger="conversion.sources")
+    assert directory_fingerprint(tmp_path) == directory_fingerprint(tmp_path) == without
+    assert [r.getMessage() for r in caplog.records] == [
+        f"source: skipping the broken symlink {tmp_path / 'README.link'} (to {tmp_path / 'nowhere'})"
+    ]
 
 
 def test_directory_fingerprint_changes_when_a_file_changes(tmp_path):

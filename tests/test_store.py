@@ -160,6 +160,21 @@ def test_local_source_is_converted_once_and_again_when_it_changes(local_src, tmp
     assert "999" in (second / "scheduler" / "scheduler_config.json").read_text()
 
 
+def test_local_source_with_broken_symlinks_converts_and_skips_them(local_src, tmp_path):
+    (local_src / "README.link").symlink_to(tmp_path / "nowhere")
+    (local_src / "tokenizer" / "notes.link").symlink_to(tmp_path / "nowhere")
+    path = ensure_converted(str(local_src), root=tmp_path / "volume")
+    verify_converted(path, full=True)
+    assert (path / "tokenizer" / "tokenizer.json").is_file()
+    assert not os.path.lexists(path / "tokenizer" / "notes.link")
+
+
+def test_local_directory_without_model_index_says_so_before_reading_anything_else(tmp_path):
+    with pytest.raises(SourceError) as err:
+        ensure_converted("/etc", root=tmp_path)
+    assert str(err.value) == "/etc: no model_index.json; a local source must be a diffusers pipeline directory"
+
+
 def test_dtype_is_part_of_the_key(local_src, tmp_path):
     native = ensure_converted(str(local_src), root=tmp_path)
     half = ensure_converted(str(local_src), root=tmp_path, dtype=torch.float16)
