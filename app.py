@@ -7,24 +7,46 @@ Read top to bottom:
                 POST / generates images, GET|POST /health reports readiness and setup timings.
 
 Run it: ``make serve`` (demo, offline), ``fal run flashpack-t2i`` (a fal runner),
-``fal deploy flashpack-t2i``. Heavy libraries (torch, diffusers, conversion, model_loader) are
-imported inside setup(): importing this file stays cheap, and the pack reads start before them.
+``fal deploy flashpack-t2i``. Heavy libraries (torch, diffusers, most of conversion, model_loader)
+are imported inside setup(): importing this file stays cheap, and the pack reads start before them.
+Only conversion.sources (stdlib) is imported here, to check [model] when the settings load.
 """
 
 import glob
+import json
 import logging
 import os
 import re
 import threading
 import time
 import tomllib
+import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from secrets import randbelow, token_hex
 from typing import Annotated, Any, Literal
 
 import fal
 from fal.toolkit import Image, ImageSizeConstraints, ImageSizeField
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from conversion.errors import SourceError
+from conversion.sources import parse_source
 
 log = logging.getLogger("app")
 
@@ -38,6 +60,14 @@ DEMO_SOURCE = "demo"
 # The largest integer a JSON number carries exactly in every client (JavaScript's 2**53 - 1).
 MAX_SEED = 2**53 - 1
 PIXEL_MULTIPLE = 8
+# Sanity bounds of [serving]: far beyond any real use, low enough that no setting is absurd.
+MAX_STEPS_LIMIT = 1000
+MAX_GUIDANCE_LIMIT = 100.0
+MAX_SIDE_LIMIT = 8192
+MAX_PROMPT_LIMIT = 100_000
+# A 422 answer echoes at most this many characters of any input, and at most this many errors.
+ECHO_CHARS = 100
+MAX_ERRORS_SHOWN = 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +128,8 @@ class DeploySettings(_Strict):
 
 
 class ModelSettings(_Strict):
-    """The model to serve: a source the store acquires and converts once."""
+    """The model to serve: a source the store acquires and converts once (checked with
+    conversion.sources' rules by :func:`load_settings`, see :func:`model_problem`)."""
 
     source: str = Field(min_length=1)
     revision: str | None = Field(default=None, min_length=1)
@@ -110,14 +141,15 @@ class ModelSettings(_Strict):
 class ServingSettings(_Strict):
     """Bounds of one request; they become the public schema."""
 
-    max_prompt_length: int = Field(ge=1)
-    default_steps: int = Field(ge=1)
-    max_steps: int = Field(ge=1)
-    default_guidance_scale: float = Field(ge=0)
-    max_guidance_scale: float = Field(ge=0)
-    min_side: int = Field(ge=PIXEL_MULTIPLE)
-    max_side: int = Field(ge=PIXEL_MULTIPLE)
-    max_pixels: int = Field(ge=PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+    max_prompt_length: int = Field(ge=1, le=MAX_PROMPT_LIMIT)
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    default_steps: int = Field(ge=1, le=MAX_STEPS_LIMIT)
+    max_steps: int = Field(ge=1, le=MAX_STEPS_LIMIT)
+    default_guidance_scale: float = Field(ge=0, le=MAX_GUIDANCE_LIMIT, allow_inf_nan=False)
+    max_guidance_scale: float = Field(ge=0, le=MAX_GUIDANCE_LIMIT, allow_inf_nan=False)
+    min_side: int = Field(ge=PIXEL_MULTIPLE, le=MAX_SIDE_LIMIT, multiple_of=PIXEL_MULTIPLE)
+    max_side: int = Field(ge=PIXEL_MULTIPLE, le=MAX_SIDE_LIMIT, multiple_of=PIXEL_MULTIPLE)
+    max_pixels: int = Field(ge=PIXEL_MULTIPLE * PIXEL_MULTIPLE, le=MAX_SIDE_LIMIT * MAX_SIDE_LIMIT)
     default_image_size: PresetName
     output: Literal["cdn", "data_uri"] = "cdn"
     warmup_sizes: list[PresetName] = []
@@ -205,10 +237,36 @@ def load_settings(path: str | os.PathLike[str] = SETTINGS_FILE, profile: str | N
             merged[section] = overlay if section == "model" else _deep_merge(base, overlay)
 
     try:
-        return AppSettings(profile=profile, **merged)
+        settings = AppSettings(profile=profile, **merged)
     except ValidationError as exc:
         problems = "; ".join(_describe(error) for error in exc.errors())
         raise SettingsError(f"{path} (profile {profile!r}): {problems}") from None
+    problem = model_problem(settings.model)
+    if problem is not None:
+        key, message = problem
+        raise SettingsError(f"{path} (profile {profile!r}): model.{key}: {message}")
+    return settings
+
+
+def model_problem(model: ModelSettings) -> tuple[str, str] | None:
+    """The ``[model]`` key that cannot be served and why, by conversion.sources' rules; None if fine.
+
+    ``source`` is checked alone, then with ``variant``, then with ``revision`` too, so the key
+    named is the one that breaks it. A local directory must exist where the settings are loaded.
+    """
+    if model.source == DEMO_SOURCE:
+        for key in ("revision", "variant"):
+            if getattr(model, key) is not None:
+                return key, f"the {DEMO_SOURCE!r} source has no {key}s; remove {key}"
+        return None
+    checks = [("source", {}), ("variant", {"variant": model.variant}),
+              ("revision", {"variant": model.variant, "revision": model.revision})]
+    for key, extra in checks:
+        try:
+            parse_source(model.source, **extra)
+        except SourceError as exc:
+            return key, str(exc)
+    return None
 
 
 def _deep_merge(base: Any, overlay: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +286,8 @@ def _describe(error: Any) -> str:
         message = "unknown key"
     elif error["type"] == "missing":
         message = "required key is missing"
+    elif error["type"] == "finite_number":
+        message = f"must be a finite number, got {error['input']}"
     return f"{key or '<top level>'}: {message}"
 
 
@@ -252,13 +312,26 @@ SERVING = SETTINGS.serving
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. The public schema (fal's text-to-image conventions; bounds come from [serving])
+# 2. The public schema (fal's text-to-image conventions; bounds come from [serving]). Numbers and
+#    booleans are strict: "5" or true for a number and "yes" or 1 for a boolean are refused; an
+#    integer is still a valid float (guidance_scale 7), and 5.0 a valid integer (as in JSON Schema).
+
+
+def _no_text_or_boolean(value: Any) -> Any:
+    if isinstance(value, str | bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+# An integer of a request: a JSON integer, or a number without a fraction (JSON Schema's integer);
+# never a string or a boolean, which pydantic's lax mode would convert.
+RequestInt = Annotated[int, BeforeValidator(_no_text_or_boolean)]
 
 
 class ImageSize(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    width: int = Field(
+    width: RequestInt = Field(
         ge=SERVING.min_side,
         le=SERVING.max_side,
         multiple_of=PIXEL_MULTIPLE,
@@ -266,7 +339,7 @@ class ImageSize(BaseModel):
         f"{SERVING.max_pixels} pixels in all.",
         examples=[SERVING.presets.landscape_4_3.width],
     )
-    height: int = Field(
+    height: RequestInt = Field(
         ge=SERVING.min_side,
         le=SERVING.max_side,
         multiple_of=PIXEL_MULTIPLE,
@@ -329,7 +402,7 @@ class TextToImageInput(BaseModel):
         examples=[SERVING.default_image_size, {"width": SERVING.presets.landscape_4_3.width,
                                                "height": SERVING.presets.landscape_4_3.height}],
     )
-    num_inference_steps: int = Field(
+    num_inference_steps: RequestInt = Field(
         default=SERVING.default_steps,
         ge=1,
         le=SERVING.max_steps,
@@ -338,21 +411,21 @@ class TextToImageInput(BaseModel):
     )
     guidance_scale: float = Field(
         default=SERVING.default_guidance_scale,
+        strict=True,
         ge=0,
         le=SERVING.max_guidance_scale,
         allow_inf_nan=False,
         description="How closely the image follows the prompt (classifier-free guidance; <= 1 turns it off).",
         examples=[SERVING.default_guidance_scale],
     )
-    seed: int | None = Field(
+    # RequestInt spelled out: bounds before the validator keep them in the schema of an optional field.
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_no_text_or_boolean)] | None = Field(
         default=None,
-        ge=0,
-        le=MAX_SEED,
         description="Seed of the noise. The same seed and inputs give the same image; absent: a fresh random "
         "seed, returned in the response. Image i of a request uses seed + i.",
         examples=[42],
     )
-    num_images: int = Field(
+    num_images: RequestInt = Field(
         default=1,
         ge=1,
         le=4,
@@ -366,6 +439,7 @@ class TextToImageInput(BaseModel):
     )
     sync_mode: bool = Field(
         default=False,
+        strict=True,
         description="Return the images inline as data: URIs instead of uploading them to fal's CDN "
         "(larger response; the images are not stored).",
         examples=[False],
@@ -374,9 +448,14 @@ class TextToImageInput(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_has_text(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must contain some non-whitespace text")
+        if not any(_is_visible(ch) for ch in value):
+            raise ValueError("prompt must contain some non-whitespace text (spaces and control characters do not count)")
         return value
+
+
+def _is_visible(ch: str) -> bool:
+    """Neither whitespace nor a control, format, surrogate, private-use or unassigned character."""
+    return not ch.isspace() and unicodedata.category(ch)[0] != "C"
 
 
 class TextToImageOutput(BaseModel):
@@ -406,6 +485,94 @@ class HealthOutput(BaseModel):
         description="Duration of each setup phase: lookup, store, load, warmup, total.",
         examples=[{"lookup": 0.01, "store": 0.0, "load": 1.9, "warmup": 1.2, "total": 3.4}],
     )
+
+
+# Request limits: the body size ([serving].max_request_bytes, 413) and short 422 answers.
+
+
+class RequestBodyLimit:
+    """ASGI middleware: answer 413 to an HTTP request whose body exceeds ``max_bytes``.
+
+    A declared Content-Length is checked before anything is read; a body without one (chunked) is
+    counted as it arrives. The body is read here in full (FastAPI reads it whole anyway) and then
+    handed on unchanged.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._too_large(declared, scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect: nobody left to answer
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(None, scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, declared: int | None, scope: Scope, receive: Receive, send: Send) -> None:
+        size = f"is {declared} bytes, more than" if declared is not None else "exceeds"
+        detail = f"the request body {size} the limit of {self.max_bytes} bytes ([serving] max_request_bytes in fal.toml)"
+        response = JSONResponse({"detail": detail}, 413, headers={"x-fal-billable-units": "0"})
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The request's Content-Length when it has exactly one well-formed one, else None."""
+    values = [v for k, v in scope.get("headers", []) if k.lower() == b"content-length"]
+    return int(values[0]) if len(values) == 1 and values[0].strip().isdigit() else None
+
+
+def short_validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """``errors`` for a 422 answer that echoes no more than ECHO_CHARS of any input (values and
+    key names) and at most MAX_ERRORS_SHOWN errors: a 10 MB prompt is not sent back."""
+    shown = []
+    for error in errors[:MAX_ERRORS_SHOWN]:
+        error = dict(error)
+        error["loc"] = [_shorten(part) if isinstance(part, str) else part for part in error.get("loc", ())]
+        if "input" in error:
+            error["input"] = _short_input(error["input"])
+        shown.append(error)
+    if len(errors) > MAX_ERRORS_SHOWN:
+        shown.append({"type": "too_many_errors", "loc": ["body"], "input": None,
+                      "msg": f"{len(errors) - MAX_ERRORS_SHOWN} more errors not shown"})
+    return shown
+
+
+def _short_input(value: Any) -> Any:
+    """``value`` when it is short; else its first ECHO_CHARS characters (objects as JSON) and "..."."""
+    if isinstance(value, str):
+        return _shorten(value)
+    if isinstance(value, dict | list):
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+        return value if len(text) <= ECHO_CHARS else _shorten(text)
+    return value
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
 
 
 def preset_size(name: str) -> tuple[int, int]:
@@ -442,6 +609,21 @@ class TextToImageApp(fal.App, name=APP_NAME):
     requirements = read_requirements()
     app_files = LOCAL_PACKAGES
     settings = SETTINGS
+
+    def _add_extra_middlewares(self, app: FastAPI) -> None:
+        super()._add_extra_middlewares(app)
+        app.add_middleware(RequestBodyLimit, max_bytes=self.settings.serving.max_request_bytes)  # outermost
+
+    def _add_extra_routes(self, app: FastAPI) -> None:
+        super()._add_extra_routes(app)
+        # The last hook of fal's _build_app, after it registered its 422 handler: wrap that handler
+        # so it keeps fal's format and headers but echoes only short inputs.
+        fal_handler = app.exception_handlers[RequestValidationError]
+
+        async def short_422(request: Any, exc: RequestValidationError) -> Any:
+            return await fal_handler(request, RequestValidationError(short_validation_errors(exc.errors())))
+
+        app.add_exception_handler(RequestValidationError, short_422)
 
     def setup(self) -> None:
         _configure_logging()

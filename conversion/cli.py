@@ -20,7 +20,7 @@ import torch
 
 from model_loader.format import FlashPackFormatError, PackLayout, dtype_name, read_layout
 
-from .errors import ConversionError
+from .errors import ConversionError, write_error
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 INSPECT_SCHEMA_VERSION = 1
@@ -78,6 +78,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     for src in args.src:
         if not Path(src).is_file():
             raise ConversionError(f"{src}: no such file")
+    _refuse_source_as_destination([Path(src) for src in args.src], dst)
     _refuse_existing(dst, args.force)
     layout = pack_safetensors(args.src, dst, target_dtype=args.dtype, align_bytes=args.align)
     print(f"wrote {dst}: {_summary(layout)}")
@@ -89,7 +90,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if src_dir.is_dir() and args.dst is not None:
         if args.revision is not None:
             raise UsageError("--revision applies to Hub repo ids, not local directories")
-        out = _convert_local(src_dir, Path(args.dst), args.dtype, args.variant)
+        dst = Path(args.dst)
+        _refuse_source_as_destination([src_dir], dst)
+        source = _local_source_info(src_dir)
+        if dst.exists() and _is_conversion_of(dst, source, args.dtype, args.variant):
+            print(f"{dst}: already a verified conversion of {src_dir}")
+            return EXIT_OK
+        out = _convert_local(src_dir, dst, args.dtype, args.variant, source)
     else:
         try:
             from .store import convert_source
@@ -104,20 +111,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _convert_local(src: Path, dst: Path, dtype: torch.dtype | None, variant: str | None) -> Path:
+def _local_source_info(src: Path) -> dict:
+    """What the manifest records about a local source: its path and its contents' fingerprint."""
+    from .sources import Source, directory_fingerprint, require_pipeline_dir
+
+    require_pipeline_dir(src)
+    return {**Source("local", str(src.resolve())).describe(), "identity": directory_fingerprint(src)}
+
+
+def _is_conversion_of(dst: Path, source: dict, dtype: torch.dtype | None, variant: str | None) -> bool:
+    """Whether ``dst`` is a conversion of ``source`` (as it is now) with these options that
+    verifies in full; raises when it is one but fails verification."""
+    from .manifest import VerificationError, read_manifest, verify_converted
+
+    expected = {**source, "dtype": dtype_name(dtype) if dtype is not None else None, "variant": variant}
+    try:
+        recorded = read_manifest(dst).get("source")
+    except VerificationError:
+        return False  # not a converted directory: "already exists" says the rest
+    if not isinstance(recorded, dict) or any(recorded.get(k) != v for k, v in expected.items()):
+        return False
+    try:
+        verify_converted(dst, full=True)
+    except VerificationError as exc:
+        raise ConversionError(f"{dst}: a conversion of {source['ref']} that fails verification ({exc}); "
+                              "remove it and convert again") from exc
+    return True
+
+
+def _convert_local(src: Path, dst: Path, dtype: torch.dtype | None, variant: str | None, source: dict) -> Path:
     """Convert a local pipeline directory beside ``dst``, then rename it into place."""
     try:
         from .convert import convert_pipeline
     except ImportError as exc:
         raise ConversionError(f"converting a local directory needs conversion.convert ({exc})") from exc
-    from .sources import Source
     from .durable import fsync_dir
 
     if dst.exists():
         raise ConversionError(f"{dst}: already exists; remove it or choose another destination")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    source = Source("local", str(src.resolve())).describe()
     try:
         extra = {"variant": variant} if variant else {}
         convert_pipeline(src, tmp, dtype=dtype, source=source, **extra)
@@ -232,6 +265,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         layout = read_layout(path)
         _read_payload(path, layout.payload_bytes)
         print(f"OK {path}: {_summary(layout)}, payload read in full")
+    elif path.exists():
+        raise ConversionError(f"{path}: not a regular file or a converted directory")
     else:
         raise ConversionError(f"{path}: no such file or directory")
     return EXIT_OK
@@ -257,17 +292,23 @@ def cmd_revert(args: argparse.Namespace) -> int:
     from .durable import fsync_dir
 
     src, dst = Path(args.file), Path(args.dst)
+    _refuse_source_as_destination([src], dst)
     read_layout(src)
     _refuse_existing(dst, args.force)
     # save_file refuses views sharing storage: give each tensor its own contiguous copy.
     tensors = {name: t.clone().contiguous() for name, t in load_state_dict(src).items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
         fsync_dir(dst.parent)
+    except Exception as exc:  # OSError or safetensors' SafetensorError (which hides the errno in its text)
+        error = write_error(exc, dst)
+        if error is None:
+            raise
+        raise error from exc
     finally:
         tmp.unlink(missing_ok=True)
     print(f"wrote {dst}: {len(tensors)} tensors")
@@ -276,6 +317,20 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _refuse_source_as_destination(sources: Sequence[Path], dst: Path) -> None:
+    """Refuse a destination that is, or resolves to (symlinks, ``..``, hard links), one of its
+    sources: writing it would replace the input with the output."""
+    for src in sources:
+        same = os.path.realpath(src) == os.path.realpath(dst)
+        if not same:
+            try:
+                same = os.path.samefile(src, dst)
+            except OSError:  # dst does not exist yet
+                pass
+        if same:
+            raise ConversionError(f"destination {dst} is the source {src}; write to another path")
 
 
 def _refuse_existing(dst: Path, force: bool) -> None:

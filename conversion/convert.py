@@ -10,7 +10,6 @@ schedulers and other files are copied. The manifest is written last.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from model_loader.assemble import (
     keep_in_fp32_rule,
     non_persistent_buffer_names,
 )
+from model_loader.bounded_json import load_file_bounded
 from model_loader.format import dtype_name
 from model_loader.pipeline import (
     MODEL_INDEX_NAME,
@@ -43,8 +43,10 @@ from model_loader.pipeline import (
     resolve_class,
 )
 
-from .errors import ConversionError
 from .durable import fsync_dir
+from .errors import ConversionError
+from .sources import read_model_index as read_source_index
+from .sources import warn_broken_symlink
 from .writer import index_safetensors, write_pack
 
 logger = logging.getLogger("conversion.convert")
@@ -55,6 +57,8 @@ _WEIGHT_SUFFIXES = (
     ".gguf", ".flashpack",
 )
 _WEIGHT_INDEX = re.compile(r"\.(safetensors|bin)\.index(\.[A-Za-z0-9_]+)?\.json$")
+# A shard index maps every tensor name to its file (~100 KB for a large transformer).
+_MAX_SHARD_INDEX_BYTES = 64 * 1024 * 1024
 
 
 def convert_pipeline(
@@ -107,6 +111,8 @@ def convert_pipeline(
 
 
 def _read_index(src: Path) -> dict[str, Any]:
+    # Parsed within limits first, so a hostile model_index.json cannot exhaust the stack.
+    read_source_index(src / MODEL_INDEX_NAME)
     try:
         return read_model_index(src)
     except PipelineLoadError as exc:
@@ -163,7 +169,7 @@ def weight_files(comp: Path, variant: str | None) -> tuple[list[Path], str | Non
 
 def _shards(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = load_file_bounded(index, max_bytes=_MAX_SHARD_INDEX_BYTES)["weight_map"]
         names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConversionError(f"{index}: not a valid safetensors index ({exc})") from None
@@ -375,5 +381,9 @@ def _copy_tree(src: Path, dst: Path) -> None:
         out = dst / Path(root).relative_to(src)
         out.mkdir(parents=True, exist_ok=True)
         for name in sorted(files):
-            _copy_file(Path(root) / name, out / name)
+            path = Path(root) / name
+            if path.is_symlink() and not path.exists():
+                warn_broken_symlink(path)  # nothing to copy; a component that needs it says so on load
+                continue
+            _copy_file(path, out / name)
         fsync_dir(out)

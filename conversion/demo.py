@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import write_error
+
 # 64x64 latents decoded 4x (three VAE blocks): 256x256 images by default.
 DEMO_SAMPLE_SIZE = 64
 CLIP_MAX_LENGTH = 77
@@ -131,7 +133,13 @@ def make_demo_pipeline(dst_dir: str | os.PathLike[str], seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(dst, safe_serialization=True)
+    try:
+        pipe.save_pretrained(dst, safe_serialization=True)
+    except Exception as exc:  # OSError, or safetensors' SafetensorError with the errno in its text
+        error = write_error(exc, dst)
+        if error is None:
+            raise
+        raise error from exc
     return dst
 
 

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from model_loader.bounded_json import loads_bounded
+
 from .errors import (
     AuthError,
     ConversionError,
@@ -380,7 +382,7 @@ def checkpoint_problem(path: Path) -> str | None:
             first = f.read(1)
             if first == b"{":
                 try:
-                    header = json.loads(first + f.read(n - 1))
+                    header = loads_bounded(first + f.read(n - 1), max_bytes=n)
                 except (ValueError, UnicodeDecodeError):
                     return "unreadable safetensors header"
                 ends = [v["data_offsets"][1] for k, v in header.items()

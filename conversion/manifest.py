@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from model_loader.bounded_json import JSONLimitError, load_file_bounded
 from model_loader.checksum import Checksum, SegmentHasher
 
 from .durable import fsync_dir
@@ -31,6 +32,8 @@ MANIFEST_NAME = "flashpack_manifest.json"
 # Version of the converted-directory layout; bump on any incompatible change so old stores are
 # rebuilt instead of misread.
 FORMAT_VERSION = 1
+# A manifest lists one line per file (an SDXL one is ~10 KB); anything this large is not ours.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 _READ_CHUNK = 8 << 20
 _MAX_HASH_THREADS = 8
@@ -161,16 +164,16 @@ def read_manifest(converted_dir: str | os.PathLike[str]) -> dict:
     if not root.is_dir():
         raise VerificationError(f"{root}: not a directory")
     try:
-        text = path.read_text(encoding="utf-8")
+        manifest = load_file_bounded(path, max_bytes=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise VerificationError(
             f"{path}: missing (the conversion did not finish, or {root} is not a converted directory); convert again"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VerificationError(f"{path}: cannot read ({exc})") from exc
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except OSError as exc:
+        raise VerificationError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except JSONLimitError as exc:
+        raise VerificationError(f"{path}: not a manifest (JSON {exc}); convert again") from None
+    except ValueError as exc:  # UnicodeDecodeError, json.JSONDecodeError
         raise VerificationError(f"{path}: not valid JSON ({exc}); convert again") from None
 
     def fail(problem: str) -> VerificationError:

@@ -8,7 +8,7 @@ a URL hash, a directory fingerprint), and the file selection for ``allow_pattern
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from model_loader.bounded_json import load_file_bounded
+
 from .errors import SourceError
+
+log = logging.getLogger("conversion.sources")
 
 Kind = Literal["hub", "url", "local"]
 
@@ -30,6 +34,8 @@ WEIGHT_EXTS = ("safetensors", "bin")
 # Per-component files copied as-is: configs, tokenizers (BPE, sentencepiece, tiktoken), schedulers.
 _SIDE_FILE = re.compile(r"\.(json|txt|model|tiktoken)$")
 DEFAULT_PIPELINE_CLASS = "StableDiffusionPipeline"
+# A model_index.json names a few components (~1 KB); far larger is not one.
+MAX_MODEL_INDEX_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -151,10 +157,23 @@ def url_hash(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8")).hexdigest()
 
 
+def require_pipeline_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` when it holds a ``model_index.json``, else a SourceError saying it does not.
+
+    Checked before anything else reads a local source, so ``/etc`` is told just that.
+    """
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise SourceError(f"{path}: no model_index.json; a local source must be a diffusers pipeline directory")
+    return path
+
+
 def directory_fingerprint(path: str | os.PathLike[str]) -> str:
     """A cheap identity of a local directory's contents: every file's path, size and mtime.
 
     Only ``stat`` calls, so a warm start stays fast; editing, adding or removing a file changes it.
+    A broken symlink has no contents: it is left out (with one warning per link and process); if
+    the pipeline needed it, the conversion names the missing file.
     """
     root = Path(path)
     digest = hashlib.sha256()
@@ -164,10 +183,31 @@ def directory_fingerprint(path: str | os.PathLike[str]) -> str:
             if name.startswith("."):
                 continue
             full = os.path.join(dirpath, name)
-            st = os.stat(full)
+            try:
+                st = os.stat(full)
+            except OSError as exc:
+                if not os.path.islink(full):
+                    raise SourceError(f"{full}: cannot read ({exc.strerror or exc})") from exc
+                warn_broken_symlink(full)
+                continue
             rel = os.path.relpath(full, root)
             digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+_warned_links: set[str] = set()
+
+
+def warn_broken_symlink(path: str | os.PathLike[str]) -> None:
+    """Log once per process that the broken symlink ``path`` of a local source is skipped."""
+    key = os.fspath(path)
+    if key not in _warned_links:
+        _warned_links.add(key)
+        try:
+            target = os.readlink(key)
+        except OSError:
+            target = "?"
+        log.warning("source: skipping the broken symlink %s (to %s)", key, target)
 
 
 def with_revision(source: Source, revision: str) -> Source:
@@ -278,11 +318,11 @@ def _component_weights(comp: str, names: list[str], variant: str | None) -> list
 def read_model_index(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a ``model_index.json`` (a SourceError names the file when it is not one)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = load_file_bounded(path, max_bytes=MAX_MODEL_INDEX_BYTES)
     except FileNotFoundError:
         raise SourceError(f"{path}: missing; the source is not a diffusers pipeline") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: not a readable model_index.json ({exc})") from exc
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 JSON, too large or too deep
+        raise SourceError(f"{path}: not a readable model_index.json ({exc})") from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a JSON object")
     return data

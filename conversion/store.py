@@ -36,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import ConversionError, DiskFullError, SourceError, StoreError
-from .locking import FileLock, host_tag, pid_alive
-from .manifest import FORMAT_VERSION, VerificationError, check_warm, verify_converted
-from .sources import Source, directory_fingerprint, is_commit, parse_source, url_hash
+from model_loader.bounded_json import load_file_bounded
+
 from .durable import fsync_dir
+from .errors import ConversionError, DiskFullError, SourceError, StoreError, is_disk_full, os_error_code
+from .locking import FileLock, host_tag, pid_alive
+from .manifest import FORMAT_VERSION, VerificationError, check_warm, read_manifest, verify_converted
+from .sources import Source, directory_fingerprint, is_commit, parse_source, require_pipeline_dir, url_hash
 
 if TYPE_CHECKING:
     import torch
@@ -51,8 +53,8 @@ log = logging.getLogger("conversion.store")
 
 STORE_DIRNAME = "flashpack"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_REF_BYTES = 64 * 1024  # a ref file is one small JSON object
 Verify = Literal["cheap", "full"]
 
 _DTYPE_ALIASES = {
@@ -198,8 +200,8 @@ class Store:
     def read_ref(self, source: Source) -> str | None:
         """The identity recorded for a branch/tag or local directory, or None."""
         try:
-            data = json.loads(self.ref_path(source).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = load_file_bounded(self.ref_path(source), max_bytes=_MAX_REF_BYTES)
+        except (OSError, ValueError):  # missing, unreadable, not JSON, too large or too deep
             return None
         value = data.get("identity") if isinstance(data, dict) else None
         return value if isinstance(value, str) and value else None
@@ -229,7 +231,7 @@ class Store:
         if source.kind == "hub":
             return source.revision if is_commit(source.revision) else self.read_ref(source)
         if Path(source.ref).is_dir():
-            return directory_fingerprint(_local_dir(source))
+            return directory_fingerprint(_pipeline_dir(source))
         return self.read_ref(source)
 
     def lookup(self, source: Source, dtype: Any = None) -> Path | None:
@@ -301,6 +303,9 @@ class Store:
         """Convert ``source`` into a new directory ``dst`` (outside the store)."""
         torch_dtype, dtype_name = dtype_key(dtype)
         if dst.exists() and any(dst.iterdir()):
+            if self._converted_into(dst, source, dtype_name):
+                log.info("convert: %s is already a verified conversion of %s", dst, source.display)
+                return dst.resolve()
             raise ConversionError(f"{dst}: already exists and is not empty; remove it or choose another destination")
         self._ensure_writable()
         prepared = self._prepare(source, None, refresh)
@@ -314,6 +319,21 @@ class Store:
         finally:
             for scratch in prepared.scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+    def _converted_into(self, dst: Path, source: Source, dtype_name: str) -> bool:
+        """Whether ``dst`` holds a conversion of ``source`` as it is now (same store key, found
+        offline) that verifies in full."""
+        identity = self.offline_identity(source)
+        if identity is None:
+            return False
+        try:
+            recorded = read_manifest(dst).get("source")
+            if not isinstance(recorded, dict) or recorded.get("store_key") != self.entry(source, identity, dtype_name).digest:
+                return False
+            verify_converted(dst, full=True)
+        except VerificationError:
+            return False
+        return True
 
     def _warm(self, source: Source, dtype_name: str, verify: Verify) -> Path | None:
         identity = self.offline_identity(source)
@@ -387,7 +407,7 @@ class Store:
             return
         for e in entries:
             if e.name.startswith(".trash-"):
-                shutil.rmtree(e.path, ignore_errors=True)
+                _remove_leftover(e)
                 continue
             if not e.name.startswith((".tmp-", ".work-")):
                 continue
@@ -396,9 +416,14 @@ class Store:
                 owner_dead = host == me and not pid_alive(int(pid))
             except ValueError:
                 owner_dead = False
-            if owner_dead or time.time() - _newest_mtime(Path(e.path)) > stale_after_s:
+            # A symlink is never a build in progress (builders make directories): its own mtime decides.
+            try:
+                mtime = os.lstat(e.path).st_mtime if e.is_symlink() else _newest_mtime(Path(e.path))
+            except FileNotFoundError:  # another runner removed it meanwhile
+                continue
+            if owner_dead or time.time() - mtime > stale_after_s:
                 log.info("store: removing leftover %s of an interrupted build", e.path)
-                shutil.rmtree(e.path, ignore_errors=True)
+                _remove_leftover(e)
 
     # -- building --------------------------------------------------------------------------------
 
@@ -427,9 +452,9 @@ class Store:
             return self._publish(tmp, entry)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            if is_disk_full(exc):  # an OSError, or safetensors' SafetensorError (save_pretrained)
                 raise DiskFullError(
-                    f"no space left writing {target} ({exc.strerror}); free space on {self.root} and retry"
+                    f"no space left writing {target} ({os.strerror(os_error_code(exc))}); free space on {self.root} and retry"
                 ) from exc
             raise
 
@@ -462,18 +487,17 @@ class Store:
         """The source as a local diffusers directory (downloaded and pre-read as needed)."""
         try:
             return self._prepare_kind(source, policy, refresh)
-        except OSError as exc:
-            if exc.errno in _NO_SPACE:
+        except Exception as exc:  # OSError, or SafetensorError from a single-file checkpoint's save_pretrained
+            if is_disk_full(exc):
                 raise DiskFullError(
-                    f"no space left preparing {source.display} ({exc.strerror}); free space on {self.root} and retry"
+                    f"no space left preparing {source.display} ({os.strerror(os_error_code(exc))}); "
+                    f"free space on {self.root} and retry"
                 ) from exc
             raise
 
     def _prepare_kind(self, source: Source, policy: DownloadPolicy | None, refresh: bool) -> Prepared:
         if source.kind == "local":
-            path = _local_dir(source)
-            if not (path / "model_index.json").is_file():
-                raise SourceError(f"{path}: no model_index.json; a local source must be a diffusers pipeline directory")
+            path = _pipeline_dir(source)
             from .download import DownloadPolicy, preread
 
             pol = policy or DownloadPolicy.from_env()
@@ -525,6 +549,11 @@ class Store:
 def _local_dir(source: Source) -> Path:
     path = Path(source.ref)
     return path / source.subfolder if source.subfolder else path
+
+
+def _pipeline_dir(source: Source) -> Path:
+    """The local source's directory, checked to be a pipeline before anything reads it."""
+    return require_pipeline_dir(_local_dir(source))
 
 
 def _pipeline_class(source: Source) -> type:
@@ -587,6 +616,16 @@ def _slug(source: Source) -> str:
 
 def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _remove_leftover(entry: os.DirEntry) -> None:
+    """Delete a leftover in the store: a directory tree, or a symlink or file itself (never what a
+    symlink points to; rmtree refuses symlinks)."""
+    with contextlib.suppress(OSError):  # gone already, or not ours to remove: best effort, as before
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
 
 
 def _newest_mtime(path: Path) -> float:

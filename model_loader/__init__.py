@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from .assemble import StateDictMismatchError
     from .checksum import Checksum
     from .errors import ChecksumMismatchError, FlashPackFormatError
-    from .host_read import HostFile, PackReads, ReadStats, read_file, start_pack_reads
     from .format import PackLayout, read_layout
+    from .host_read import HostFile, PackReads, ReadStats, read_file, start_pack_reads
     from .io import PackReadError
     from .pipeline import PipelineLoadError, load_model, load_pipeline
     from .reader import PackData, load_state_dict, read_pack

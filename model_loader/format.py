@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .bounded_json import JSONLimitError, loads_bounded
 from .errors import FlashPackFormatError
 
 MAGIC = b"FLASHPK\0"
@@ -274,8 +275,10 @@ def parse_footer(raw: bytes, payload_end: int, path: str = "<pack>") -> PackLayo
         return FlashPackFormatError(f"{path}: invalid FlashPack footer: {problem}")
 
     try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = loads_bounded(raw, max_bytes=MAX_FOOTER_BYTES)
+    except JSONLimitError as exc:
+        raise fail(f"JSON {exc}") from None
+    except ValueError as exc:  # UnicodeDecodeError, json.JSONDecodeError
         raise fail(f"not UTF-8 JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise fail(f"expected a JSON object, got {type(meta).__name__}")

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from . import io as _io
 from .checksum import Checksum
 from .format import PackLayout, layout_from_bytes, read_layout
 from .host_read import (
@@ -40,7 +41,6 @@ from .host_read import (
     resolve_options,
     run_workers,
 )
-from . import io as _io
 from .pinned import PinnedPool, default_pool
 
 log = logging.getLogger("model_loader.reader")

@@ -273,6 +273,8 @@ TOO_LONG = "x" * 501
 BAD_INPUTS = [
     ("prompt", {"prompt": ""}, "at least 1 character"),
     ("prompt", {"prompt": "   "}, "non-whitespace"),
+    ("prompt", {"prompt": "\u0000"}, "non-whitespace"),
+    ("prompt", {"prompt": "\u200b\t\u0007\u2028"}, "non-whitespace"),
     ("prompt", {"prompt": TOO_LONG}, "at most 500 characters"),
     ("prompt", {"prompt": 123}, "valid string"),
     ("prompt", {"prompt": None}, "valid string"),
@@ -281,6 +283,9 @@ BAD_INPUTS = [
     ("seed", {"seed": 2**53}, "less than or equal to 9007199254740991"),
     ("seed", {"seed": 1.5}, "valid integer"),
     ("seed", {"seed": "abc"}, "valid integer"),
+    ("seed", {"seed": "5"}, "valid integer"),
+    ("seed", {"seed": True}, "valid integer"),
+    ("num_images", {"num_images": True}, "valid integer"),
     ("num_images", {"num_images": 0}, "greater than or equal to 1"),
     ("num_images", {"num_images": 5}, "less than or equal to 4"),
     ("image_size", {"image_size": "huge"}, "square_hd"),
@@ -290,15 +295,21 @@ BAD_INPUTS = [
     ("image_size", {"image_size": {"width": 16, "height": 64}}, "greater than or equal to 32"),
     ("image_size", {"image_size": {"width": 512, "height": 512}}, "more than the limit of 131072"),
     ("image_size", {"image_size": {"width": 64}}, "Field required"),
+    ("image_size", {"image_size": {"width": "64", "height": 64}}, "valid integer"),
     ("image_size", {"image_size": {"width": 64, "height": 64, "depth": 3}}, "Extra inputs"),
     ("num_inference_steps", {"num_inference_steps": 0}, "greater than or equal to 1"),
     ("num_inference_steps", {"num_inference_steps": 26}, "less than or equal to 25"),
     ("num_inference_steps", {"num_inference_steps": "many"}, "valid integer"),
+    ("num_inference_steps", {"num_inference_steps": "2"}, "valid integer"),
     ("guidance_scale", {"guidance_scale": -0.5}, "greater than or equal to 0"),
     ("guidance_scale", {"guidance_scale": 21}, "less than or equal to 20"),
     ("guidance_scale", {"guidance_scale": "high"}, "valid number"),
+    ("guidance_scale", {"guidance_scale": "7"}, "valid number"),
+    ("guidance_scale", {"guidance_scale": True}, "valid number"),
     ("output_format", {"output_format": "gif"}, "'jpeg' or 'png'"),
     ("sync_mode", {"sync_mode": "maybe"}, "valid boolean"),
+    ("sync_mode", {"sync_mode": "yes"}, "valid boolean"),
+    ("sync_mode", {"sync_mode": 1}, "valid boolean"),
     ("steps", {"steps": 4}, "Extra inputs"),
 ]
 
@@ -310,6 +321,12 @@ def test_invalid_input_is_422_naming_the_field(served, field, change, message):
     errors = response.json()["detail"]
     assert any(error["loc"][:2] == ["body", field] for error in errors), errors
     assert any(message in error["msg"] for error in errors), errors
+
+
+def test_integer_guidance_scale_and_whole_float_seed_are_accepted(served):
+    body = generate(served, guidance_scale=7, seed=5.0)
+    assert body["seed"] == 5
+    assert image_bytes(body["images"][0]) == image_bytes(generate(served, guidance_scale=7.0, seed=5)["images"][0])
 
 
 def test_missing_prompt_is_422_naming_prompt(served):

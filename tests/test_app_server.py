@@ -122,6 +122,14 @@ def test_invalid_input_is_422_and_the_server_keeps_serving(server, field, change
     assert post(server, seed=7).status_code == 200
 
 
+def test_body_over_max_request_bytes_is_413_over_http_and_the_server_keeps_serving(server):
+    response = httpx.post(f"{server['url']}/", content=b"x" * (1024 * 1024 + 1),
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413
+    assert "more than the limit of 1048576 bytes" in response.json()["detail"]
+    assert post(server, seed=7).status_code == 200
+
+
 def test_eight_concurrent_requests_all_succeed_and_match_sequential(server):
     seeds = list(range(100, 108))
     sequential = [image_bytes(post(server, seed=seed)) for seed in seeds]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from conversion import cli
 from conversion.manifest import MANIFEST_NAME, verify_converted, write_manifest
+from conversion.sources import directory_fingerprint
 from conversion.writer import pack_safetensors, pack_state_dict
 from model_loader import load_state_dict, read_layout
 
@@ -254,6 +255,24 @@ def test_pack_refuses_existing_destination_without_force(tmp_path, safetensors_f
     assert load_state_dict(pack)["conv.weight"].dtype == torch.bfloat16
 
 
+def test_pack_refuses_its_own_source_as_destination_even_with_force(safetensors_file, capsys):
+    before = safetensors_file.read_bytes()
+    assert cli.main(["pack", str(safetensors_file), str(safetensors_file), "--force"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: destination {safetensors_file} is the source {safetensors_file}; write to another path\n"
+    )
+    assert safetensors_file.read_bytes() == before
+
+
+def test_pack_refuses_a_destination_that_resolves_to_a_source_through_a_symlink(tmp_path, safetensors_file, capsys):
+    link = tmp_path / "link.flashpack"
+    link.symlink_to(safetensors_file)
+    before = safetensors_file.read_bytes()
+    assert cli.main(["pack", str(safetensors_file), str(link), "--force"]) == 1
+    assert capsys.readouterr().err == f"error: destination {link} is the source {safetensors_file}; write to another path\n"
+    assert safetensors_file.read_bytes() == before
+
+
 def test_pack_several_shards(tmp_path, capsys):
     save_file({"a": torch.ones(3)}, tmp_path / "s1.safetensors")
     save_file({"b": torch.zeros(2, dtype=torch.int32)}, tmp_path / "s2.safetensors")
@@ -276,6 +295,11 @@ def test_verify_missing_path_exits_1(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such file or directory\n"
 
 
+def test_verify_a_device_says_it_is_not_a_regular_file(capsys):
+    assert cli.main(["verify", "/dev/zero"]) == 1
+    assert capsys.readouterr().err == "error: /dev/zero: not a regular file or a converted directory\n"
+
+
 def test_verify_directory_without_manifest_exits_1(tmp_path, capsys):
     assert cli.main(["verify", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / MANIFEST_NAME}: missing")
@@ -287,6 +311,57 @@ def test_revert_refuses_existing_destination(tmp_path, pack, capsys):
     assert cli.main(["revert", str(pack), str(dst)]) == 1
     assert capsys.readouterr().err == f"error: {dst}: already exists (use --force to overwrite)\n"
     assert dst.read_bytes() == b"keep me"
+
+
+def test_revert_refuses_its_own_source_as_destination_even_with_force(pack, capsys):
+    before = pack.read_bytes()
+    assert cli.main(["revert", str(pack), str(pack), "--force"]) == 1
+    assert capsys.readouterr().err == f"error: destination {pack} is the source {pack}; write to another path\n"
+    assert pack.read_bytes() == before
+
+
+def test_revert_into_an_unwritable_directory_says_permission_denied(tmp_path, pack, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def refused(*args, **kwargs):  # what save_file raises there for a non-root user
+        raise SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refused)
+    dst = tmp_path / "read-only" / "out.safetensors"
+    assert cli.main(["revert", str(pack), str(dst)]) == 1
+    assert capsys.readouterr().err == f"error: cannot write {dst}: permission denied\n"
+    assert list(dst.parent.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_revert_into_a_read_only_directory_says_permission_denied(tmp_path, pack, capsys):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    assert cli.main(["revert", str(pack), str(read_only / "out.safetensors")]) == 1
+    assert capsys.readouterr().err == f"error: cannot write {read_only / 'out.safetensors'}: permission denied\n"
+
+
+def test_revert_on_a_full_disk_is_a_disk_full_error_naming_the_destination(tmp_path, pack, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    dst = tmp_path / "out.safetensors"
+    assert cli.main(["revert", str(pack), str(dst)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: no space left writing {dst} (No space left on device); free space there and retry\n"
+    )
+
+
+def pipeline_dir(path: Path) -> Path:
+    """A directory the CLI takes for a local pipeline (the fake conversion reads nothing else)."""
+    path.mkdir()
+    (path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return path
 
 
 @pytest.fixture
@@ -311,23 +386,21 @@ def fake_convert(monkeypatch):
 
 
 def test_convert_local_dir_builds_beside_dst_then_renames(tmp_path, fake_convert, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     dst = tmp_path / "out" / "converted"
     assert cli.main(["convert", str(src), str(dst), "--dtype", "half"]) == 0
     assert capsys.readouterr().out == f"{dst}\n"
     (called_src, built_in, dtype, source, kwargs) = fake_convert.calls[0]
     assert called_src == src and dtype is torch.float16 and kwargs == {}
     assert built_in.parent == dst.parent and built_in.name.startswith(".converted.")
-    assert source == {"kind": "local", "ref": str(src.resolve())}
+    assert source == {"kind": "local", "ref": str(src.resolve()), "identity": directory_fingerprint(src)}
     verify_converted(dst)
     assert sorted(p.name for p in dst.parent.iterdir()) == ["converted"]
 
 
 def test_convert_failure_removes_temp_dir_and_creates_no_dst(tmp_path, fake_convert, capsys):
     fake_convert.fail = True
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     dst = tmp_path / "out" / "converted"
     assert cli.main(["convert", str(src), str(dst)]) == 1
     assert capsys.readouterr().err == "error: unexpected RuntimeError: boom while converting\n"
@@ -335,12 +408,66 @@ def test_convert_failure_removes_temp_dir_and_creates_no_dst(tmp_path, fake_conv
 
 
 def test_convert_refuses_existing_dst(tmp_path, fake_convert, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     dst = tmp_path / "converted"
     dst.mkdir()
     assert cli.main(["convert", str(src), str(dst)]) == 1
     assert capsys.readouterr().err == f"error: {dst}: already exists; remove it or choose another destination\n"
+    assert fake_convert.calls == []
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink"])
+def test_convert_refuses_a_destination_that_is_its_source(tmp_path, fake_convert, capsys, spelling):
+    src = pipeline_dir(tmp_path / "src")
+    dst = {"same": src, "dotdot": src / ".." / "src", "symlink": tmp_path / "link"}[spelling]
+    if spelling == "symlink":
+        dst.symlink_to(src)
+    assert cli.main(["convert", str(src), str(dst)]) == 1
+    assert capsys.readouterr().err == f"error: destination {dst} is the source {src}; write to another path\n"
+    assert fake_convert.calls == []
+    assert [p.name for p in src.iterdir()] == ["model_index.json"]
+
+
+def test_convert_again_with_the_same_arguments_recognises_the_verified_conversion(tmp_path, fake_convert, capsys):
+    src = pipeline_dir(tmp_path / "src")
+    dst = tmp_path / "converted"
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    capsys.readouterr()
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    assert capsys.readouterr().out == f"{dst}: already a verified conversion of {src}\n"
+    assert len(fake_convert.calls) == 1
+
+
+def test_convert_again_after_the_source_changed_refuses_the_existing_dst(tmp_path, fake_convert, capsys):
+    src = pipeline_dir(tmp_path / "src")
+    dst = tmp_path / "converted"
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    (src / "model_index.json").write_text("{}")
+    capsys.readouterr()
+    assert cli.main(["convert", str(src), str(dst)]) == 1
+    assert capsys.readouterr().err == f"error: {dst}: already exists; remove it or choose another destination\n"
+
+
+def test_convert_again_into_a_damaged_conversion_says_it_fails_verification(tmp_path, fake_convert, capsys):
+    src = pipeline_dir(tmp_path / "src")
+    dst = tmp_path / "converted"
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    pack = dst / "unet" / "model.flashpack"
+    data = bytearray(pack.read_bytes())
+    data[0] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(["convert", str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {dst}: a conversion of {src.resolve()} that fails verification ({pack}: sha256 mismatch")
+    assert err.endswith("; remove it and convert again\n")
+
+
+def test_convert_a_directory_without_model_index_says_exactly_that(tmp_path, fake_convert, capsys):
+    assert cli.main(["convert", "/etc", str(tmp_path / "dst")]) == 1
+    assert capsys.readouterr().err == (
+        "error: /etc: no model_index.json; a local source must be a diffusers pipeline directory\n"
+    )
     assert fake_convert.calls == []
 
 
@@ -350,8 +477,7 @@ def test_convert_local_dir_with_revision_is_usage_error(tmp_path, fake_convert, 
 
 
 def test_convert_local_dir_passes_variant(tmp_path, fake_convert):
-    src = tmp_path / "src"
-    src.mkdir()
+    src = pipeline_dir(tmp_path / "src")
     assert cli.main(["convert", str(src), str(tmp_path / "dst"), "--variant", "fp16"]) == 0
     assert fake_convert.calls[0][4] == {"variant": "fp16"}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,24 @@ def test_missing_component_directory_fails_before_writing(tmp_path):
 def test_missing_model_index_is_a_conversion_error(tmp_path):
     with pytest.raises(ConversionError, match="model_index.json: missing"):
         convert_pipeline(tmp_path, tmp_path / "dst")
+
+
+def test_model_index_nested_100000_deep_is_a_conversion_error_naming_the_file(tmp_path):
+    (tmp_path / "src").mkdir()
+    index = tmp_path / "src" / "model_index.json"
+    index.write_text('{"_class_name": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConversionError, match=re.escape(f"{index}: not a readable model_index.json (nested more")):
+        convert_pipeline(tmp_path / "src", tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_shard_index_nested_100000_deep_is_a_conversion_error_naming_the_file(tmp_path):
+    comp = tmp_path / "vae"
+    comp.mkdir()
+    index = comp / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConversionError, match=re.escape(f"{index}: not a valid safetensors index (nested more")):
+        weight_files(comp, None)
 
 
 def test_float16_casts_floats_but_not_integer_buffers(tmp_path):

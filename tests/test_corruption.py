@@ -116,6 +116,12 @@ CASES: dict[str, Case] = {
     ),
     "footer-not-utf8": Case("v4", footer_bytes(b'{"format":"\xff\xfe"}'), "not UTF-8 JSON"),
     "footer-not-json": Case("v4", footer_bytes(b"{'format': flashpack_v4"), "not UTF-8 JSON"),
+    "footer-nested-100000-deep": Case(
+        "v4", footer_bytes(b"[" * 100_000 + b"]" * 100_000), "invalid FlashPack footer: JSON nested more than 64 levels deep"
+    ),
+    "footer-100000-unclosed-brackets": Case(
+        "v4", footer_bytes(b'{"format": ' + b"[" * 100_000), "invalid FlashPack footer: JSON nested more than 64 levels deep"
+    ),
     "footer-json-list": Case("v4", footer_bytes(b"[1, 2]"), "expected a JSON object, got list"),
     "footer-json-number": Case("v4", footer_bytes(b"42"), "expected a JSON object, got int"),
     "unknown-format": Case("v4", set_in("format", "flashpack_v9"), "unknown format 'flashpack_v9'"),

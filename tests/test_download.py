@@ -216,6 +216,13 @@ def test_truncated_cached_checkpoint_is_downloaded_again(tmp_path, caplog):
     assert not cached.exists()
 
 
+def test_safetensors_header_nested_100000_deep_is_reported_as_unreadable(tmp_path):
+    header = b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    assert download.checkpoint_problem(path) == "unreadable safetensors header"
+
+
 def test_fal_download_paths_follow_the_data_root(tmp_path, monkeypatch):
     from fal.toolkit.utils import download_utils
 

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conversion.errors import ConversionError
 import xxhash
 
+from conversion.errors import ConversionError
 from conversion.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -30,9 +29,9 @@ from conversion.manifest import (
     verify_converted,
     write_manifest,
 )
-from model_loader.checksum import file_checksum
 from conversion.writer import pack_state_dict
-from model_loader.format import TRAILER
+from model_loader.checksum import file_checksum
+from model_loader.format import MAGIC, TRAILER
 
 SOURCE = {"kind": "local", "path": "/src/tiny-sd", "revision": None}
 
@@ -259,6 +258,39 @@ def test_missing_manifest_fails(converted):
 def test_bad_manifest_json_fails(converted):
     (converted / MANIFEST_NAME).write_text('{"format_version": 1, "files": ')
     with pytest.raises(VerificationError, match=re.escape(f"{converted / MANIFEST_NAME}: not valid JSON")):
+        verify_converted(converted, full=False)
+
+
+def test_manifest_nested_100000_deep_fails_naming_the_file(converted):
+    path = converted / MANIFEST_NAME
+    path.write_text('{"format_version": 1, "source": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(
+        VerificationError, match=re.escape(f"{path}: not a manifest (JSON nested more than 64 levels deep)")
+    ):
+        verify_converted(converted, full=False)
+
+
+def test_manifest_larger_than_the_limit_fails_naming_the_file(converted, monkeypatch):
+    monkeypatch.setattr("conversion.manifest.MAX_MANIFEST_BYTES", 1024)
+    path = converted / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["source"]["notes"] = "x" * 2000
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(
+        VerificationError, match=re.escape(f"{path}: not a manifest (JSON more than the limit of 1024 bytes)")
+    ):
+        verify_converted(converted, full=False)
+
+
+def test_pack_footer_nested_100000_deep_fails_verify_naming_the_pack(converted):
+    pack = converted / "unet" / "model.flashpack"
+    payload = pack.read_bytes()[: footer_start(pack)]
+    footer = b"[" * 100_000 + b"]" * 100_000
+    pack.write_bytes(payload + footer + TRAILER.pack(len(footer), MAGIC))
+    write_manifest(converted, SOURCE)
+    with pytest.raises(
+        VerificationError, match=re.escape(f"{pack}: invalid FlashPack footer: JSON nested more than 64 levels deep")
+    ):
         verify_converted(converted, full=False)
 
 

@@ -56,8 +56,9 @@ def test_converted_flux_gives_the_same_image_as_diffusers_on_the_source(tiny_flu
 
 
 def test_sd_with_safety_checker_and_feature_extractor_matches_diffusers(tmp_path):
-    from conversion.convert import convert_pipeline
     from tiny_models import make_tiny_sd_with_safety_checker
+
+    from conversion.convert import convert_pipeline
 
     src = make_tiny_sd_with_safety_checker(tmp_path / "src")
     pipe = load_pipeline(convert_pipeline(src, tmp_path / "converted"))

@@ -17,12 +17,12 @@ import torch
 import model_loader.io as mio
 from conversion.writer import pack_state_dict
 from model_loader import host_read, reader
-from model_loader.format import FlashPackFormatError, read_layout
-from model_loader.io import ALIGN, PackReadError, Residency, drop_page_cache, open_direct
-from model_loader.pinned import PinnedPool
 from model_loader.checksum import file_checksum
 from model_loader.errors import ChecksumMismatchError
+from model_loader.format import FlashPackFormatError
 from model_loader.host_read import Chunk, ReadOptions, plan_chunks, read_file, resolve_options
+from model_loader.io import ALIGN, PackReadError, Residency, drop_page_cache, open_direct
+from model_loader.pinned import PinnedPool
 from model_loader.reader import load_state_dict, read_pack
 
 

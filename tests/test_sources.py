@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import pytest
 
@@ -12,6 +14,7 @@ from conversion.sources import (
     directory_fingerprint,
     parse_source,
     parse_weight_name,
+    read_model_index,
     select_files,
     source_from_config,
 )
@@ -203,6 +206,17 @@ def test_config_only_selection_skips_every_weight():
 # local identity
 
 
+def test_directory_fingerprint_skips_a_broken_symlink_warning_once(tmp_path, caplog):
+    (tmp_path / "model_index.json").write_text("{}")
+    without = directory_fingerprint(tmp_path)
+    (tmp_path / "README.link").symlink_to(tmp_path / "nowhere")
+    caplog.set_level(logging.WARNING, logger="conversion.sources")
+    assert directory_fingerprint(tmp_path) == directory_fingerprint(tmp_path) == without
+    assert [r.getMessage() for r in caplog.records] == [
+        f"source: skipping the broken symlink {tmp_path / 'README.link'} (to {tmp_path / 'nowhere'})"
+    ]
+
+
 def test_directory_fingerprint_changes_when_a_file_changes(tmp_path):
     (tmp_path / "a.json").write_text("{}")
     before = directory_fingerprint(tmp_path)
@@ -210,3 +224,25 @@ def test_directory_fingerprint_changes_when_a_file_changes(tmp_path):
     (tmp_path / "a.json").write_text('{"x": 1}')
     os.utime(tmp_path / "a.json", ns=(1, 1))
     assert directory_fingerprint(tmp_path) != before
+
+
+# ---------------------------------------------------------------------------------------------
+# model_index.json
+
+
+def test_model_index_nested_100000_deep_is_a_source_error_naming_the_file(tmp_path):
+    path = tmp_path / "model_index.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(
+        SourceError, match=re.escape(f"{path}: not a readable model_index.json (nested more than 64 levels deep)")
+    ):
+        read_model_index(path)
+
+
+def test_model_index_larger_than_a_mebibyte_is_a_source_error_naming_the_file(tmp_path):
+    path = tmp_path / "model_index.json"
+    path.write_text('{"_class_name": "' + "x" * (1 << 20) + '"}')
+    with pytest.raises(
+        SourceError, match=re.escape(f"{path}: not a readable model_index.json (more than the limit of 1048576 bytes)")
+    ):
+        read_model_index(path)

@@ -130,6 +130,13 @@ def test_branch_stays_on_its_recorded_commit_until_refresh(hub, tiny_sd, tmp_pat
     assert hub.count() == 0
 
 
+def test_ref_file_nested_100000_deep_reads_as_no_ref(tmp_path):
+    store, source = Store(tmp_path), parse_source("org/tiny-sd")
+    store.ref_path(source).parent.mkdir(parents=True)
+    store.ref_path(source).write_text("[" * 100_000 + "]" * 100_000)
+    assert store.read_ref(source) is None
+
+
 def test_commit_revision_is_its_own_key_without_a_ref_file(hub, tmp_path):
     commit = hub.repos["org/tiny-sd"].branches["main"]
     path = ensure_converted(parse_source("org/tiny-sd", revision=commit), root=tmp_path)
@@ -151,6 +158,21 @@ def test_local_source_is_converted_once_and_again_when_it_changes(local_src, tmp
     second = ensure_converted(str(local_src), root=tmp_path)
     assert second != first and len(calls) == 2
     assert "999" in (second / "scheduler" / "scheduler_config.json").read_text()
+
+
+def test_local_source_with_broken_symlinks_converts_and_skips_them(local_src, tmp_path):
+    (local_src / "README.link").symlink_to(tmp_path / "nowhere")
+    (local_src / "tokenizer" / "notes.link").symlink_to(tmp_path / "nowhere")
+    path = ensure_converted(str(local_src), root=tmp_path / "volume")
+    verify_converted(path, full=True)
+    assert (path / "tokenizer" / "tokenizer.json").is_file()
+    assert not os.path.lexists(path / "tokenizer" / "notes.link")
+
+
+def test_local_directory_without_model_index_says_so_before_reading_anything_else(tmp_path):
+    with pytest.raises(SourceError) as err:
+        ensure_converted("/etc", root=tmp_path)
+    assert str(err.value) == "/etc: no model_index.json; a local source must be a diffusers pipeline directory"
 
 
 def test_dtype_is_part_of_the_key(local_src, tmp_path):
@@ -270,6 +292,26 @@ def test_leftovers_of_dead_or_silent_builders_are_removed_and_live_ones_kept(tmp
     assert {k for k, d in dirs.items() if d.exists()} == {"live", "other_host_fresh"}
 
 
+def test_leftovers_that_are_symlinks_are_unlinked_and_their_targets_kept(tmp_path):
+    store = Store(tmp_path)
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("not the store's")
+    store.dir.mkdir(parents=True)
+    links = [store.dir / ".trash-org--x-0123456789abcdef.3.eeee",
+             store.dir / f".tmp-org--x-0123456789abcdef.{host_tag()}.{dead_pid()}.aaaa",
+             store.dir / ".work-org--x-0123456789abcdef.elsewhere.2.dddd"]
+    for link in links:
+        link.symlink_to(target)
+    links[2].unlink()
+    links[2].symlink_to(tmp_path / "missing")  # dangling, from a silent builder on another machine
+    old = time.time() - 3 * 3600
+    os.utime(links[2], (old, old), follow_symlinks=False)
+    store.cleanup_stale()
+    assert [link for link in links if os.path.lexists(link)] == []
+    assert (target / "keep.txt").read_text() == "not the store's"
+
+
 # ---------------------------------------------------------------------------------------------
 # Many runners, full disks (forked processes: the parent has torch and diffusers imported)
 
@@ -346,6 +388,17 @@ def test_convert_source_into_a_new_directory(local_src, tmp_path):
     assert convert_source(str(local_src), dst, root=tmp_path / "volume") == dst.resolve()
     verify_converted(dst, full=True)
     assert json.loads((dst / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_convert_source_again_returns_the_verified_conversion_without_converting(local_src, tmp_path, monkeypatch):
+    dst = tmp_path / "out" / "converted"
+    convert_source(str(local_src), dst, root=tmp_path / "volume")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(conversion.convert, "convert_pipeline", no_conversion)
+    assert convert_source(str(local_src), dst, root=tmp_path / "volume") == dst.resolve()
 
 
 def test_convert_source_refuses_a_non_empty_destination(local_src, tmp_path):
