@@ -1,5 +1,5 @@
 """The warm start end to end, as a user meets it: ``fal run --local`` until ``GET /health`` answers
-200, then the first image (1 step, 256x256), against the recipes a user would otherwise pick.
+200, then the first image (1 step, 64x64), against the recipes a user would otherwise pick.
 
     make bench-startup                              # SDXL-shaped fp16 pipeline (6.9 GB), 3 rounds
     python bench/startup.py --size small --rounds 2 # quicker (about 0.8 GB)
@@ -8,6 +8,8 @@
 Peers (each a fresh ``fal run --local`` process per run, the store already converted):
 - ``ours``: this app (a copy of app.py, model_loader/, conversion/ with a fal.toml profile that
   serves the benchmark model from a local source; no warm-up shapes, so /health is setup alone);
+- ``ours-odirect``: the same with ``MODEL_LOADER_MAP=hot`` (a pack not in the page cache is read
+  with O_DIRECT into owned memory instead of mapped);
 - ``stock``: a fal.App whose setup() calls ``DiffusionPipeline.from_pretrained(dir, torch_dtype=fp16)``;
 - ``flashpack``: flashpack 0.4.5's recipe: modules built empty, ``assign_from_file`` per component;
 - ``imports-only``: the floor of any recipe: setup() imports torch, diffusers' SDXL classes and
@@ -41,9 +43,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import evict, machine_info, machine_slug, median, resident_fraction, warm  # noqa: E402
 
-PEERS = ("ours", "stock", "flashpack", "imports-only")
+PEERS = ("ours", "ours-odirect", "stock", "flashpack", "imports-only")
 CACHES = ("hot", "cold")
-REQUEST = {"prompt": "a lighthouse on a cliff", "width": 256, "height": 256, "num_inference_steps": 1,
+# The first image: as small as SDXL allows, one step (on a CPU an fp16 SDXL image takes minutes at 1024).
+SIDE = 64
+REQUEST = {"prompt": "a lighthouse on a cliff", "width": SIDE, "height": SIDE, "num_inference_steps": 1,
            "guidance_scale": 1.0, "seed": 0}
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def prepare(workdir: Path, size: str) -> dict:
         "ours": sorted(str(p) for p in store.rglob("*") if p.is_file()),
         "stock": sorted(str(p) for p in source.rglob("*") if p.is_file()),
     }
-    files["flashpack"] = files["ours"]
+    files["flashpack"] = files["ours-odirect"] = files["ours"]
     files["imports-only"] = []
     payload = sum(p.stat().st_size for p in store.glob("*/model.flashpack"))
     return {"size": size, "source": str(source), "store": str(store), "data_root": str(data_root),
@@ -179,6 +183,7 @@ device = "auto"
 [profiles.bench.serving]
 output = "data_uri"
 warmup_sizes = []
+min_side = {SIDE}
 """
     (app_dir / "fal.toml").write_text((REPO / "fal.toml").read_text() + profile)
 
@@ -202,8 +207,10 @@ def _command(peer: str, data: dict, port: int, metrics: int) -> tuple[list[str],
     ports = ["--exposed-port", str(port), "--exposed-metrics-port", str(metrics)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
            "PYTHONUNBUFFERED": "1"}
-    if peer == "ours":
+    if peer.startswith("ours"):
         env.update(APP_PROFILE="bench", APP_DATA_ROOT=data["data_root"])
+        if peer == "ours-odirect":
+            env["MODEL_LOADER_MAP"] = "hot"
         return [fal_cli, "run", "--local", *ports, "flashpack-t2i"], data["app_dir"], env
     env.update(BENCH_SOURCE_DIR=data["source"], BENCH_STORE_DIR=data["store"])
     cls = {"stock": "StockApp", "flashpack": "FlashpackApp", "imports-only": "ImportsOnlyApp"}[peer]
@@ -255,7 +262,7 @@ def _our_phases(output: str) -> dict:
     return phases
 
 
-def run_once(peer: str, cache: str, data: dict, timeout: float) -> dict:
+def run_once(peer: str, cache: str, data: dict, timeout: float, first_image: bool) -> dict:
     files = data["files"][peer]
     if cache == "hot":
         warm(files)
@@ -285,18 +292,8 @@ def run_once(peer: str, cache: str, data: dict, timeout: float) -> dict:
                     pass
                 time.sleep(0.05)
             record["health_s"] = round(time.perf_counter() - t0, 3)
-            if peer == "imports-only":
-                record["peak_rss_gb"] = _peak_rss_gb(proc.pid)
-                return record
-            body = dict(REQUEST)
-            if peer == "ours":
-                body = {"prompt": REQUEST["prompt"], "image_size": {"width": 256, "height": 256},
-                        "num_inference_steps": 1, "guidance_scale": 1.0, "seed": 0, "sync_mode": True}
-            t1 = time.perf_counter()
-            status, reply = _request(f"http://127.0.0.1:{port}/", body, timeout)
-            record["first_image_s"] = round(time.perf_counter() - t1, 3)
-            if status != 200:
-                raise RuntimeError(f"{peer}: first image answered {status}: {reply[:300]!r}")
+            if peer != "imports-only" and first_image:
+                _first_image(peer, port, timeout, record)
             record["peak_rss_gb"] = _peak_rss_gb(proc.pid)
         except Exception as exc:  # noqa: BLE001 - recorded, the bench goes on
             record["error"] = str(exc)
@@ -308,11 +305,24 @@ def run_once(peer: str, cache: str, data: dict, timeout: float) -> dict:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     output = out_path.read_text(errors="replace")
-    if peer == "ours":
+    if peer.startswith("ours"):
         record["phases"] = _our_phases(output)
     if "error" in record:
         record["output_tail"] = output[-3000:]
     return record
+
+
+def _first_image(peer: str, port: int, timeout: float, record: dict) -> None:
+    """POST the first image request; its seconds go into ``record``."""
+    body = dict(REQUEST)
+    if peer.startswith("ours"):
+        body = {"prompt": REQUEST["prompt"], "image_size": {"width": SIDE, "height": SIDE},
+                "num_inference_steps": 1, "guidance_scale": 1.0, "seed": 0, "sync_mode": True}
+    t1 = time.perf_counter()
+    status, reply = _request(f"http://127.0.0.1:{port}/", body, timeout)
+    record["first_image_s"] = round(time.perf_counter() - t1, 3)
+    if status != 200:
+        raise RuntimeError(f"{peer}: first image answered {status}: {reply[:300]!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,12 +354,18 @@ def summarize(runs: list[dict]) -> list[dict]:
 def phase_table(runs: list[dict]) -> str:
     keys = ("lookup", "import_torch", "import_diffusers", "build", "reads", "wait_reads", "assemble", "load",
             "warmup", "setup")
-    lines = ["| cache | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for cache in CACHES:
-        mine = [r.get("phases", {}) for r in runs if r["peer"] == "ours" and r["cache"] == cache]
-        if mine:
-            lines.append(f"| {cache} | " + " | ".join(f"{median([p.get(k) for p in mine]):.2f}" for k in keys) + " |")
+    lines = ["| peer | cache | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for peer in ("ours", "ours-odirect"):
+        for cache in CACHES:
+            mine = [r.get("phases", {}) for r in runs if r["peer"] == peer and r["cache"] == cache]
+            if mine:
+                cells = " | ".join(f"{median([p.get(k) for p in mine]):.2f}" for k in keys)
+                lines.append(f"| {peer} | {cache} | {cells} |")
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -357,7 +373,7 @@ def markdown(rows: list[dict]) -> str:
              "| runs | all /health s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cache']} | {r['peer']} | {r['health_s']:.2f} | {r['load_s'] if r['load_s'] is not None else '-'} "
-                     f"| {r['first_image_s']:.2f} | "
+                     f"| {_num(r['first_image_s'])} | "
                      f"{r['vs_ours'] if r['vs_ours'] is not None else '-'}x | {r['peak_rss_gb']} | {r['runs']} | "
                      f"{', '.join(f'{v:.2f}' if v else '-' for v in r['all_health_s'])} |")
     return "\n".join(lines)
@@ -370,6 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every peer and cache)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     ap.add_argument("--caches", default=",".join(CACHES), help="comma-separated subset of hot,cold")
+    ap.add_argument("--first-image-rounds", type=int, default=None,
+                    help="rounds that also time the first image (default: all)")
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "startup")
     ap.add_argument("--timeout", type=float, default=600, help="seconds a run may take to /health and to its image")
     ap.add_argument("--machine", default=None, help="a name for the results file (default: from the CPU/GPU)")
@@ -383,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"{name}: unknown or empty {unknown or values} (choose from {', '.join(allowed)})")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if args.first_image_rounds is None:
+        args.first_image_rounds = args.rounds
     return args
 
 
@@ -395,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         for cache in args.caches:
             for peer in args.peers:
-                record = run_once(peer, cache, data, args.timeout)
+                record = run_once(peer, cache, data, args.timeout, round_ < args.first_image_rounds)
                 record["round"] = round_
                 runs.append(record)
                 log(f"round {round_ + 1}/{args.rounds} {cache:4} {peer:10} /health {record.get('health_s', '-')} s, "

@@ -222,6 +222,23 @@ def resident_fraction(path: str | os.PathLike[str], samples: int = 64) -> float:
         os.close(fd)
 
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
+
+
+def populate_read(address: int, nbytes: int) -> bool:
+    """Fault in the pages of a mapping for reading (``MADV_POPULATE_READ``): the kernel reads the
+    file's pages into the page cache and maps them, without the per-page faults of touching them
+    and without breaking copy-on-write. False where the kernel lacks it (then touching does it)."""
+    libc = _load_libc()
+    if libc is None or nbytes <= 0:
+        return False
+    madvise = libc.madvise
+    madvise.restype = ctypes.c_int
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = align_down(address, PAGE)
+    return madvise(start, align_up(address + nbytes, PAGE) - start, _MADV_POPULATE_READ) == 0
+
+
 def advise_hugepages(address: int, nbytes: int) -> bool:
     """Ask for transparent huge pages behind a large buffer before it is first written, which
     cuts the page faults of filling fresh memory 512-fold (a no-op where THP is off)."""

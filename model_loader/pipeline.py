@@ -9,7 +9,6 @@ then assembled from views of the loaded blocks; the others use their own ``from_
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .assemble import build_empty_model, construction_dtype, fill_model, is_diffusers_model, is_transformers_model
+from .bounded_json import load_file_bounded
 from .format import read_layout
 from .host_read import HostFile, PackReads, start_pack_reads
 from .reader import PackData, pack_from_host, read_pack, resolve_device
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 MODEL_INDEX_NAME = "model_index.json"
 CONFIG_NAME = "config.json"
 PACK_NAME = "model.flashpack"
+# model_index.json and config.json files are kilobytes; anything past this is not one.
+MAX_CONFIG_BYTES = 16 << 20
 
 logger = logging.getLogger("model_loader.pipeline")
 
@@ -169,10 +171,10 @@ def read_model_index(root: Path) -> dict[str, Any]:
     if not root.is_dir():
         raise PipelineLoadError(f"{root}: not a directory (expected a converted pipeline directory)")
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = load_file_bounded(index_path, max_bytes=MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise PipelineLoadError(f"{index_path}: missing (not a diffusers pipeline directory)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise PipelineLoadError(f"{index_path}: cannot be read as JSON ({exc})") from None
     if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
         raise PipelineLoadError(f"{index_path}: expected a JSON object with a string '_class_name'")
@@ -278,17 +280,17 @@ def _component_class(comp: Path) -> type:
     index_path = comp.parent / MODEL_INDEX_NAME
     if index_path.is_file():
         try:
-            entry = json.loads(index_path.read_text(encoding="utf-8")).get(comp.name)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            entry = load_file_bounded(index_path, max_bytes=MAX_CONFIG_BYTES).get(comp.name)
+        except (OSError, ValueError, AttributeError):
             entry = None
         if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
             return resolve_class(entry[0], entry[1], where=str(index_path))
     config_path = comp / CONFIG_NAME
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = load_file_bounded(config_path, max_bytes=MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise PipelineLoadError(f"{config_path}: missing (every torch component needs its config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise PipelineLoadError(f"{config_path}: cannot be read as JSON ({exc})") from None
     if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
         return resolve_class("diffusers", config["_class_name"], where=str(config_path))

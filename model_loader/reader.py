@@ -1,8 +1,8 @@
 """Read a FlashPack file into one flat tensor per dtype on the target device.
 
-- CPU: the whole file lands in host memory (:mod:`model_loader.host_read`: a private mapping when
-  it is in the page cache, else parallel ``preadv``/O_DIRECT into owned memory) and each dtype's
-  block is a zero-copy tensor view of it.
+- CPU: the whole file lands in host memory (:mod:`model_loader.host_read`: a private mapping, or
+  parallel ``preadv``/O_DIRECT into owned memory) and each dtype's block is a zero-copy tensor
+  view of it.
 - CUDA: threads read a grid of chunks into pinned staging buffers leased from a process-wide
   pool; each buffer has its own stream and event, its H2D copy into one device buffer (the file's
   payload, blocks are views of it) is queued without blocking and the buffer is refilled only once
@@ -282,7 +282,7 @@ def read_pack(
     threads: int | None = None,
     chunk_bytes: int | None = None,
     direct_io: bool | None = None,
-    map_hot: bool | None = None,
+    mapping: str | None = None,
     pool: PinnedPool | None = None,
     engine: StagingEngine | None = None,
 ) -> PackData:
@@ -290,7 +290,7 @@ def read_pack(
     checking ``checksum`` (when given) as the bytes pass.
 
     ``threads``, ``chunk_bytes``, ``direct_io`` (None: O_DIRECT for chunks not in the page
-    cache) and ``map_hot`` (CPU: map a file that is in the page cache) default to the environment
+    cache) and ``mapping`` (CPU: ``always``, ``hot`` or ``never`` map the file) default to the environment
     (see :func:`model_loader.host_read.resolve_options`). ``pool`` is the pinned staging pool for
     CUDA targets (the process-wide one by default). ``engine`` replaces the CUDA copy engine
     (tests run the staged pipeline on the host with it).
@@ -302,12 +302,12 @@ def read_pack(
         engine = CudaEngine(device)
     if engine is None:
         pack = pack_from_host(read_file(path, checksum, threads=threads, chunk_bytes=chunk_bytes,
-                                        direct_io=direct_io, map_hot=map_hot))
+                                        direct_io=direct_io, mapping=mapping))
         if device.type != "cpu":
             pack = PackData(pack.layout, [b.to(device) for b in pack.blocks], pack.stats)
         stats = pack.stats
     else:
-        opts = resolve_options(threads, chunk_bytes, direct_io, map_hot=False)
+        opts = resolve_options(threads, chunk_bytes, direct_io, mapping="never")
         layout, fd, st = _open_layout(path)
         try:
             if checksum is not None:

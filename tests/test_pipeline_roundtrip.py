@@ -183,3 +183,11 @@ def test_pack_of_another_component_is_a_mismatch_naming_the_file(broken):
 def test_read_pack_of_converted_component_holds_one_name_per_tied_tensor(converted_flux_dir):
     names = read_pack(converted_flux_dir / "text_encoder_2" / "model.flashpack").layout.names()
     assert ("shared.weight" in names) != ("encoder.embed_tokens.weight" in names)
+
+
+def test_a_deeply_nested_model_index_is_a_load_error_naming_the_file(tmp_path):
+    from model_loader.pipeline import PipelineLoadError, read_model_index
+
+    (tmp_path / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PipelineLoadError, match=r"model_index\.json: cannot be read as JSON \(nested more than"):
+        read_model_index(tmp_path)

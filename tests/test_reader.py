@@ -235,15 +235,21 @@ def test_options_come_from_arguments_then_environment(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_THREADS", "3")
     monkeypatch.setenv("MODEL_LOADER_CHUNK_MB", "2")
     monkeypatch.setenv("MODEL_LOADER_DIRECT_IO", "0")
-    monkeypatch.setenv("MODEL_LOADER_MAP_HOT", "0")
-    assert resolve_options() == ReadOptions(3, 2 << 20, False, False)
-    assert resolve_options(threads=5, chunk_bytes=5000, direct_io=False, map_hot=True) == ReadOptions(
-        5, 2 * ALIGN, False, True
+    monkeypatch.setenv("MODEL_LOADER_MAP", "never")
+    assert resolve_options() == ReadOptions(3, 2 << 20, False, "never")
+    assert resolve_options(threads=5, chunk_bytes=5000, direct_io=False, mapping="hot") == ReadOptions(
+        5, 2 * ALIGN, False, "hot"
     )
 
 
+def test_an_unknown_mapping_mode_is_named(monkeypatch):
+    monkeypatch.setenv("MODEL_LOADER_MAP", "sometimes")
+    with pytest.raises(ValueError, match="MODEL_LOADER_MAP='sometimes'"):
+        resolve_options()
+
+
 def test_forcing_o_direct_turns_mapping_off():
-    assert resolve_options(direct_io=True, map_hot=True).map_hot is False
+    assert resolve_options(direct_io=True, mapping="always").mapping == "never"
 
 
 def test_default_threads_exceed_the_cores_only_for_files_not_in_the_page_cache(monkeypatch):
@@ -299,11 +305,10 @@ def test_auto_mode_reads_cold_chunks_direct_and_cached_chunks_buffered(pack):
     os.close(fd)
     if not cold_cache_supported(path):
         pytest.skip("POSIX_FADV_DONTNEED does not evict pages here")
-    cold = read_pack(path, chunk_bytes=ALIGN)
-    # all but the page(s) shared with the footer, which parsing the footer brought in
+    cold = read_pack(path, chunk_bytes=ALIGN, mapping="never")
     assert 0 <= cold.stats.bytes - cold.stats.direct_bytes < 2 * ALIGN
     path.read_bytes()  # now in the page cache
-    hot = read_pack(path, chunk_bytes=ALIGN)
+    hot = read_pack(path, chunk_bytes=ALIGN, mapping="never")
     assert hot.stats.direct_bytes == 0
     assert_bit_exact(cold.tensors(), sd)
     assert_bit_exact(hot.tensors(), sd)
@@ -355,7 +360,7 @@ def test_file_shrinking_during_the_load_raises_format_error(pack, monkeypatch):
 
     monkeypatch.setattr(host_read, "open_checked", open_then_shrink)
     with pytest.raises(FlashPackFormatError, match=re.escape(str(path)) + ".*file ends at byte"):
-        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False, map_hot=False)
+        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False, mapping="never")
     assert reader_threads() == []
 
 
@@ -377,7 +382,7 @@ def test_read_error_in_one_thread_stops_the_others_and_propagates(pack, monkeypa
     monkeypatch.setattr(mio, "pread_exact", flaky)
     total = len(plan_chunks(path.stat().st_size, ALIGN))
     with pytest.raises(PackReadError, match=re.escape(str(path))):
-        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False, map_hot=False)
+        read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False, mapping="never")
     assert reader_threads() == []
     assert len(calls) <= 3 + 4 < total  # the others stopped after their current chunk
 
@@ -390,7 +395,7 @@ def test_os_error_from_preadv_becomes_pack_read_error_naming_the_file(pack, monk
 
     monkeypatch.setattr(mio.os, "preadv", broken)
     with pytest.raises(PackReadError, match=re.escape(str(path)) + ".*Input/output error") as info:
-        read_pack(path, threads=2, direct_io=False, map_hot=False)
+        read_pack(path, threads=2, direct_io=False, mapping="never")
     assert info.value.errno == errno.EIO
     assert isinstance(info.value, OSError)
 
@@ -518,9 +523,9 @@ def test_an_unknown_hugepages_setting_is_named(monkeypatch):
 # Host memory: mapped when in the page cache, owned memory otherwise; checksums as bytes pass
 
 
-def test_a_pack_in_the_page_cache_is_mapped_and_writes_stay_in_this_process(pack):
+def test_a_pack_is_mapped_by_default_and_writes_stay_in_this_process(pack):
     path, sd = pack
-    before = path.read_bytes()  # in the page cache now
+    before = path.read_bytes()
     data = read_pack(path)
     assert data.stats.mapped
     tensors = data.tensors()
@@ -532,7 +537,7 @@ def test_a_pack_in_the_page_cache_is_mapped_and_writes_stay_in_this_process(pack
 
 def test_a_pack_read_into_owned_memory_is_bit_exact_and_writable(pack):
     path, sd = pack
-    data = read_pack(path, map_hot=False, threads=3, chunk_bytes=ALIGN)
+    data = read_pack(path, mapping="never", threads=3, chunk_bytes=ALIGN)
     assert not data.stats.mapped
     tensors = data.tensors()
     assert_bit_exact(tensors, sd)
@@ -547,7 +552,7 @@ def test_a_flipped_byte_fails_the_checksum_naming_its_segment(pack, how):
     data = bytearray(path.read_bytes())
     data[5000] ^= 0x01
     path.write_bytes(bytes(data))
-    options = {"mapped": {}, "read": {"map_hot": False}, "staged": {"engine": HostEngine(), "pool": host_pool()}}[how]
+    options = {"mapped": {}, "read": {"mapping": "never"}, "staged": {"engine": HostEngine(), "pool": host_pool()}}[how]
     with pytest.raises(ChecksumMismatchError, match=re.escape(f"{path}: bytes 4096-8192 do not match")):
         read_pack(path, checksum=checksum, threads=2, chunk_bytes=ALIGN, **options)
 
@@ -556,7 +561,7 @@ def test_a_flipped_byte_fails_the_checksum_naming_its_segment(pack, how):
 def test_an_intact_pack_passes_its_checksum(pack, how):
     path, sd = pack
     checksum = file_checksum(str(path), segment_bytes=ALIGN)
-    options = {"mapped": {}, "read": {"map_hot": False}, "staged": {"engine": HostEngine(), "pool": host_pool()}}[how]
+    options = {"mapped": {}, "read": {"mapping": "never"}, "staged": {"engine": HostEngine(), "pool": host_pool()}}[how]
     data = read_pack(path, checksum=checksum, threads=2, chunk_bytes=ALIGN, **options)
     assert data.stats.checked
     assert_bit_exact(data.tensors(), sd)
@@ -604,3 +609,14 @@ def test_a_bare_cuda_device_is_pinned_to_the_callers_current_device(monkeypatch)
     assert reader.resolve_device("cuda") == torch.device("cuda", 3)
     assert reader.resolve_device("cuda:1") == torch.device("cuda", 1)
     assert reader.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_hot_mapping_maps_a_cached_pack_and_reads_a_cold_one(pack):
+    path, sd = pack
+    path.read_bytes()
+    assert read_pack(path, mapping="hot").stats.mapped
+    if not cold_cache_supported(path):
+        pytest.skip("POSIX_FADV_DONTNEED does not evict pages here")
+    cold = read_pack(path, mapping="hot")
+    assert not cold.stats.mapped
+    assert_bit_exact(cold.tensors(), sd)
