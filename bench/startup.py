@@ -149,7 +149,7 @@ def prepare(workdir: Path, size: str) -> dict:
     data_root = base / "data"
     from conversion.store import ensure_converted
 
-    log(f"converting {source} into the store under {data_root} (once) ...")
+    log(f"finding (or, the first time, converting) {source} in the store under {data_root} ...")
     store = Path(ensure_converted(str(source), root=data_root, dtype="float16"))
     app_dir = base / "app-ours"
     write_app_copy(app_dir, source)
@@ -342,6 +342,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             rows.append({
                 "cache": cache, "peer": peer, "health_s": health,
                 "first_image_s": median([r.get("first_image_s") for r in mine]),
+                "ready_s": median([r["health_s"] + r["first_image_s"] for r in mine
+                                   if r.get("health_s") is not None and r.get("first_image_s") is not None]),
                 "load_s": round(health - floor, 2) if floor == floor else None,
                 "vs_ours": round(health / ours, 2) if ours == ours and ours > 0 else None,
                 "peak_rss_gb": median([r.get("peak_rss_gb") for r in mine]),
@@ -369,11 +371,11 @@ def _num(value: float | None) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| cache | peer | /health 200 s (median) | above the floor s | first image s | time vs ours | peak RSS GB "
-             "| runs | all /health s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cache | peer | /health 200 s (median) | above the floor s | first image s | /health + first image s "
+             "| time vs ours | peak RSS GB | runs | all /health s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cache']} | {r['peer']} | {r['health_s']:.2f} | {r['load_s'] if r['load_s'] is not None else '-'} "
-                     f"| {_num(r['first_image_s'])} | "
+                     f"| {_num(r['first_image_s'])} | {_num(r['ready_s'])} | "
                      f"{r['vs_ours'] if r['vs_ours'] is not None else '-'}x | {r['peak_rss_gb']} | {r['runs']} | "
                      f"{', '.join(f'{v:.2f}' if v else '-' for v in r['all_health_s'])} |")
     return "\n".join(lines)
@@ -392,6 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=600, help="seconds a run may take to /health and to its image")
     ap.add_argument("--machine", default=None, help="a name for the results file (default: from the CPU/GPU)")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--report", type=Path, default=None, help="print the tables of a results JSON and exit")
     args = ap.parse_args(argv)
     args.peers = [p for p in args.peers.split(",") if p]
     args.caches = [c for c in args.caches.split(",") if c]
@@ -406,8 +409,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report(path: Path) -> None:
+    """The tables of an earlier run, from its raw JSON."""
+    saved = json.loads(path.read_text())
+    runs, info = saved["runs"], saved["hardware"]
+    print(f"Model: SDXL-shaped ({saved['config']['size']}), {saved['payload_bytes'] / 1e9:.2f} GB fp16 packs; "
+          f"{saved['config']['rounds']} rounds; {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, "
+          f"torch {info['torch']}\n")
+    print(markdown(summarize(runs)) + "\n\nOur phases (medians, seconds):\n\n" + phase_table(runs))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report is not None:
+        report(args.report)
+        return 0
     data = prepare(args.workdir, args.size)
     info = machine_info(args.workdir)
     log(f"model: {args.size}, {data['payload_bytes'] / 1e9:.2f} GB of packs; machine: {info['cpu']}, {info['cores']} cores")

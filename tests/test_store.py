@@ -198,7 +198,7 @@ def test_flipped_payload_byte_passes_the_cheap_check_and_full_verification_rebui
     path = ensure_converted(str(local_src), root=tmp_path)
     good = files_of(path)
     flip_payload_byte(path / "unet" / "model.flashpack")
-    # Documented limit: the warm check reads sizes and footers only, so it cannot see this...
+    # The warm check reads no pack (the loader's checksums catch this while it reads it)...
     assert ensure_converted(str(local_src), root=tmp_path) == path
     with pytest.raises(VerificationError, match="sha256 mismatch"):
         verify_converted(path, full=True)
@@ -226,6 +226,25 @@ def test_truncated_pack_is_rebuilt_on_a_warm_start(local_src, tmp_path):
     os.truncate(pack, pack.stat().st_size - 10)
     assert ensure_converted(str(local_src), root=tmp_path) == path
     verify_converted(path, full=True)
+
+
+def test_entry_from_before_pack_checksums_is_rebuilt_once_saying_why(local_src, tmp_path, caplog, monkeypatch):
+    path = ensure_converted(str(local_src), root=tmp_path)
+    manifest_path = path / "flashpack_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["files"].values():
+        entry.pop("checksum", None)  # what the manifest of an older conversion looked like
+    manifest_path.write_text(json.dumps(manifest))
+    caplog.set_level(logging.WARNING, logger="conversion.store")
+    assert ensure_converted(str(local_src), root=tmp_path) == path
+    reasons = [r.getMessage() for r in caplog.records if "converted before packs carried load-time checksums" in r.getMessage()]
+    assert len(reasons) == 2  # "rebuilding it" on the warm check, "moving aside" before the build
+    assert "checksum" in read_manifest(path)["files"]["unet/model.flashpack"]
+    caplog.clear()
+    calls = []
+    monkeypatch.setattr(conversion.convert, "convert_pipeline", lambda *a, **k: calls.append(a))
+    assert ensure_converted(str(local_src), root=tmp_path) == path
+    assert calls == [] and caplog.records == []
 
 
 def test_entry_without_manifest_is_moved_aside_and_rebuilt(local_src, tmp_path):
