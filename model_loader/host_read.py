@@ -122,13 +122,19 @@ def _cpus() -> int:
         return os.cpu_count() or 4
 
 
-def default_threads(resident: float = 0.0) -> int:
+def default_threads(resident: float = 0.0, mapped: bool = False) -> int:
     """Reader threads for a file of which ``resident`` (0..1) is in the page cache.
 
     Reading from storage wants I/O queue depth, so more threads than cores (at most 16); a file
-    already in the page cache is a memory copy, where threads beyond the cores only contend.
+    already in the page cache is a memory copy, where threads beyond the cores only contend. A
+    mapped file is read by the kernel's readahead and only hashed by the threads: one more thread
+    than cores when cold, one fewer when hot. More only deepens the I/O queue and takes the CPU
+    from the imports these reads overlap (on the 2-core VM of docs/BENCHMARKS.md, 8 threads made
+    ``import torch`` 2-3x slower for 10 % more read rate).
     """
     cpus = _cpus()
+    if mapped:
+        return max(1, cpus - 1) if resident >= HOT_FRACTION else cpus + 1
     io_bound = min(16, max(8, 2 * cpus))
     return min(io_bound, max(2, cpus)) if resident >= HOT_FRACTION else io_bound
 
@@ -383,7 +389,8 @@ def read_file(
             checksum.check_size(size, path)
         with _io.Residency(fd, size) as residency:
             resident = residency.sampled_fraction() if residency.known else 0.0
-        n_threads = opts.threads or default_threads(resident)
+        mapped = size > 0 and (opts.mapping == "always" or (opts.mapping == "hot" and resident >= HOT_FRACTION))
+        n_threads = opts.threads or default_threads(resident, mapped)
         grain = checksum.segment_bytes if checksum is not None else ALIGN
         chunk = effective_chunk_bytes(size, n_threads, opts.chunk_bytes, grain)
         chunks = plan_chunks(size, chunk)
@@ -391,7 +398,7 @@ def read_file(
         stats = ReadStats(size, threads=n_threads, chunks=len(chunks), chunk_bytes=chunk)
         if size == 0:
             buffer: mmap.mmap | bytearray = bytearray(0)
-        elif opts.mapping == "always" or (opts.mapping == "hot" and resident >= HOT_FRACTION):
+        elif mapped:
             buffer = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             stats.mapped = True
             mem = memoryview(buffer)
