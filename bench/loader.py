@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = [PEERS_BY_NAME[n.strip()] for n in args.peers.split(",") if n.strip()]
     caches = [c.strip() for c in args.caches.split(",") if c.strip()]
     if not caches or set(caches) - {"hot", "cold"}:
-        ap.error(f"--caches: expected hot and/or cold, got {args.caches!r}")
+        raise SystemExit(f"loader.py: error: --caches: expected hot and/or cold, got {args.caches!r}")
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -326,6 +326,35 @@ def _first_image(peer: str, port: int, timeout: float, record: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Checksum rates (why the loader hashes with xxh3)
+
+
+def hash_rates(nbytes: int = 512 << 20, repeats: int = 3) -> dict[str, float]:
+    """Single-thread GB/s of the candidate checksums over ``nbytes`` in memory (best of ``repeats``)."""
+    import hashlib
+    import zlib
+
+    import xxhash
+
+    data = memoryview(os.urandom(1 << 20) * (nbytes >> 20))
+    candidates = {
+        "xxh3_64 (xxhash)": xxhash.xxh3_64_intdigest,
+        "crc32 (zlib)": zlib.crc32,
+        "blake2b (hashlib)": lambda d: hashlib.blake2b(d).digest(),
+        "sha256 (hashlib)": lambda d: hashlib.sha256(d).digest(),
+    }
+    rates = {}
+    for name, fn in candidates.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(data)
+            best = min(best, time.perf_counter() - t)
+        rates[name] = round(nbytes / best / 1e9, 2)
+    return rates
+
+
+# --------------------------------------------------------------------------------------------------
 # Summary
 
 
@@ -417,6 +446,8 @@ def report(path: Path) -> None:
           f"{saved['config']['rounds']} rounds; {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, "
           f"torch {info['torch']}\n")
     print(markdown(summarize(runs)) + "\n\nOur phases (medians, seconds):\n\n" + phase_table(runs))
+    if "hash_rates_gbps" in saved:
+        print("\nChecksum rates, one thread, GB/s: " + ", ".join(f"{k} {v}" for k, v in saved["hash_rates_gbps"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,15 +472,17 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  warning: {record['resident_before']:.0%} of the files were still cached at the start")
     rows = summarize(runs)
     table, phases = markdown(rows), phase_table(runs)
+    rates = hash_rates()
     print(f"Model: SDXL-shaped ({args.size}), {data['payload_bytes'] / 1e9:.2f} GB fp16 packs; {args.rounds} rounds; "
           f"{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, torch {info['torch']}\n")
     print(table + "\n\nOur phases (medians, seconds):\n\n" + phases)
+    print("\nChecksum rates, one thread, GB/s: " + ", ".join(f"{k} {v}" for k, v in rates.items()))
     args.results.mkdir(parents=True, exist_ok=True)
     name = args.machine or machine_slug(info)
     out = args.results / f"startup-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": name, "hardware": info, "config": vars(args) | {
         "workdir": str(args.workdir), "results": str(args.results)}, "request": REQUEST,
-        "payload_bytes": data["payload_bytes"], "summary": rows, "runs": runs}, indent=2, default=str) + "\n")
+        "payload_bytes": data["payload_bytes"], "hash_rates_gbps": rates, "summary": rows, "runs": runs}, indent=2, default=str) + "\n")
     log(f"raw runs: {out}")
     return 0 if all("error" not in r for r in runs) else 1
 
