@@ -4,17 +4,17 @@ The result is a :class:`HostFile`: one buffer holding the file's bytes ``[0, siz
 the reader makes each dtype's block a zero-copy tensor view. Two ways to fill it:
 
 - **mapped** (the default): the file is mapped privately (copy-on-write): writable, no copy, a
-  write changes only this process's page. Parallel threads have the kernel populate the mapping
-  chunk by chunk (``MADV_POPULATE_READ``: a file not yet in the page cache is read at the disk's
-  rate) and hash each chunk once it is in;
+  write changes only this process's page. Parallel threads walk the mapping chunk by chunk,
+  hashing it (or, without a checksum, ``MADV_POPULATE_READ``), so a file not yet in the page cache
+  is brought in by the kernel's readahead at the disk's rate and no page is left to fault later;
 - **read**: parallel threads ``preadv`` a grid of chunks into owned anonymous memory, with
   O_DIRECT for chunks not in the page cache and buffered reads for the rest.
 
 ``MODEL_LOADER_MAP`` chooses: ``always`` (default), ``hot`` (map only a file that is in the page
 cache, read the others) or ``never``. On the benchmark VM (docs/BENCHMARKS.md) mapping a cold 5 GB
-pack this way ran at 2.2 GB/s with 1.1 s of CPU, against 1.6 GB/s and 4.8 s of CPU for O_DIRECT
-into owned memory (whose kernel time, page faults on fresh memory and pinning, starves the imports
-it should overlap) and 2.3 s of CPU for hashing the mapping while it faults in.
+pack this way ran at 2.1 GB/s and slowed a concurrent Python thread by about 0.7 s, against
+1.6 GB/s and 2.9 s for O_DIRECT into owned memory (whose kernel time, page faults on fresh memory
+and pinning, starves the imports it should overlap).
 
 Either way every segment of a :class:`~model_loader.checksum.Checksum` is hashed once (by the
 thread that read it, or by a pool over the mapping) and a mismatch raises. Nothing here imports
@@ -344,15 +344,19 @@ class _HostWorker:
 
 
 class _MapWorker:
-    """Brings a chunk of a mapped file in (MADV_POPULATE_READ: read and mapped by the kernel, far
-    cheaper than faulting page by page), then hashes it."""
+    """Brings a chunk of a mapped file in: hashing it faults it in (the kernel reads ahead of the
+    faults); without a checksum, MADV_POPULATE_READ does, so no fault is left for the first use.
+    (Populating before hashing too cost the concurrent imports about 0.2 s more on the hot SDXL
+    start of docs/BENCHMARKS.md, for no faster read.)"""
 
     def __init__(self, mem: memoryview, addr: int, checksum: Checksum | None, path: str):
         self.mem, self.addr, self.checksum, self.path = mem, addr, checksum, path
 
     def process(self, chunk: Chunk) -> None:
-        _io.populate_read(self.addr + chunk.offset, chunk.length)
-        check_segments(self.checksum, chunk, self.mem[chunk.offset : chunk.offset + chunk.length], self.path)
+        if self.checksum is None:
+            _io.populate_read(self.addr + chunk.offset, chunk.length)
+        else:
+            check_segments(self.checksum, chunk, self.mem[chunk.offset : chunk.offset + chunk.length], self.path)
 
     def close(self) -> None:
         pass
