@@ -274,7 +274,7 @@ class Store:
         timeout = float(os.environ.get("APP_STORE_LOCK_TIMEOUT_S", 3 * 3600))
         with FileLock(self.lock_path(source, dtype_name), source.display, timeout) as lock:
             if not refresh:  # another runner may have published while we waited for the lock
-                hit = self._warm(source, dtype_name, verify)
+                hit = self._warm(source, dtype_name, verify, report=False)  # said once already
                 if hit is not None:
                     log.info("store: ready %s (built by another runner; waited %.1f s)", hit, lock.waited_s)
                     return hit
@@ -335,7 +335,7 @@ class Store:
             return False
         return True
 
-    def _warm(self, source: Source, dtype_name: str, verify: Verify) -> Path | None:
+    def _warm(self, source: Source, dtype_name: str, verify: Verify, report: bool = True) -> Path | None:
         identity = self.offline_identity(source)
         if identity is None:
             return None
@@ -345,7 +345,7 @@ class Store:
             if source.kind == "local" and not Path(source.ref).is_dir():
                 log.warning("store: local source %s is gone; serving its last conversion", source.ref)
             return entry.path
-        if problem != "missing":
+        if problem != "missing" and report:
             log.warning("store: %s failed verification, rebuilding it: %s", entry.path, problem)
         return None
 
