@@ -677,6 +677,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
             try:
                 self.pipe = load_pipeline(self.store_path, device=self.device, torch_dtype=torch_dtype, reads=reads)
             except Exception as exc:  # a damaged entry is rebuilt on this start; anything else is raised
+                reads.cancel()
                 problem = str(exc) if isinstance(exc, ChecksumMismatchError) else store_problem(self.store_path)
                 if problem is None:
                     raise
