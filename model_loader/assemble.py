@@ -227,20 +227,24 @@ def cast_tensors(
     """The pack's tensors with floating-point ones in ``dtype`` (``keep_fp32`` names in float32).
 
     Each floating block is cast whole, so the result is still one flat block per dtype; without
-    ``dtype`` these are plain views of the loaded blocks.
+    ``dtype`` these are plain views of the loaded blocks. Casting replaces the pack's blocks (the
+    caller's views of the uncast blocks stay valid but the pack no longer holds them).
     """
-    stored = pack.tensors()
     if dtype is None:
-        return stored
-    cast_blocks = [
-        block.to(dtype) if meta.dtype.is_floating_point and meta.dtype != dtype else block
-        for block, meta in zip(pack.blocks, pack.layout.blocks, strict=True)
-    ]
-    out = PackData(pack.layout, cast_blocks).tensors()
-    for name, tensor in stored.items():
-        if tensor.is_floating_point() and keep_fp32(name):
-            # clone: a view would keep the whole uncast block alive
-            out[name] = tensor.float() if tensor.dtype != torch.float32 else tensor.clone()
+        return pack.tensors()
+    # The float32 copies first (small): a view would keep the whole uncast block alive.
+    kept = {
+        name: tensor.float() if tensor.dtype != torch.float32 else tensor.clone()
+        for name, tensor in pack.tensors().items()
+        if tensor.is_floating_point() and keep_fp32(name)
+    }
+    # One block at a time, each replacing its original in the pack, so at most one block exists
+    # twice at any moment (not the whole pack).
+    for i, meta in enumerate(pack.layout.blocks):
+        if meta.dtype.is_floating_point and meta.dtype != dtype:
+            pack.blocks[i] = pack.blocks[i].to(dtype)
+    out = PackData(pack.layout, pack.blocks).tensors()
+    out.update(kept)
     return out
 
 

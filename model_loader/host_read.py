@@ -501,8 +501,8 @@ def start_pack_reads(packs: Iterable[tuple[str, str | os.PathLike[str], Checksum
     """Start reading ``(name, path, checksum)`` packs for ``device`` in the background, in order.
 
     For the CPU each result is a :class:`HostFile` (torch is not needed until it is consumed);
-    for other devices a ``reader.PackData`` already on the device (this imports torch in the
-    background thread).
+    for other devices a ``reader.PackData`` already on the device. For CUDA the pinned staging
+    buffers are reserved first (pinned in the background, see :func:`reader.reserve_staging`).
     """
 
     def job(path: str | os.PathLike[str], checksum: Checksum | None) -> Callable[[], Any]:
@@ -516,4 +516,9 @@ def start_pack_reads(packs: Iterable[tuple[str, str | os.PathLike[str], Checksum
 
         return to_device
 
+    packs = list(packs)
+    if device != "cpu" and device.startswith("cuda"):
+        from .reader import reserve_staging
+
+        reserve_staging([os.path.getsize(path) for _, path, _ in packs])
     return PackReads((name, job(path, checksum)) for name, path, checksum in packs)

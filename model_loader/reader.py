@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from . import io as _io
-from .checksum import Checksum
+from .checksum import SEGMENT_BYTES, Checksum
 from .format import PackLayout, layout_from_bytes, read_layout
 from .host_read import (
     ALIGN,
@@ -47,6 +47,17 @@ log = logging.getLogger("model_loader.reader")
 
 # Staging buffers per CUDA reader thread: one is filled while the other's copy is in flight.
 BUFFERS_PER_THREAD = 2
+
+
+def staging_plan(pack_sizes: list[int], threads: int | None = None, chunk_bytes: int | None = None) -> tuple[int, int]:
+    """``(count, nbytes)`` of the pinned staging buffers that loading packs of ``pack_sizes`` to a
+    GPU uses at most (from a cold page cache), for :meth:`PinnedPool.reserve`."""
+    if not pack_sizes:
+        return 0, 0
+    opts = resolve_options(threads, chunk_bytes, mapping="never")
+    n_threads = opts.threads or default_threads(0.0)
+    chunk = max(effective_chunk_bytes(size, n_threads, opts.chunk_bytes, SEGMENT_BYTES) for size in pack_sizes)
+    return n_threads * BUFFERS_PER_THREAD, chunk
 
 __all__ = ["Chunk", "PackData", "ReadStats", "load_state_dict", "pack_from_host", "read_pack"]
 
@@ -93,6 +104,14 @@ def pack_from_host(host: HostFile) -> PackData:
 
 # ----------------------------------------------------------------------------------------------
 # CUDA: staged through pinned buffers
+
+
+def reserve_staging(pack_sizes: list[int], pool: PinnedPool | None = None) -> None:
+    """Start pinning, in the background, the staging buffers loading these packs will use, so no
+    load pays for pinning (about 0.5 s per GB) on its own clock."""
+    count, nbytes = staging_plan(pack_sizes)
+    if count:
+        (pool or default_pool()).reserve(count, nbytes)
 
 
 class StagingEngine(Protocol):
@@ -147,7 +166,8 @@ class CudaEngine:
         return stream
 
     def new_event(self) -> torch.cuda.Event:
-        return torch.cuda.Event()
+        # blocking: waiting on it sleeps instead of spinning a core the reader threads need
+        return torch.cuda.Event(blocking=True)
 
     def copy(self, dst, src, stream, event) -> None:
         with torch.cuda.stream(stream):
@@ -174,8 +194,10 @@ class _Slot:
 
 
 class _StagingWorker:
-    """One reader thread of a staged load: up to BUFFERS_PER_THREAD leased staging buffers, each
-    with its own stream and event; a buffer is refilled only after its last copy completed."""
+    """One reader thread of a staged load: one stream, up to BUFFERS_PER_THREAD leased staging
+    buffers each with its own event; a buffer is refilled only after its last copy completed.
+    (One stream per thread, not per buffer: 16 threads x 2 streams would take all of torch's
+    pooled streams, which share 8 hardware queues.)"""
 
     def __init__(self, source: FileSource, dest: torch.Tensor, lease, engine: StagingEngine, buffer_bytes: int,
                  checksum: Checksum | None):
@@ -188,6 +210,7 @@ class _StagingWorker:
         self.buffer_bytes = buffer_bytes
         self.slots: list[_Slot] = []
         self.turn = 0
+        self.stream = engine.new_stream()
 
     def _free_slot(self) -> _Slot:
         # A buffer whose last copy is done; else a new one while below the limit; else wait.
@@ -196,9 +219,7 @@ class _StagingWorker:
                 return slot
         if len(self.slots) < BUFFERS_PER_THREAD:
             buf = self.lease.acquire(self.buffer_bytes)
-            slot = _Slot(
-                buf, _io.tensor_memoryview(buf), self.engine.new_stream(), self.engine.new_event()
-            )
+            slot = _Slot(buf, _io.tensor_memoryview(buf), self.stream, self.engine.new_event())
             self.slots.append(slot)
             return slot
         slot = self.slots[self.turn % len(self.slots)]

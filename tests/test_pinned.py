@@ -11,6 +11,12 @@ from model_loader.io import ALIGN
 from model_loader.pinned import PinnedPool
 
 
+def aligned(n: int) -> torch.Tensor:
+    """A host buffer of ``n`` bytes at an ALIGN-aligned address, as pinned memory is."""
+    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
+    return raw.narrow(0, (-raw.data_ptr()) % ALIGN, n)
+
+
 def host_pool(**kwargs) -> PinnedPool:
     return PinnedPool(allocate=lambda n: torch.empty(n, dtype=torch.uint8), **kwargs)
 
@@ -65,7 +71,64 @@ def test_buffers_are_aligned_even_from_a_misaligned_allocator():
     pool = PinnedPool(allocate=misaligned)
     buf = pool.lease().acquire(3 * ALIGN)
     assert buf.data_ptr() % ALIGN == 0
-    assert buf.numel() == 3 * ALIGN
+    assert buf.numel() == 4 * ALIGN  # the power of two torch's pinned allocator would pin anyway
+
+
+def test_buffers_are_pinned_in_powers_of_two_and_counted_as_pinned():
+    sizes = []
+    pool = PinnedPool(allocate=lambda n: sizes.append(n) or aligned(n))
+    lease = pool.lease()
+    assert lease.acquire(24 << 20).numel() == 32 << 20
+    assert lease.acquire(32 << 20).numel() == 32 << 20
+    assert sizes == [32 << 20, 32 << 20]
+    assert pool.leased_bytes == 64 << 20
+
+
+def test_dropping_buffers_beyond_the_cap_unpins_them():
+    unpinned = []
+    pool = PinnedPool(allocate=lambda n: torch.empty(n, dtype=torch.uint8), max_idle_bytes=2 * ALIGN,
+                      release_freed=lambda: unpinned.append(True))
+    lease = pool.lease()
+    for _ in range(2):
+        lease.acquire(ALIGN)
+    lease.release()
+    assert unpinned == []  # within the cap: kept
+    lease = pool.lease()
+    for _ in range(3):
+        lease.acquire(ALIGN)
+    lease.release()
+    assert unpinned == [True] and pool.idle_bytes == 2 * ALIGN
+
+
+def test_reserved_buffers_are_pinned_in_the_background_and_taken_instead_of_new_ones():
+    gate = threading.Event()
+    calls = []
+
+    def slow(n):
+        gate.wait(5)
+        calls.append(n)
+        return aligned(n)
+
+    pool = PinnedPool(allocate=slow)
+    thread = pool.reserve(3, ALIGN)
+    got = []
+    taker = threading.Thread(target=lambda: got.append(pool.lease().acquire(ALIGN)))
+    taker.start()
+    taker.join(0.2)
+    assert taker.is_alive()  # waits for the reservation rather than pinning a buffer of its own
+    gate.set()
+    taker.join(5)
+    thread.join(5)
+    assert len(got) == 1 and pool.allocations == 3 == len(calls)
+    assert pool.idle_bytes == 2 * ALIGN
+
+
+def test_a_reservation_counts_buffers_already_idle_and_stays_within_the_cap():
+    pool = host_pool(max_idle_bytes=4 * ALIGN)
+    with pool.lease() as lease:
+        lease.acquire(ALIGN)
+    pool.reserve(10, ALIGN).join(5)
+    assert pool.allocations == 4 and pool.idle_bytes == 4 * ALIGN
 
 
 def test_idle_buffers_beyond_the_cap_are_dropped_on_release():

@@ -620,3 +620,38 @@ def test_hot_mapping_maps_a_cached_pack_and_reads_a_cold_one(pack):
     cold = read_pack(path, mapping="hot")
     assert not cold.stats.mapped
     assert_bit_exact(cold.tensors(), sd)
+
+
+def test_the_staging_plan_covers_every_reader_thread_with_two_buffers_of_the_largest_chunk(monkeypatch):
+    monkeypatch.setattr(host_read, "_cpus", lambda: 8)
+    count, nbytes = reader.staging_plan([5 << 30, 200 << 20], chunk_bytes=32 << 20)
+    assert (count, nbytes) == (16 * reader.BUFFERS_PER_THREAD, 32 << 20)
+    assert reader.staging_plan([]) == (0, 0)
+
+
+def test_each_staging_thread_uses_one_stream_for_all_its_buffers(pack):
+    path, sd = pack
+    engine = HostEngine()
+    try:
+        data = read_pack(path, threads=3, chunk_bytes=ALIGN, engine=engine, pool=host_pool())
+    finally:
+        engine.close()
+    assert_bit_exact(data.tensors(), sd)
+    assert len(engine.streams) == data.stats.threads
+    assert len(engine.events) <= data.stats.threads * reader.BUFFERS_PER_THREAD
+
+
+def test_casting_a_pack_replaces_its_blocks_one_by_one(pack):
+    from model_loader.assemble import cast_tensors
+
+    path, sd = pack
+    data = read_pack(path)
+    originals = list(data.blocks)
+    out = cast_tensors(data, torch.float16)
+    for before, after, meta in zip(originals, data.blocks, data.layout.blocks, strict=True):
+        if meta.dtype.is_floating_point and meta.dtype != torch.float16:
+            assert after.dtype == torch.float16 and after is not before  # the pack holds the cast one
+        else:
+            assert after is before
+    assert torch.equal(out["unet.conv.weight"], sd["unet.conv.weight"].half())
+    assert torch.equal(out["ids"], sd["ids"])
