@@ -630,7 +630,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
         started = time.perf_counter()
         self.phase_seconds: dict[str, float] = {}
         model = self.settings.model
-        from conversion.store import Store, resolve_root  # torch-free, like everything in "lookup"
+        from conversion.store import Store, resolve_root, verify_mode  # torch-free, like all of "lookup"
 
         root = resolve_root()
         store = Store(root)
@@ -641,7 +641,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
         reads = None
         with self._phase("lookup") as phase:
             source = warm_source(model, root)
-            self.store_path = store.warm(source, model.dtype) if source is not None else None
+            self.store_path = store.warm(source, model.dtype, verify_mode()) if source is not None else None
             device = early_device(model.device) if self.store_path is not None else None
             if device is not None:
                 reads = start_reads(self.store_path, device)

@@ -95,7 +95,7 @@ def ensure_converted(
     """
     src = source if isinstance(source, Source) else parse_source(source)
     store = Store(resolve_root(root))
-    return store.ensure(src, dtype, verify=_verify_mode(verify), refresh=refresh, policy=policy)
+    return store.ensure(src, dtype, verify=verify_mode(verify), refresh=refresh, policy=policy)
 
 
 def convert_source(
@@ -112,11 +112,12 @@ def convert_source(
     source = parse_source(src, revision=revision, variant=variant)
     store = Store(resolve_root(root))
     if dst is None:
-        return store.ensure(source, dtype, verify=_verify_mode(None), refresh=refresh)
+        return store.ensure(source, dtype, verify=verify_mode(None), refresh=refresh)
     return store.convert_to(source, Path(dst), dtype, refresh=refresh)
 
 
-def _verify_mode(verify: str | None) -> Verify:
+def verify_mode(verify: str | None = None) -> Verify:
+    """``verify``, else ``$APP_STORE_VERIFY``, else ``cheap``: how an existing entry is checked."""
     mode = verify or os.environ.get("APP_STORE_VERIFY") or "cheap"
     if mode not in ("cheap", "full"):
         raise ConversionError(f"verify must be 'cheap' or 'full', got {mode!r}")

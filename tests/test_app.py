@@ -146,6 +146,18 @@ def test_a_corrupt_pack_is_caught_while_loading_and_rebuilt_on_the_same_start(se
     assert any(r.name == "conversion.convert" for r in caplog.records)  # rebuilt from the source
 
 
+def test_full_store_verification_from_the_environment_applies_to_the_warm_lookup(served, tmp_path, caplog):
+    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(tmp_path / "data")):
+        store, clean = _start_and_generate(served, caplog)
+        _flip_byte(store / "unet" / "model.flashpack", 0)
+        caplog.clear()
+        with _Env(APP_STORE_VERIFY="full"):
+            _, image = _start_and_generate(served, caplog)
+    assert image == clean
+    assert any("unet/model.flashpack: sha256 mismatch" in r.getMessage() for r in caplog.records)
+    assert not any("is damaged" in r.getMessage() for r in caplog.records)  # caught before loading
+
+
 def test_a_corrupt_tokenizer_file_is_caught_by_the_warm_check_and_rebuilt(served, tmp_path, caplog):
     with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(tmp_path / "data")):
         store, clean = _start_and_generate(served, caplog)
