@@ -125,14 +125,14 @@ def test_a_clean_dry_run_passes_and_renders_every_section(tmp_path):
     assert "ERROR stock hot: stock exited with 1" in text
 
 
-def test_skipped_cuda_tests_fail_a_cuda_check(tmp_path):
+def test_skipped_gpu_tests_fail_a_gpu_check(tmp_path):
     report = dc.build_report(_out_dir(tmp_path, loader_results=_loader_results(cuda=True)), "cuda", "sdxl")
     tests = next(s for s in report["steps"] if s["name"] == "tests")
     assert tests["status"] == "failed: 1 CUDA test(s) skipped on DEVICE=cuda"
     assert report["failed_steps"] == ["tests"] and report["ok"] is False
 
 
-def test_a_cuda_check_whose_loader_skipped_the_gpu_ceilings_fails(tmp_path):
+def test_a_gpu_check_whose_loader_skipped_the_gpu_ceilings_fails(tmp_path):
     report = dc.build_report(_out_dir(tmp_path, junit=JUNIT.split("<testcase")[0] + '<testcase classname="t" name="x"/>'
                                       "</testsuite></testsuites>"), "cuda", "sdxl")
     loader_step = next(s for s in report["steps"] if s["name"] == "loader")
