@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 # Tests and the demo never reach the network: no Hub calls, no telemetry.
 OFFLINE := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 
-.PHONY: test serve bench bench-startup venv clean
+.PHONY: test serve bench bench-startup device-check venv clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,16 @@ bench: $(STAMP)
 # The warm start end to end (fal run --local to /health 200 and the first image) vs the stock recipes.
 bench-startup: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(OFFLINE) $(PY) bench/startup.py $(BENCH_ARGS)
+
+# On a GPU machine, one command (under 8 minutes, no network; carry the wheels as bench/device_check.sh
+# says): the tests that need CUDA, bench/loader.py and bench/startup.py, then $(OUT)/SUMMARY.md and
+# $(OUT)/device_check.json. `make device-check DEVICE=cpu` is a dry run here. No .venv install step:
+# the machine cannot pip install; the script uses .venv/bin/python when it exists.
+DEVICE ?= cuda
+OUT ?= bench/out/device_check
+SIZE ?=
+device-check:
+	DEVICE=$(DEVICE) OUT=$(OUT) SIZE=$(SIZE) bash bench/device_check.sh
 
 clean:
 	rm -rf .data bench/out .pytest_cache

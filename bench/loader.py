@@ -7,6 +7,13 @@ and every weight is touched (one byte per page, which forces lazy mmap views to 
 is measured inside the subprocess, after imports and CUDA context creation; the subprocess's whole
 wall time is reported beside it. Medians over --runs runs; raw runs go to bench/results/*.json.
 
+The first hot and the first cold run of each peer on each device compare every tensor with the
+source, after the clock has stopped (column "verified", and "verified" per raw run). Ceilings: the
+disk's O_DIRECT read rate, best over a grid of threads x chunk sizes; on CUDA also the pinned
+host-to-device copy, the hot path page cache -> pinned -> device, and what page-locking 1 GiB costs
+(torch's pinned allocation vs cudaHostRegister). On CUDA each worker also loads the pack a second
+time (the app loads several packs in one process; the first pays the pinned pool's allocation).
+
     python bench/loader.py                      # SD1.5-size UNet (1.7 GB), 5 runs, hot + cold
     python bench/loader.py --size-gb 0.2 --runs 2 --peers ours,flashpack
 """
@@ -28,11 +35,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
+    DEFAULT_CEILING_CHUNKS_MIB,
+    DEFAULT_CEILING_THREADS,
     evict,
+    grid_text,
+    hot_h2d_ceiling,
     machine_info,
     machine_slug,
     median,
-    odirect_read_gbps,
+    odirect_ceiling,
+    pin_costs,
     pinned_h2d_gbps,
     resident_fraction,
     touch,
@@ -302,48 +314,90 @@ def worker(spec: dict) -> None:
     touch([torch.zeros(4 << 20, dtype=torch.uint8, device=device)], spec["touch"])  # first-call costs, not timed
     sync()
     t_ready = time.perf_counter()
-    t0 = time.perf_counter()
-    tensors = load()
-    sync()
-    t1 = time.perf_counter()
-    checksum = touch(tensors.values(), spec["touch"])
-    sync()
-    t2 = time.perf_counter()
-    result = {
-        "setup_s": round(t_ready - t_enter, 4),
-        "load_s": round(t1 - t0, 4),
-        "touch_s": round(t2 - t1, 4),
-        "ready_s": round(t2 - t0, 4),
-        "tensors": len(tensors),
-        "touch_checksum": checksum,
-        "peak_rss_gb": _peak_rss_gb(),
-    }
+
+    def timed_load() -> tuple[dict, dict]:
+        t0 = time.perf_counter()
+        tensors = load()
+        sync()
+        t1 = time.perf_counter()
+        checksum = touch(tensors.values(), spec["touch"])
+        sync()
+        t2 = time.perf_counter()
+        return tensors, {"load_s": round(t1 - t0, 4), "touch_s": round(t2 - t1, 4), "ready_s": round(t2 - t0, 4),
+                         "touch_checksum": checksum}
+
+    tensors, first = timed_load()
+    result = {"setup_s": round(t_ready - t_enter, 4), **first, "tensors": len(tensors)}
+    second_tensors = None
+    if spec.get("second_load"):
+        # The app loads several packs in one process: the first load pays one-off costs (the pinned
+        # staging pool, allocator growth) that the next ones do not. Load the same pack again, with
+        # the first load's tensors still held (as the app holds its earlier packs) and the page
+        # cache in the same state as for the first load.
+        if spec.get("evict_before_second"):
+            evict(spec["evict_before_second"])
+        resident = resident_fraction(spec["peer_file"])  # pages still mapped by the first load stay cached
+        second_tensors, second = timed_load()
+        result["second"] = {**second, "resident_before": resident}
+    result["peak_rss_gb"] = _peak_rss_gb()
     if device.type == "cuda":
         result["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
-    if spec.get("verify"):
+    if spec.get("verify"):  # after every clock has stopped
         result["verify"] = _verify(tensors, spec["safetensors"])
+        if second_tensors is not None:
+            result["second"]["verify"] = _verify(second_tensors, spec["safetensors"])
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def cuda_skip_reason(cuda_available: bool, devices: list[str]) -> str | None:
+    """Why the CUDA-only measurements do not run here (None: they run)."""
+    if not cuda_available:
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if "cuda" not in devices:
+        return "cuda is not in --devices"
+    return None
+
+
 def hardware_worker(spec: dict) -> None:
-    """Raw ceilings of this machine: O_DIRECT disk read and (on CUDA) pinned host-to-device copies."""
+    """Raw ceilings of this machine: the O_DIRECT disk read over a grid of threads x chunk sizes;
+    on CUDA also pinned host-to-device copies, the hot path page cache -> pinned -> device, and
+    the cost of pinning (torch's pinned allocation vs cudaHostRegister)."""
     import torch
 
-    out: dict = {"odirect_read": odirect_read_gbps(spec["pack"], threads=spec["threads"])}
-    if torch.cuda.is_available():
+    out: dict = {"odirect_read": odirect_ceiling(spec["pack"], spec["threads"], spec["chunks_mib"])}
+    skip = cuda_skip_reason(torch.cuda.is_available(), spec["devices"])
+    if skip is not None:
+        out["cuda_skipped"] = skip
+    else:
         torch.zeros(1, device="cuda")
-        out["pinned_h2d"] = pinned_h2d_gbps()
+        # Pinning first: the copies below leave pinned blocks in torch's caching host allocator.
+        for key, measure in (("pin_costs", pin_costs), ("pinned_h2d", pinned_h2d_gbps),
+                             ("hot_h2d", lambda: hot_h2d_ceiling(spec["pack"]))):
+            try:
+                out[key] = measure()
+            except Exception as exc:  # noqa: BLE001 - recorded; the other ceilings still run
+                out[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            torch.cuda.empty_cache()
     print("RESULT " + json.dumps(out), flush=True)
 
 
 # --- the driver -------------------------------------------------------------------------------
 
 
-def _spawn(kind: str, spec: dict, env_extra: dict[str, str], timeout: float) -> tuple[dict | None, float, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHPACK_")}
-    env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+def child_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """A worker's environment: the caller's (less any FLASHPACK_* setting, which only a peer's own
+    ``env`` may set), with the repository prepended to PYTHONPATH (what the caller had stays after
+    it), offline, quiet, then ``extra``."""
+    env = {k: v for k, v in base.items() if not k.startswith("FLASHPACK_")}
+    paths = [str(REPO)] + [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
+    env.update({"PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                 "PYTHONWARNINGS": "ignore"})
-    env.update(env_extra)
+    env.update(extra)
+    return env
+
+
+def _spawn(kind: str, spec: dict, env_extra: dict[str, str], timeout: float) -> tuple[dict | None, float, str]:
+    env = child_env(dict(os.environ), env_extra)
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--{kind}", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
@@ -356,6 +410,27 @@ def _spawn(kind: str, spec: dict, env_extra: dict[str, str], timeout: float) -> 
             return json.loads(line[len("RESULT "):]), wall, ""
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return None, wall, f"exit {proc.returncode}: " + " | ".join(tail)
+
+
+def run_verified(result: dict) -> bool | None:
+    """A run's verdict: True when every load it verified (the first, and a second load if any)
+    matched the source; False when one did not; None when it verified nothing."""
+    verdicts = [v["ok"] for v in (result.get("verify"), (result.get("second") or {}).get("verify"))
+                if isinstance(v, dict)]
+    return all(verdicts) if verdicts else None
+
+
+def verified_of(runs: list[dict]) -> bool | None:
+    """A row's verdict from its runs' ``verified``: False if any run failed, True if some run
+    verified and none failed, None if no run verified."""
+    verdicts = [r.get("verified") for r in runs if r.get("verified") is not None]
+    return all(verdicts) if verdicts else None
+
+
+def should_verify(peer: Peer, device: str, cache: str, verified: set[tuple[str, str, str]], enabled: bool) -> bool:
+    """Verify the first run of each peer on each device *in each cache state* (a cold run reads
+    the bytes another way than a hot one); raw files (level ``file``) have no tensors to check."""
+    return enabled and peer.level != "file" and (peer.name, device, cache) not in verified
 
 
 def summarize(runs: list[dict], payload: int) -> list[dict]:
@@ -376,8 +451,16 @@ def summarize(runs: list[dict], payload: int) -> list[dict]:
                 "touch_s": median([r["touch_s"] for r in ok]),
                 "process_s": median([r["process_s"] for r in ok]),
                 "peak_rss_gb": median([r["peak_rss_gb"] for r in ok]),
-                "verified": all(r["verify"]["ok"] for r in ok if "verify" in r) if any("verify" in r for r in ok) else None,
+                "verified": verified_of(ok),
+                "verified_runs": sum(r.get("verified") is not None for r in ok),
             })
+            second = [r["second"]["ready_s"] for r in ok if isinstance(r.get("second"), dict)]
+            if second:
+                row["second_ready_s"] = median(second)
+                row["second_load_s"] = median([r["second"]["load_s"] for r in ok if isinstance(r.get("second"), dict)])
+                cached = [r["second"].get("resident_before") for r in ok if isinstance(r.get("second"), dict)]
+                cached = [c for c in cached if c is not None]
+                row["second_resident_before"] = max(cached) if cached else None
         rows.append(row)
     by_key = {(r["device"], r["cache"], r["peer"]): r for r in rows}
     for r in rows:
@@ -409,6 +492,71 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def second_load_table(rows: list[dict]) -> str | None:
+    """First vs second load of the same pack in one process (rows that have a second load)."""
+    mine = [r for r in rows if r.get("second_ready_s") is not None and r.get("ready_s")]
+    if not mine:
+        return None
+    lines = ["| device | cache | peer | first ready s | second ready s | second / first | second load s "
+             "| cached before the second |", "|---|---|---|---|---|---|---|---|"]
+    for r in mine:
+        cached = r.get("second_resident_before")
+        lines.append(f"| {r['device']} | {r['cache']} | {r['peer']} | {r['ready_s']:.3f} | {r['second_ready_s']:.3f} "
+                     f"| {r['second_ready_s'] / r['ready_s']:.2f}x | {r['second_load_s']:.3f} "
+                     f"| {'-' if cached is None else f'{cached:.0%}'} |")
+    return "\n".join(lines)
+
+
+def hardware_lines(hw: dict) -> list[str]:
+    """The ceilings of a run, one markdown bullet each (also used by bench/device_check.py)."""
+    lines = []
+    od = hw.get("odirect_read", {})
+    if "gbps" in od:
+        lines.append(f"- disk O_DIRECT read, best of a threads x chunk grid: {od['gbps']:.2f} GB/s "
+                     f"({od['threads']} threads x {od['chunk_mib']} MiB); grid GB/s: {grid_text(od.get('grid', []))}")
+    else:
+        lines.append(f"- disk O_DIRECT read: {od.get('error', hw.get('error', 'n/a'))}")
+    if hw.get("cuda_skipped"):
+        lines.append(f"- CUDA ceilings (pinned H2D, hot page cache -> pinned -> device, pinning cost): "
+                     f"skipped: {hw['cuda_skipped']}")
+        return lines
+    h = hw.get("pinned_h2d", {})
+    if "gbps_median" in h:
+        lines.append(f"- pinned host-to-device copy (1 GiB): {h['gbps_median']:.1f} GB/s median ({h['gbps_best']:.1f} best); "
+                     f"pinning its buffer took {h['pin_alloc_s']:.3f} s")
+    elif h:
+        lines.append(f"- pinned host-to-device copy: {h.get('error', 'n/a')}")
+    hot = hw.get("hot_h2d", {})
+    if "gbps" in hot:
+        match = {True: "yes", False: "NO"}.get(hot.get("bytes_match"), "?")
+        lines.append(f"- hot path ceiling, page cache -> pinned (2 buffers per thread) -> device: {hot['gbps']:.2f} GB/s "
+                     f"({hot['threads']} threads x {hot['chunk_mib']} MiB); grid GB/s: {grid_text(hot.get('grid', []))}; "
+                     f"device bytes match the file: {match}")
+    elif hot:
+        lines.append(f"- hot path ceiling: {hot.get('error', 'n/a')}")
+    pc = hw.get("pin_costs", {})
+    if "torch_pinned_s" in pc:
+        gib = pc["bytes"] / (1 << 30)
+        lines.append(f"- page-locking {gib:.0f} GiB (median of {pc['repeats']}): torch.empty(pin_memory=True) "
+                     f"{pc['torch_pinned_s']:.3f} s; mmap + cudaHostRegister {pc['host_register_s']:.3f} s fresh, "
+                     f"{pc['host_register_written_s']:.3f} s on written memory, cudaHostUnregister "
+                     f"{pc['host_unregister_s']:.3f} s; H2D from registered memory "
+                     f"{pc['host_register_copy_gbps']} GB/s; cheaper: {pc['faster']}")
+    elif pc:
+        lines.append(f"- pinning cost: {pc.get('error', 'n/a')}")
+    return lines
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=None,
@@ -425,8 +573,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--touch", default="page", choices=["page", "full"],
                     help="after loading read one byte per page of every tensor (default) or every byte")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=8, help="threads of the O_DIRECT disk read probe")
-    ap.add_argument("--no-verify", action="store_true", help="skip comparing the first run's weights with the source")
+    ap.add_argument("--ceiling-threads", type=_int_list, default=list(DEFAULT_CEILING_THREADS),
+                    help="thread counts of the O_DIRECT disk read ceiling grid (default: 4,8,16)")
+    ap.add_argument("--ceiling-chunks-mib", type=_int_list, default=list(DEFAULT_CEILING_CHUNKS_MIB),
+                    help="chunk sizes (MiB) of the O_DIRECT disk read ceiling grid (default: 16,32,64)")
+    ap.add_argument("--second-load", default="auto", choices=["auto", "on", "off"],
+                    help="also time a second load of the same pack in each worker: auto = on CUDA only")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip comparing weights with the source (done once per peer, device and cache state)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--hardware", help=argparse.SUPPRESS)
@@ -458,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = data["payload_bytes"]
     log(f"model: {data['tensors']} tensors, {payload / 1e9:.3f} GB payload, channels {data['block_out_channels']}")
     info = machine_info(workdir)
-    hw, _, hw_err = _spawn("hardware", {"pack": data["pack"], "threads": args.threads}, {}, args.timeout)
+    hw_spec = {"pack": data["pack"], "threads": args.ceiling_threads, "chunks_mib": args.ceiling_chunks_mib,
+               "devices": devices}
+    hw, _, hw_err = _spawn("hardware", hw_spec, {}, args.timeout)
     hw = hw or {"error": hw_err}
     log(f"hardware: {json.dumps(hw)}")
 
@@ -466,8 +622,45 @@ def main(argv: list[str] | None = None) -> int:
             for peer in peers if device in peer.devices]
     runs: list[dict] = []
     broken: set[tuple[str, str]] = set()
-    verified: set[tuple[str, str]] = set()
+    verified: set[tuple[str, str, str]] = set()
     eviction_failures = 0
+
+    created = dt.datetime.now()
+    out_dir = Path(args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{args.machine or machine_slug(info)}-{created:%Y%m%d-%H%M%S}.json"
+
+    def save(done: bool) -> tuple[list[dict], list[str]]:
+        """Write the results so far (after every run, so a benchmark stopped midway leaves them)."""
+        rows = summarize(runs, payload)
+        cold = [r["resident_before"] for r in runs if r["cache"] == "cold" and r["resident_before"] is not None]
+        notes = []
+        if cold:
+            notes.append(f"cold runs: at most {max(cold):.1%} of the file was in the page cache before a run")
+        if eviction_failures:
+            notes.append(f"WARNING: eviction did not take in {eviction_failures} cold run(s); those are not cold")
+        if any(r["cache"] == "cold" for r in runs) and not cold:
+            notes.append("WARNING: could not check eviction (mincore unavailable)")
+        if args.second_load == "auto" and "cuda" not in devices:
+            notes.append("second load (the same pack loaded twice in one process): skipped, it is measured on CUDA "
+                         "only (--second-load on forces it)")
+        if not done:
+            notes.append(f"PARTIAL: {len(runs)} of {len(plan)} planned runs (stopped before the end, or still running)")
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({
+            "benchmark": "bench/loader.py",
+            "created": created.isoformat(timespec="seconds"),
+            "machine": info,
+            "hardware": hw,
+            "config": {k: v for k, v in vars(args).items() if k not in ("worker", "hardware")},
+            "data": data,
+            "peers": {p.name: {"level": p.level, "reads": p.reads, "what": p.what, "env": p.env} for p in peers},
+            "notes": notes,
+            "summary": rows,
+            "runs": runs,
+        }, indent=1))
+        os.replace(tmp, out)
+        return rows, notes
     all_files = data_files(data)
     for step, (i, cache, device, peer) in enumerate(plan, 1):
         if (peer.name, device) in broken:
@@ -480,8 +673,11 @@ def main(argv: list[str] | None = None) -> int:
         resident = resident_fraction(files[0])
         if cache == "cold" and resident is not None and resident > 0.02:
             eviction_failures += 1
-        verify = not args.no_verify and peer.level != "file" and (peer.name, device) not in verified
-        spec = {**data, "peer": peer.name, "device": device, "verify": verify, "touch": args.touch}
+        verify = should_verify(peer, device, cache, verified, not args.no_verify)
+        second = args.second_load == "on" or (args.second_load == "auto" and device == "cuda")
+        spec = {**data, "peer": peer.name, "device": device, "verify": verify, "touch": args.touch,
+                "second_load": second, "evict_before_second": all_files if cache == "cold" else [],
+                "peer_file": files[0]}
         res, wall, err = _spawn("worker", spec, peer.env, args.timeout)
         rec = {"run": i, "cache": cache, "device": device, "peer": peer.name, "level": peer.level,
                "resident_before": resident, "process_s": round(wall, 3), "ok": res is not None}
@@ -491,43 +687,21 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[{step}/{len(plan)}] {cache:4} {device:4} {peer.name:20} FAILED ({err[:200]}); skipping its other runs")
         else:
             rec.update(res)
+            rec["verified"] = run_verified(res)
             if verify:
-                verified.add((peer.name, device))
-            v = res.get("verify")
-            vtxt = "" if v is None else (" verified" if v["ok"] else f" VERIFY FAILED {v}")
+                verified.add((peer.name, device, cache))
+            vtxt = {None: "", True: " verified"}.get(rec["verified"], " VERIFY FAILED "
+                                                    + json.dumps([res.get("verify"), (res.get("second") or {}).get("verify")]))
+            stxt = f", second load ready {res['second']['ready_s']:.3f} s" if "second" in res else ""
             log(f"[{step}/{len(plan)}] {cache:4} {device:4} {peer.name:20} ready {res['ready_s']:.3f} s "
-                f"(load {res['load_s']:.3f} + touch {res['touch_s']:.3f}), process {wall:.2f} s, "
+                f"(load {res['load_s']:.3f} + touch {res['touch_s']:.3f}){stxt}, process {wall:.2f} s, "
                 f"cached before {resident if resident is None else f'{resident:.0%}'}{vtxt}")
         runs.append(rec)
+        save(done=False)
 
-    rows = summarize(runs, payload)
+    rows, notes = save(done=True)
     table = markdown_table(rows)
-    cold = [r["resident_before"] for r in runs if r["cache"] == "cold" and r["resident_before"] is not None]
-    notes = []
-    if cold:
-        notes.append(f"cold runs: at most {max(cold):.1%} of the file was in the page cache before a run")
-    if eviction_failures:
-        notes.append(f"WARNING: eviction did not take in {eviction_failures} cold run(s); those are not cold")
-    if any(r["cache"] == "cold" for r in runs) and not cold:
-        notes.append("WARNING: could not check eviction (mincore unavailable)")
-
-    created = dt.datetime.now()
-    slug = args.machine or machine_slug(info)
-    out_dir = Path(args.results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{slug}-{created:%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps({
-        "benchmark": "bench/loader.py",
-        "created": created.isoformat(timespec="seconds"),
-        "machine": info,
-        "hardware": hw,
-        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "hardware")},
-        "data": data,
-        "peers": {p.name: {"level": p.level, "reads": p.reads, "what": p.what, "env": p.env} for p in peers},
-        "notes": notes,
-        "summary": rows,
-        "runs": runs,
-    }, indent=1))
+    seconds = second_load_table(rows)
 
     gpu = info["gpu"]["name"] if info.get("gpu") else "no GPU"
     print(f"## loader benchmark: {payload / 1e9:.2f} GB {args.dtype} UNet, {info['cpu']} ({info['cores']} cores), "
@@ -536,13 +710,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print()
-    od = hw.get("odirect_read", {})
-    print(f"- disk O_DIRECT read ({od.get('threads', '?')} threads): "
-          + (f"{od['gbps']:.2f} GB/s" if "gbps" in od else od.get("error", "n/a")))
-    if "pinned_h2d" in hw:
-        h = hw["pinned_h2d"]
-        print(f"- pinned host-to-device copy: {h['gbps_median']:.1f} GB/s median ({h['gbps_best']:.1f} best); "
-              f"pinning 1 GiB took {h['pin_alloc_s']:.3f} s")
+    if seconds:
+        print("Second load of the same pack in the same process (first load's tensors still held; a cold run "
+              "evicts again before it, but pages the first load still maps stay cached):")
+        print()
+        print(seconds)
+        print()
+    for line in hardware_lines(hw):
+        print(line)
     for n in notes:
         print(f"- {n}")
     print(f"- raw runs: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")

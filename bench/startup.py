@@ -18,7 +18,8 @@ Peers (each a fresh ``fal run --local`` process per run, the store already conve
 Each round runs every peer with the page cache hot (its files read just before) and cold (its
 files fsynced and evicted with POSIX_FADV_DONTNEED, checked with mincore), interleaved. Reported:
 median seconds to /health 200 and to the first image, peak RSS of the app process, and our phase
-breakdown from the app's log. Raw runs go to bench/results/startup-<machine>-<date>.json.
+breakdown from the app's log. Raw runs go to bench/results/startup-<machine>-<date>.json, rewritten
+after every run (with a ``partial`` key until the last), so a bench stopped midway leaves them.
 """
 
 from __future__ import annotations
@@ -450,8 +451,15 @@ def report(path: Path) -> None:
         print("\nChecksum rates, one thread, GB/s: " + ", ".join(f"{k} {v}" for k, v in saved["hash_rates_gbps"].items()))
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (e.g. from ``timeout`` in bench/device_check.sh) unwinds like Ctrl-C, so the app
+    process of the run in progress (its own session) is stopped instead of left serving."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     if args.report is not None:
         report(args.report)
         return 0
@@ -459,30 +467,45 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(args.workdir)
     log(f"model: {args.size}, {data['payload_bytes'] / 1e9:.2f} GB of packs; machine: {info['cpu']}, {info['cores']} cores")
     runs = []
+    args.results.mkdir(parents=True, exist_ok=True)
+    name = args.machine or machine_slug(info)
+    out = args.results / f"startup-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    planned = args.rounds * len(args.caches) * len(args.peers)
+
+    def save(rates: dict | None) -> list[dict]:
+        """Write the results so far (after every run, so a bench stopped midway leaves them)."""
+        rows = summarize(runs)
+        saved = {"machine": name, "hardware": info, "config": vars(args) | {
+            "workdir": str(args.workdir), "results": str(args.results)}, "request": REQUEST,
+            "payload_bytes": data["payload_bytes"], "summary": rows, "runs": runs}
+        if rates is None:
+            saved["partial"] = f"{len(runs)} of {planned} planned runs (stopped before the end, or still running)"
+        else:
+            saved["hash_rates_gbps"] = rates
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(saved, indent=2, default=str) + "\n")
+        os.replace(tmp, out)
+        return rows
+
     for round_ in range(args.rounds):
         for cache in args.caches:
             for peer in args.peers:
                 record = run_once(peer, cache, data, args.timeout, round_ < args.first_image_rounds)
                 record["round"] = round_
                 runs.append(record)
+                save(None)
                 log(f"round {round_ + 1}/{args.rounds} {cache:4} {peer:10} /health {record.get('health_s', '-')} s, "
                     f"first image {record.get('first_image_s', '-')} s, peak RSS {record.get('peak_rss_gb', '-')} GB"
                     + (f"  ERROR {record['error']}" if "error" in record else ""))
                 if cache == "cold" and record["resident_before"] > 0.02:
                     log(f"  warning: {record['resident_before']:.0%} of the files were still cached at the start")
-    rows = summarize(runs)
-    table, phases = markdown(rows), phase_table(runs)
     rates = hash_rates()
+    rows = save(rates)
+    table, phases = markdown(rows), phase_table(runs)
     print(f"Model: SDXL-shaped ({args.size}), {data['payload_bytes'] / 1e9:.2f} GB fp16 packs; {args.rounds} rounds; "
           f"{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, torch {info['torch']}\n")
     print(table + "\n\nOur phases (medians, seconds):\n\n" + phases)
     print("\nChecksum rates, one thread, GB/s: " + ", ".join(f"{k} {v}" for k, v in rates.items()))
-    args.results.mkdir(parents=True, exist_ok=True)
-    name = args.machine or machine_slug(info)
-    out = args.results / f"startup-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": name, "hardware": info, "config": vars(args) | {
-        "workdir": str(args.workdir), "results": str(args.results)}, "request": REQUEST,
-        "payload_bytes": data["payload_bytes"], "hash_rates_gbps": rates, "summary": rows, "runs": runs}, indent=2, default=str) + "\n")
     log(f"raw runs: {out}")
     return 0 if all("error" not in r for r in runs) else 1
 
