@@ -24,6 +24,7 @@ $(STAMP):
 	$(PIP) -r requirements-test.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+	@sync  # write the install out now: the tests' fsyncs would otherwise wait for its writeback
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)

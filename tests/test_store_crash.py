@@ -59,6 +59,7 @@ class Reader(threading.Thread):
             time.sleep(0.05)
 
 
+@pytest.mark.timeout(600)  # a dozen fsync-heavy conversions: slow when the disk is busy
 def test_sigkill_at_random_moments_never_publishes_a_partial_entry(tiny_sd, tmp_path, monkeypatch):
     root = tmp_path / "volume"
     rng = random.Random(20240611)
