@@ -21,7 +21,7 @@ from .assemble import build_empty_model, construction_dtype, fill_model, is_diff
 from .bounded_json import load_file_bounded
 from .format import read_layout
 from .host_read import HostFile, PackReads, start_pack_reads
-from .reader import PackData, pack_from_host, read_pack, resolve_device
+from .reader import PackData, pack_on_device, read_pack, resolve_device
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -157,12 +157,7 @@ def load_pipeline(
 
 def as_pack(result: HostFile | PackData, device: torch.device) -> PackData:
     """A pack read's result as a :class:`PackData` on ``device``."""
-    if isinstance(result, PackData):
-        return result
-    pack = pack_from_host(result)
-    if device.type != "cpu":
-        pack = PackData(pack.layout, [b.to(device) for b in pack.blocks], pack.stats)
-    return pack
+    return result if isinstance(result, PackData) else pack_on_device(result, device)
 
 
 def read_model_index(root: Path) -> dict[str, Any]:

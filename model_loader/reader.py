@@ -4,9 +4,9 @@
   parallel ``preadv``/O_DIRECT into owned memory) and each dtype's block is a zero-copy tensor
   view of it.
 - CUDA: threads read a grid of chunks into pinned staging buffers leased from a process-wide
-  pool; each buffer has its own stream and event, its H2D copy into one device buffer (the file's
-  payload, blocks are views of it) is queued without blocking and the buffer is refilled only once
-  its event has completed, so reads and copies overlap.
+  pool; each thread has its own stream and each buffer its own event, its H2D copy into one device
+  buffer (the file's payload, blocks are views of it) is queued without blocking and the buffer is
+  refilled only once its event has completed, so reads and copies overlap.
 
 Given a :class:`~model_loader.checksum.Checksum`, every segment is hashed by the thread that read
 it and a mismatch raises ChecksumMismatchError. The first error in any thread stops the others and
@@ -85,6 +85,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def pack_on_device(host: HostFile, device: torch.device) -> PackData:
+    """:func:`pack_from_host`, its blocks moved to ``device`` unless that is the CPU."""
+    pack = pack_from_host(host)
+    if device.type != "cpu":
+        pack = PackData(pack.layout, [b.to(device) for b in pack.blocks], pack.stats)
+    return pack
 
 
 def pack_from_host(host: HostFile) -> PackData:
@@ -188,7 +196,6 @@ class CudaEngine:
 class _Slot:
     buf: torch.Tensor
     mem: memoryview
-    stream: object
     event: object
     used: bool = False
 
@@ -219,7 +226,7 @@ class _StagingWorker:
                 return slot
         if len(self.slots) < BUFFERS_PER_THREAD:
             buf = self.lease.acquire(self.buffer_bytes)
-            slot = _Slot(buf, _io.tensor_memoryview(buf), self.stream, self.engine.new_event())
+            slot = _Slot(buf, _io.tensor_memoryview(buf), self.engine.new_event())
             self.slots.append(slot)
             return slot
         slot = self.slots[self.turn % len(self.slots)]
@@ -235,7 +242,7 @@ class _StagingWorker:
         if length <= 0:
             return
         slot.used = True
-        self.engine.copy(self.dest.narrow(0, chunk.offset, length), slot.buf.narrow(0, 0, length), slot.stream,
+        self.engine.copy(self.dest.narrow(0, chunk.offset, length), slot.buf.narrow(0, 0, length), self.stream,
                          slot.event)
 
     def close(self) -> None:
@@ -322,10 +329,9 @@ def read_pack(
     if engine is None and device.type == "cuda":
         engine = CudaEngine(device)
     if engine is None:
-        pack = pack_from_host(read_file(path, checksum, threads=threads, chunk_bytes=chunk_bytes,
-                                        direct_io=direct_io, mapping=mapping))
-        if device.type != "cpu":
-            pack = PackData(pack.layout, [b.to(device) for b in pack.blocks], pack.stats)
+        host = read_file(path, checksum, threads=threads, chunk_bytes=chunk_bytes, direct_io=direct_io,
+                         mapping=mapping)
+        pack = pack_on_device(host, device)
         stats = pack.stats
     else:
         opts = resolve_options(threads, chunk_bytes, direct_io, mapping="never")
