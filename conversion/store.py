@@ -235,15 +235,6 @@ class Store:
             return directory_fingerprint(_pipeline_dir(source))
         return self.read_ref(source)
 
-    def lookup(self, source: Source, dtype: Any = None) -> Path | None:
-        """The entry directory for ``source`` if it exists, found offline and unverified (never
-        load what ``warm`` or ``ensure`` has not returned)."""
-        identity = self.offline_identity(source)
-        if identity is None:
-            return None
-        path = self.entry(source, identity, dtype_name(dtype)).path
-        return path if path.is_dir() else None
-
     def warm(self, source: Source, dtype: Any = None, verify: Verify = "cheap") -> Path | None:
         """The checked entry for ``source`` when the store already has it, found offline; None
         when it must be built (missing, or damaged: then it is rebuilt by ``ensure``). No network,

@@ -104,12 +104,12 @@ def test_warm_start_works_with_the_hub_gone_and_imports_no_download_code(tiny_sd
     assert out.stdout.splitlines() == [str(path), "[] False"]
 
 
-def test_lookup_finds_the_entry_offline_only_once_it_exists(local_src, tmp_path):
+def test_warm_finds_the_entry_offline_only_once_it_exists(local_src, tmp_path):
     store, src = Store(tmp_path), parse_source(str(local_src))
-    assert store.lookup(src, "float16") is None
+    assert store.warm(src, "float16") is None
     path = ensure_converted(src, root=tmp_path, dtype="float16")
-    assert store.lookup(src, "fp16") == path
-    assert store.lookup(src) is None  # another dtype, another entry
+    assert store.warm(src, "fp16") == path
+    assert store.warm(src) is None  # another dtype, another entry
 
 
 def test_branch_stays_on_its_recorded_commit_until_refresh(hub, tiny_sd, tmp_path):
