@@ -66,7 +66,19 @@ def _log_setup(started: float) -> None:
     log.info("recipe: setup done in %.3f s", time.perf_counter() - started)
 
 
-class StockApp(fal.App, name="bench-stock"):
+class _PipelineRecipe(fal.App):
+    """What both loading recipes serve once ``setup()`` has set ``self.pipe``."""
+
+    @fal.endpoint("/")
+    def generate(self, request: Request) -> Response:
+        return _generate(self.pipe, request)
+
+    @fal.endpoint("/health")
+    def health(self) -> dict:
+        return {"status": "ok"}
+
+
+class StockApp(_PipelineRecipe, name="bench-stock"):
     def setup(self) -> None:
         started = time.perf_counter()
         import torch
@@ -79,16 +91,8 @@ class StockApp(fal.App, name="bench-stock"):
         self.pipe.set_progress_bar_config(disable=True)
         _log_setup(started)
 
-    @fal.endpoint("/")
-    def generate(self, request: Request) -> Response:
-        return _generate(self.pipe, request)
 
-    @fal.endpoint("/health")
-    def health(self) -> dict:
-        return {"status": "ok"}
-
-
-class FlashpackApp(fal.App, name="bench-flashpack"):
+class FlashpackApp(_PipelineRecipe, name="bench-flashpack"):
     def setup(self) -> None:
         started = time.perf_counter()
         import diffusers
@@ -122,14 +126,6 @@ class FlashpackApp(fal.App, name="bench-flashpack"):
         self.pipe = pipeline_cls(**{k: parts.get(k) for k in expected})
         self.pipe.set_progress_bar_config(disable=True)
         _log_setup(started)
-
-    @fal.endpoint("/")
-    def generate(self, request: Request) -> Response:
-        return _generate(self.pipe, request)
-
-    @fal.endpoint("/health")
-    def health(self) -> dict:
-        return {"status": "ok"}
 
 
 class ImportsOnlyApp(fal.App, name="bench-imports-only"):
