@@ -7,10 +7,10 @@ bad arguments exit 2 (argparse's convention).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import sys
 from collections.abc import Sequence
@@ -20,20 +20,12 @@ import torch
 
 from model_loader.format import FlashPackFormatError, PackLayout, dtype_name, read_layout
 
-from .errors import ConversionError, write_error
+from .dtypes import dtype_key
+from .errors import ConversionError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 INSPECT_SCHEMA_VERSION = 1
 
-DTYPE_ALIASES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
 
 
 class UsageError(Exception):
@@ -51,10 +43,9 @@ class _Parser(argparse.ArgumentParser):
 def parse_target_dtype(name: str) -> torch.dtype:
     """``"fp16"`` -> ``torch.float16``; the names a user may give for a target dtype."""
     try:
-        return DTYPE_ALIASES[name.strip().lower()]
-    except KeyError:
-        choices = ", ".join(DTYPE_ALIASES)
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r} (choose from {choices})") from None
+        return dtype_key(name)[0]
+    except ConversionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _align(text: str) -> int:
@@ -113,10 +104,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _local_source_info(src: Path) -> dict:
     """What the manifest records about a local source: its path and its contents' fingerprint."""
-    from .sources import Source, directory_fingerprint, require_pipeline_dir
+    from .sources import LocalSource, directory_fingerprint, require_pipeline_dir
 
     require_pipeline_dir(src)
-    return {**Source("local", str(src.resolve())).describe(), "identity": directory_fingerprint(src)}
+    return {**LocalSource(str(src.resolve())).describe(), "identity": directory_fingerprint(src)}
 
 
 def _is_conversion_of(dst: Path, source: dict, dtype: torch.dtype | None, variant: str | None) -> bool:
@@ -145,19 +136,18 @@ def _convert_local(src: Path, dst: Path, dtype: torch.dtype | None, variant: str
         from .convert import convert_pipeline
     except ImportError as exc:
         raise ConversionError(f"converting a local directory needs conversion.convert ({exc})") from exc
-    from .durable import fsync_dir
+    from .durable import publish_dir, temp_path
 
     if dst.exists():
         raise ConversionError(f"{dst}: already exists; remove it or choose another destination")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_path(dst)
     try:
         extra = {"variant": variant} if variant else {}
         convert_pipeline(src, tmp, dtype=dtype, source=source, **extra)
         if dst.exists():  # appeared while we converted; rename would merge into an empty dir
             raise ConversionError(f"{dst}: created by someone else during the conversion")
-        os.rename(tmp, dst)
-        fsync_dir(dst.parent)
+        publish_dir(tmp, dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -289,7 +279,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
     from model_loader import load_state_dict
 
-    from .durable import fsync_dir
+    from .durable import atomic_path
 
     src, dst = Path(args.file), Path(args.dst)
     _refuse_source_as_destination([src], dst)
@@ -297,20 +287,8 @@ def cmd_revert(args: argparse.Namespace) -> int:
     _refuse_existing(dst, args.force)
     # save_file refuses views sharing storage: give each tensor its own contiguous copy.
     tensors = {name: t.clone().contiguous() for name, t in load_state_dict(src).items()}
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    except Exception as exc:  # OSError or safetensors' SafetensorError (which hides the errno in its text)
-        error = write_error(exc, dst)
-        if error is None:
-            raise
-        raise error from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {dst}: {len(tensors)} tensors")
     return EXIT_OK
 
@@ -325,10 +303,8 @@ def _refuse_source_as_destination(sources: Sequence[Path], dst: Path) -> None:
     for src in sources:
         same = os.path.realpath(src) == os.path.realpath(dst)
         if not same:
-            try:
+            with contextlib.suppress(OSError):  # dst does not exist yet
                 same = os.path.samefile(src, dst)
-            except OSError:  # dst does not exist yet
-                pass
         if same:
             raise ConversionError(f"destination {dst} is the source {src}; write to another path")
 

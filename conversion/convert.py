@@ -33,32 +33,28 @@ from model_loader.assemble import (
     non_persistent_buffer_names,
 )
 from model_loader.bounded_json import load_file_bounded
-from model_loader.format import dtype_name
-from model_loader.pipeline import (
+from model_loader.diffusers_layout import (
+    MAX_CONFIG_BYTES,
     MODEL_INDEX_NAME,
     PACK_NAME,
-    PipelineLoadError,
-    model_class_and_config,
+    choose_weights,
+    components,
+    is_weight_file,
     read_model_index,
-    resolve_class,
+    variants_present,
 )
+from model_loader.errors import DiffusersLayoutError
+from model_loader.format import dtype_name
+from model_loader.pipeline import PipelineLoadError, model_class_and_config, resolve_class
+from model_loader.rates import rate_text
 
+from .config import ConversionConfig
 from .durable import fsync_dir
 from .errors import ConversionError
-from .sources import read_model_index as read_source_index
 from .sources import warn_broken_symlink
 from .writer import index_safetensors, write_pack
 
 logger = logging.getLogger("conversion.convert")
-
-_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-_WEIGHT_SUFFIXES = (
-    ".safetensors", ".bin", ".msgpack", ".onnx", ".onnx_data", ".pb", ".ckpt", ".pt", ".pth", ".h5",
-    ".gguf", ".flashpack",
-)
-_WEIGHT_INDEX = re.compile(r"\.(safetensors|bin)\.index(\.[A-Za-z0-9_]+)?\.json$")
-# A shard index maps every tensor name to its file (~100 KB for a large transformer).
-_MAX_SHARD_INDEX_BYTES = 64 * 1024 * 1024
 
 
 def convert_pipeline(
@@ -85,7 +81,8 @@ def convert_pipeline(
 
     total_source = sum(f.stat().st_size for _, w in components.values() if w for f in w[0])
     written = 0
-    with tqdm(total=total_source, unit="B", unit_scale=True, desc="convert", disable=None) as bar:
+    show = ConversionConfig.from_env().show_progress
+    with tqdm(total=total_source, unit="B", unit_scale=True, desc="convert", disable=not show or None) as bar:
         for name, (cls, weights) in components.items():
             comp_src, comp_dst = src / name, dst / name
             if weights is None:
@@ -103,19 +100,14 @@ def convert_pipeline(
     info["variant"] = variant
     write_manifest(dst, info)
     elapsed = time.perf_counter() - start
-    logger.info(
-        "convert: %.2f GB in %.2f s (%.2f GB/s) %s -> %s",
-        written / 1e9, elapsed, written / 1e9 / max(elapsed, 1e-9), src, dst,
-    )
+    logger.info("convert: %s %s -> %s", rate_text(written, elapsed), src, dst)
     return dst
 
 
 def _read_index(src: Path) -> dict[str, Any]:
-    # Parsed within limits first, so a hostile model_index.json cannot exhaust the stack.
-    read_source_index(src / MODEL_INDEX_NAME)
     try:
-        return read_model_index(src)
-    except PipelineLoadError as exc:
+        return read_model_index(src / MODEL_INDEX_NAME)
+    except DiffusersLayoutError as exc:
         raise ConversionError(str(exc)) from None
 
 
@@ -126,14 +118,15 @@ def _plan(src: Path, index: Mapping[str, Any], variant: str | None) -> dict[str,
     """Component name -> (class, (safetensors files, their variant) or None for a non-torch
     component); every component is checked before anything is written."""
     plan: dict[str, tuple[type, _Weights | None]] = {}
-    for name, entry in index.items():
-        if name.startswith("_") or not (isinstance(entry, list) and len(entry) == 2):
-            continue
-        library, class_name = entry
-        if library is None or class_name is None:
+    try:
+        listed = components(index)
+    except DiffusersLayoutError as exc:
+        raise ConversionError(f"{src / MODEL_INDEX_NAME}: {exc}") from None
+    for name, spec in listed.items():
+        if spec is None:
             continue
         try:
-            cls = resolve_class(library, class_name, where=str(src / MODEL_INDEX_NAME))
+            cls = resolve_class(*spec, where=str(src / MODEL_INDEX_NAME))
         except PipelineLoadError as exc:
             raise ConversionError(str(exc)) from None
         comp = src / name
@@ -153,23 +146,25 @@ def _prepare_destination(dst: Path) -> None:
 
 
 def weight_files(comp: Path, variant: str | None) -> tuple[list[Path], str | None]:
-    """The safetensors files of one component (all shards) and the variant they are: the
-    requested variant where present, else the default weights; ``([], None)`` if there are none."""
-    for want in ([variant] if variant else []) + [None]:
-        for stem in _WEIGHT_STEMS:
-            suffix = f".{want}" if want else ""
-            index = comp / f"{stem}.safetensors.index{suffix}.json"
-            if index.is_file():
-                return _shards(index), want
-            single = comp / f"{stem}{suffix}.safetensors"
-            if single.is_file():
-                return [single], want
-    return [], None
+    """The safetensors files of one component (all shards) and the variant they are, as
+    ``choose_weights`` picks them; ``([], variant)`` for ``.bin`` weights (loaded by their own
+    ``from_pretrained``), ``([], None)`` if there are none."""
+    try:
+        chosen = choose_weights(os.listdir(comp), variant, comp.name)
+    except DiffusersLayoutError as exc:
+        raise ConversionError(f"{comp}: {exc}") from None
+    if chosen is None:
+        return [], None
+    if chosen.ext != "safetensors":
+        return [], chosen.variant
+    if chosen.shard_index is not None:
+        return _shards(comp / chosen.shard_index), chosen.variant
+    return [comp / f for f in chosen.files], chosen.variant
 
 
 def _shards(index: Path) -> list[Path]:
     try:
-        weight_map = load_file_bounded(index, max_bytes=_MAX_SHARD_INDEX_BYTES)["weight_map"]
+        weight_map = load_file_bounded(index, max_bytes=MAX_CONFIG_BYTES)["weight_map"]
         names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConversionError(f"{index}: not a valid safetensors index ({exc})") from None
@@ -204,15 +199,12 @@ def _convert_model(
         how = "loaded"
         layout = _load_and_write(cls, comp_src, used_variant, model, pack_path, dtype, keep_fp32, files, bar)
     for f in sorted(comp_src.iterdir()):
-        if f.is_file() and not _is_weight_file(f.name):
+        if f.is_file() and not is_weight_file(f.name):
             _copy_file(f, comp_dst / f.name)
     fsync_dir(comp_dst)
     elapsed = time.perf_counter() - start
     nbytes = layout.payload_bytes
-    logger.info(
-        "convert: %s (%s, %s) %.2f GB in %.2f s (%.2f GB/s)",
-        name, cls.__name__, how, nbytes / 1e9, elapsed, nbytes / 1e9 / max(elapsed, 1e-9),
-    )
+    logger.info("convert: %s (%s, %s) %s", name, cls.__name__, how, rate_text(nbytes, elapsed))
     return nbytes
 
 
@@ -323,7 +315,7 @@ def _load_and_write(cls, comp_src, variant, model, pack_path, dtype, keep_fp32, 
     try:
         loaded = cls.from_pretrained(str(comp_src), **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        variants = _variants_present(comp_src)
+        variants = variants_present(os.listdir(comp_src))
         hint = f" (it has variant weights {variants}: pass variant=)" if variants and not variant else ""
         raise ConversionError(f"{comp_src}: cannot load {cls.__name__} weights{hint}: {exc}") from exc
     state = loaded.state_dict()
@@ -343,14 +335,6 @@ def _load_and_write(cls, comp_src, variant, model, pack_path, dtype, keep_fp32, 
     return write_pack(specs, get, pack_path)
 
 
-_VARIANT_WEIGHT = re.compile(r"\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
-
-
-def _variants_present(comp: Path) -> list[str]:
-    """Variants (``fp16``, ...) of the weight files in ``comp``, for error hints."""
-    return sorted({m.group(1) for f in comp.iterdir() if (m := _VARIANT_WEIGHT.search(f.name))})
-
-
 def _dominant_float_dtype(files: list[Path]) -> torch.dtype | None:
     """The floating dtype holding most elements of these safetensors files (headers only)."""
     counts: dict[torch.dtype, int] = {}
@@ -358,10 +342,6 @@ def _dominant_float_dtype(files: list[Path]) -> torch.dtype | None:
         if dt.is_floating_point:
             counts[dt] = counts.get(dt, 0) + math.prod(shape)
     return max(counts, key=counts.__getitem__) if counts else None
-
-
-def _is_weight_file(name: str) -> bool:
-    return name.endswith(_WEIGHT_SUFFIXES) or bool(_WEIGHT_INDEX.search(name))
 
 
 def _copy_file(src: Path, dst: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import write_error
+from .durable import write_error
 
 # 64x64 latents decoded 4x (three VAE blocks): 256x256 images by default.
 DEMO_SAMPLE_SIZE = 64

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from typing import Any
 from model_loader.bounded_json import JSONLimitError, load_file_bounded
 from model_loader.checksum import Checksum, SegmentHasher
 
-from .durable import fsync_dir
+from .durable import is_temp_name, write_atomic
 from .errors import ConversionError
 
 MANIFEST_NAME = "flashpack_manifest.json"
@@ -42,11 +41,6 @@ _TOOLS = ("torch", "diffusers", "transformers", "safetensors", "flashpack")
 
 class VerificationError(ConversionError):
     """A converted directory does not match its manifest; the message names the file and problem."""
-
-
-def is_temp_name(name: str) -> bool:
-    """Temporary files left by our writers (``.<name>.<pid>.<hex>.tmp``) or flashpack's."""
-    return (name.startswith(".") and name.endswith(".tmp")) or name.startswith(".packtmp_")
 
 
 def list_files(converted_dir: str | os.PathLike[str]) -> list[str]:
@@ -141,19 +135,7 @@ def write_manifest(converted_dir: str | os.PathLike[str], source: dict) -> dict:
         "files": {rel: _file_record(root, rel, *digests[rel]) for rel in rel_paths},
     }
     body = json.dumps(manifest, indent=2, ensure_ascii=False, default=_json_default) + "\n"
-    final = root / MANIFEST_NAME
-    tmp = root / f".{MANIFEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(root / MANIFEST_NAME, body)
     return json.loads(body)
 
 

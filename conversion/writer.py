@@ -6,9 +6,7 @@ so a reader sees either the old file, the complete new one, or nothing.
 
 from __future__ import annotations
 
-import errno
 import os
-import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,10 @@ from model_loader.format import (
     storage_dtype,
 )
 
-from .durable import fsync_dir
-from .errors import ConversionError, DiskFullError
+from .durable import atomic_file
+from .errors import ConversionError
 
 _ZEROS = bytes(1 << 16)
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def stored_dtype(dtype: torch.dtype, target_dtype: torch.dtype | None) -> torch.dtype:
@@ -56,28 +53,9 @@ def write_pack(
     path = Path(path)
     planned = [(n, shape, stored_dtype(dtype, target_dtype)) for n, shape, dtype in specs]
     layout = plan_layout(planned, align_bytes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            _write_payload(f, layout, get_tensor)
-            f.write(encode_footer(layout))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        if exc.errno in _NO_SPACE:
-            raise DiskFullError(
-                f"no space left writing {path} ({exc.strerror}); free space on that volume "
-                "and retry"
-            ) from exc
-        raise ConversionError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    with atomic_file(path) as f:
+        _write_payload(f, layout, get_tensor)
+        f.write(encode_footer(layout))
     return layout
 
 
@@ -171,10 +149,3 @@ def _pad_to(f, cursor: int, target: int) -> int:
         f.write(_ZEROS[:n])
         cursor += n
     return cursor
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

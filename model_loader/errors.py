@@ -7,3 +7,7 @@ class FlashPackFormatError(ValueError):
 
 class ChecksumMismatchError(FlashPackFormatError):
     """A pack's bytes differ from the checksum recorded at conversion: the stored file is corrupt."""
+
+
+class DiffusersLayoutError(ValueError):
+    """A directory or listing is not a diffusers pipeline as ``model_index.json`` describes it."""

@@ -19,6 +19,9 @@ import torch
 
 from .assemble import build_empty_model, construction_dtype, fill_model, is_diffusers_model, is_transformers_model
 from .bounded_json import load_file_bounded
+from .diffusers_layout import CONFIG_NAME, MAX_CONFIG_BYTES, MODEL_INDEX_NAME, PACK_NAME, components
+from .diffusers_layout import read_model_index as read_index_file
+from .errors import DiffusersLayoutError
 from .format import read_layout
 from .host_read import HostFile, PackReads, start_pack_reads
 from .reader import PackData, pack_on_device, read_pack, resolve_device
@@ -26,11 +29,6 @@ from .reader import PackData, pack_on_device, read_pack, resolve_device
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-MODEL_INDEX_NAME = "model_index.json"
-CONFIG_NAME = "config.json"
-PACK_NAME = "model.flashpack"
-# model_index.json and config.json files are kilobytes; anything past this is not one.
-MAX_CONFIG_BYTES = 16 << 20
 
 logger = logging.getLogger("model_loader.pipeline")
 
@@ -162,18 +160,12 @@ def as_pack(result: HostFile | PackData, device: torch.device) -> PackData:
 
 def read_model_index(root: Path) -> dict[str, Any]:
     """The parsed ``model_index.json`` of ``root``; raises naming the file if absent or invalid."""
-    index_path = root / MODEL_INDEX_NAME
     if not root.is_dir():
         raise PipelineLoadError(f"{root}: not a directory (expected a converted pipeline directory)")
     try:
-        index = load_file_bounded(index_path, max_bytes=MAX_CONFIG_BYTES)
-    except FileNotFoundError:
-        raise PipelineLoadError(f"{index_path}: missing (not a diffusers pipeline directory)") from None
-    except (OSError, ValueError) as exc:
-        raise PipelineLoadError(f"{index_path}: cannot be read as JSON ({exc})") from None
-    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
-        raise PipelineLoadError(f"{index_path}: expected a JSON object with a string '_class_name'")
-    return index
+        return read_index_file(root / MODEL_INDEX_NAME)
+    except DiffusersLayoutError as exc:
+        raise PipelineLoadError(str(exc)) from None
 
 
 def model_class_and_config(cls: type, component_dir: Path) -> tuple[type, Any]:
@@ -275,11 +267,11 @@ def _component_class(comp: Path) -> type:
     index_path = comp.parent / MODEL_INDEX_NAME
     if index_path.is_file():
         try:
-            entry = load_file_bounded(index_path, max_bytes=MAX_CONFIG_BYTES).get(comp.name)
-        except (OSError, ValueError, AttributeError):
-            entry = None
-        if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
-            return resolve_class(entry[0], entry[1], where=str(index_path))
+            spec = components(read_index_file(index_path)).get(comp.name)
+        except DiffusersLayoutError:
+            spec = None
+        if spec is not None:
+            return resolve_class(*spec, where=str(index_path))
     config_path = comp / CONFIG_NAME
     try:
         config = load_file_bounded(config_path, max_bytes=MAX_CONFIG_BYTES)

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from conversion import download
 from conversion.download import (
     DownloadPolicy,
-    configure_fal_paths,
+    checkpoint_problem,
+    fal_weights_dir,
     fetch_hub,
     fetch_url,
     hub_cache_dir,
     preread,
     xet_environment,
 )
+from conversion.download import url as url_download
 from conversion.errors import AuthError, DownloadError, DownloadStalledError, SourceError
 from conversion.sources import parse_source
 from tests.hub_server import HubRepo, HubServer, decoy_files, use_hub
@@ -196,7 +197,7 @@ def test_url_download_goes_through_download_model_weights_and_is_reused(tmp_path
     def no_download(*args, **kwargs):
         raise AssertionError("a download was started for a cached file")
 
-    monkeypatch.setattr(download, "_run_child", no_download)
+    monkeypatch.setattr(url_download, "run_child", no_download)
     assert fetch_url(parse_source(url), tmp_path, FAST) == path
 
 
@@ -206,7 +207,7 @@ def test_truncated_cached_checkpoint_is_downloaded_again(tmp_path, caplog):
 
     payload = save({"w": torch.arange(1000, dtype=torch.float32)})
     url = data_url(payload)
-    cached = download.fal_weights_dir(tmp_path, url) / "model.safetensors"
+    cached = fal_weights_dir(tmp_path, url) / "model.safetensors"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(payload[:-100])  # what an interrupted copy could leave behind
     caplog.set_level(logging.WARNING, logger="conversion.download")
@@ -220,18 +221,18 @@ def test_safetensors_header_nested_100000_deep_is_reported_as_unreadable(tmp_pat
     header = b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     path = tmp_path / "model.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header)
-    assert download.checkpoint_problem(path) == "unreadable safetensors header"
+    assert checkpoint_problem(path) == "unreadable safetensors header"
 
 
-def test_fal_download_paths_follow_the_data_root(tmp_path, monkeypatch):
+def test_url_download_outside_fals_volume_leaves_fals_download_paths_alone(tmp_path):
     from fal.toolkit.utils import download_utils
 
-    for name in ("FAL_PERSISTENT_DIR", "FAL_REPOSITORY_DIR", "FAL_MODEL_WEIGHTS_DIR"):
-        monkeypatch.setattr(download_utils, name, getattr(download_utils, name))
-    configure_fal_paths(tmp_path)
+    before = (download_utils.FAL_PERSISTENT_DIR, download_utils.FAL_REPOSITORY_DIR, download_utils.FAL_MODEL_WEIGHTS_DIR)
     url = data_url(b"abc")
-    path = download_utils.download_model_weights(url)
+    path = fetch_url(parse_source(url), tmp_path, FAST)
     assert path == tmp_path / ".fal" / "model_weights" / hashlib.sha256(url.encode()).hexdigest() / path.name
+    assert before == (download_utils.FAL_PERSISTENT_DIR, download_utils.FAL_REPOSITORY_DIR,
+            download_utils.FAL_MODEL_WEIGHTS_DIR)
 
 
 def test_offline_mode_without_a_cached_copy_fails_at_once_saying_so(hub, tmp_path, monkeypatch):

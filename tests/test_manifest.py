@@ -19,6 +19,7 @@ import pytest
 import torch
 import xxhash
 
+from conversion.durable import temp_path
 from conversion.errors import ConversionError
 from conversion.manifest import (
     FORMAT_VERSION,
@@ -157,7 +158,7 @@ def test_write_manifest_returns_what_it_wrote(tmp_path):
 
 def test_manifest_excludes_itself_and_temp_files(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
-    (tmp_path / ".model.flashpack.123.abcd.tmp").write_bytes(b"partial")
+    temp_path(tmp_path / "model.flashpack").write_bytes(b"partial")
     (tmp_path / ".packtmp_x1y2").write_bytes(b"partial")
     write_manifest(tmp_path, SOURCE)
     write_manifest(tmp_path, SOURCE)  # a second run must not list the first manifest

@@ -189,5 +189,5 @@ def test_a_deeply_nested_model_index_is_a_load_error_naming_the_file(tmp_path):
     from model_loader.pipeline import PipelineLoadError, read_model_index
 
     (tmp_path / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(PipelineLoadError, match=r"model_index\.json: cannot be read as JSON \(nested more than"):
+    with pytest.raises(PipelineLoadError, match=r"model_index\.json: not a readable model_index\.json \(nested more than"):
         read_model_index(tmp_path)

@@ -1,7 +1,9 @@
-"""Sources: parsing what fal.toml / the CLI name, and which Hub files a pipeline download fetches."""
+"""Sources: parsing what fal.toml / the CLI name, each kind's offline identity, and which Hub files a
+pipeline download fetches (model_loader.diffusers_layout)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -10,14 +12,16 @@ import pytest
 
 from conversion.errors import SourceError
 from conversion.sources import (
-    Source,
+    DemoSource,
+    HubSource,
+    LocalSource,
+    UrlSource,
     directory_fingerprint,
     parse_source,
-    parse_weight_name,
-    read_model_index,
-    select_files,
     source_from_config,
 )
+from model_loader.diffusers_layout import parse_weight_name, read_model_index, select_files
+from model_loader.errors import DiffusersLayoutError
 
 SD_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -60,7 +64,7 @@ SIDE_FILES = [
 
 
 def test_repo_id_is_a_hub_source_with_its_revision_and_variant():
-    assert parse_source("org/name", revision="v1", variant="fp16") == Source("hub", "org/name", "v1", "fp16")
+    assert parse_source("org/name", revision="v1", variant="fp16") == HubSource("org/name", "v1", "fp16")
 
 
 def test_inline_revision_after_at_sign():
@@ -74,7 +78,7 @@ def test_conflicting_revisions_are_rejected():
 
 def test_https_url_is_a_single_file_source_with_default_pipeline_class():
     src = parse_source("https://example.com/models/x.safetensors?token=abc")
-    assert (src.kind, src.pipeline_class) == ("url", "StableDiffusionPipeline")
+    assert src == UrlSource(src.url, pipeline_class="StableDiffusionPipeline")
 
 
 def test_url_description_drops_the_query_string():
@@ -89,7 +93,7 @@ def test_plain_http_urls_are_refused():
 
 
 def test_existing_directory_is_a_local_source(tmp_path):
-    assert parse_source(str(tmp_path)) == Source("local", str(tmp_path.resolve()))
+    assert parse_source(str(tmp_path)) == LocalSource(str(tmp_path.resolve()))
 
 
 def test_missing_directory_path_is_an_error(tmp_path):
@@ -102,6 +106,32 @@ def test_variant_on_a_local_directory_is_an_error(tmp_path):
         parse_source(str(tmp_path), variant="fp16")
 
 
+def test_demo_is_the_embedded_demo_source_with_a_fixed_offline_identity():
+    class NoRefs:
+        def read_ref(self, source):
+            raise AssertionError("the demo needs no ref file")
+
+    assert parse_source("demo") == DemoSource(seed=0)
+    assert DemoSource().offline_identity(NoRefs()) == DemoSource().offline_identity(NoRefs()) == "demo-v1-seed0"
+
+
+def test_demo_takes_no_revision():
+    with pytest.raises(SourceError, match="the demo source takes no revision, variant or subfolder"):
+        parse_source("demo", revision="main")
+
+
+def test_store_key_fields_of_each_kind_are_what_earlier_stores_were_keyed_by(tmp_path):
+    """Entries built before sources became strategy objects keep their keys (no rebuild)."""
+    assert HubSource("org/name", "main", "fp16").key_fields() == {
+        "kind": "hub", "ref": "org/name", "variant": "fp16", "subfolder": None, "pipeline_class": None, "config": None}
+    assert UrlSource("https://h/x.safetensors?sig=1").key_fields() == {
+        "kind": "url", "ref": hashlib.sha256(b"https://h/x.safetensors?sig=1").hexdigest(), "variant": None,
+        "subfolder": None, "pipeline_class": "StableDiffusionPipeline", "config": None}
+    assert LocalSource(str(tmp_path)).key_fields() == {
+        "kind": "local", "ref": str(tmp_path), "variant": None, "subfolder": None, "pipeline_class": None,
+        "config": None}
+
+
 @pytest.mark.parametrize("text", ["", "just-a-name", "a/b/c", "org/../x"])
 def test_text_that_is_no_source_is_an_error(text):
     with pytest.raises(SourceError):
@@ -110,7 +140,7 @@ def test_text_that_is_no_source_is_an_error(text):
 
 def test_source_from_config_table():
     src = source_from_config({"source": "org/name", "revision": "main", "variant": "fp16", "subfolder": "pipe"})
-    assert src == Source("hub", "org/name", "main", "fp16", "pipe")
+    assert src == HubSource("org/name", "main", "fp16", "pipe")
 
 
 def test_subfolder_cannot_leave_the_repo():
@@ -186,7 +216,7 @@ def test_sharded_weights_come_with_their_index_of_the_same_variant():
 
 def test_component_with_only_variant_weights_needs_the_variant():
     files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]
-    with pytest.raises(SourceError, match=r"no default \(non-variant\) weights.*\['fp16'\]"):
+    with pytest.raises(DiffusersLayoutError, match=r"no default \(non-variant\) weights.*\['fp16'\]"):
         select_files(files, {"unet": ["diffusers", "UNet2DConditionModel"]})
 
 
@@ -234,7 +264,7 @@ def test_model_index_nested_100000_deep_is_a_source_error_naming_the_file(tmp_pa
     path = tmp_path / "model_index.json"
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(
-        SourceError, match=re.escape(f"{path}: not a readable model_index.json (nested more than 64 levels deep)")
+        DiffusersLayoutError, match=re.escape(f"{path}: not a readable model_index.json (nested more than 64 levels deep)")
     ):
         read_model_index(path)
 
@@ -243,6 +273,6 @@ def test_model_index_larger_than_a_mebibyte_is_a_source_error_naming_the_file(tm
     path = tmp_path / "model_index.json"
     path.write_text('{"_class_name": "' + "x" * (1 << 20) + '"}')
     with pytest.raises(
-        SourceError, match=re.escape(f"{path}: not a readable model_index.json (more than the limit of 1048576 bytes)")
+        DiffusersLayoutError, match=re.escape(f"{path}: not a readable model_index.json (more than the limit of 1048576 bytes)")
     ):
         read_model_index(path)

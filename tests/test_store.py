@@ -22,11 +22,13 @@ import pytest
 import torch
 
 import conversion.convert
-from conversion import download
+import conversion.download
+from conversion.download import hub as hub_download
+from conversion.download import url as url_download
+from conversion.durable import host_tag, temp_path
 from conversion.errors import DiskFullError, SourceError
-from conversion.locking import host_tag
 from conversion.manifest import VerificationError, read_manifest, verify_converted
-from conversion.sources import parse_source
+from conversion.sources import Prepared, parse_source
 from conversion.store import STORE_DIRNAME, Store, convert_source, ensure_converted, resolve_root
 from model_loader import read_layout
 from tests.hub_server import HubRepo, HubServer, use_hub
@@ -82,7 +84,7 @@ def test_warm_start_of_a_hub_source_makes_no_request_and_starts_no_download(hub,
     def no_fetch(*args, **kwargs):
         raise AssertionError("the warm path fetched")
 
-    monkeypatch.setattr(download, "fetch_hub", no_fetch)
+    monkeypatch.setattr(conversion.download, "fetch_hub", no_fetch)
     assert ensure_converted("org/tiny-sd", root=tmp_path) == cold
     assert hub.count() == 0
 
@@ -262,24 +264,24 @@ def test_entry_without_manifest_is_moved_aside_and_rebuilt(local_src, tmp_path):
 def store_entry(local_src: Path, root: Path):
     store = Store(root)
     src = parse_source(str(local_src))
-    return store, store.entry(src, store.offline_identity(src), "source")
+    return store, src, store.entry(src, src.offline_identity(store), "source")
 
 
 def test_losing_the_publish_race_discards_the_own_copy(local_src, tmp_path):
     path = ensure_converted(str(local_src), root=tmp_path)
     inode = path.stat().st_ino
-    store, entry = store_entry(local_src, tmp_path)
+    store, src, entry = store_entry(local_src, tmp_path)
     # A second builder that did not see the lock: its rename onto the published entry fails.
-    assert store.build(local_src, entry, None, {"store_key": entry.digest}) == path
+    assert store.build(Prepared(local_src, entry.key["identity"], []), src, entry, None) == path
     assert path.stat().st_ino == inode
     assert entries(tmp_path) == [path.name]
 
 
 def test_publishing_over_a_bad_entry_moves_it_aside(local_src, tmp_path):
-    store, entry = store_entry(local_src, tmp_path)
+    store, src, entry = store_entry(local_src, tmp_path)
     entry.path.mkdir(parents=True)
     (entry.path / "half-written").write_bytes(b"x")
-    assert store.build(local_src, entry, None, {"store_key": entry.digest}) == entry.path
+    assert store.build(Prepared(local_src, entry.key["identity"], []), src, entry, None) == entry.path
     verify_converted(entry.path, full=True)
     assert entries(tmp_path) == [entry.path.name]
 
@@ -294,19 +296,22 @@ def test_leftovers_of_dead_or_silent_builders_are_removed_and_live_ones_kept(tmp
     store = Store(tmp_path)
     name = "org--x-0123456789abcdef"
     dirs = {
-        "dead": store.dir / f".tmp-{name}.{host_tag()}.{dead_pid()}.aaaa",
-        "live": store.dir / f".tmp-{name}.{host_tag()}.{os.getpid()}.bbbb",
-        "other_host_fresh": store.dir / f".work-{name}.elsewhere.1.cccc",
-        "other_host_silent": store.dir / f".tmp-{name}.elsewhere.2.dddd",
-        "trash": store.dir / f".trash-{name}.3.eeee",
-        "other_entry": store.dir / f".tmp-org--y-0123456789abcdef.{host_tag()}.{dead_pid()}.ffff",
+        "dead": store.dir / f".{name}.{host_tag()}.{dead_pid()}.aaaaaaaa.tmp",
+        "live": temp_path(store.dir / name),
+        "other_host_fresh": store.dir / f".{name}.elsewhere.1.cccccccc.work",
+        "other_host_silent": store.dir / f".{name}.elsewhere.2.dddddddd.tmp",
+        "trash": store.dir / f".{name}.elsewhere.3.eeeeeeee.trash",
+        "other_entry": store.dir / f".org--y-0123456789abcdef.{host_tag()}.{dead_pid()}.ffffffff.tmp",
+        "legacy_silent_builder": store.dir / f".tmp-{name}.{host_tag()}.{os.getpid()}.aaaa",
+        "legacy_trash": store.dir / f".trash-{name}.3.eeee",
     }
     for d in dirs.values():
         d.mkdir(parents=True)
         (d / "model.flashpack").write_bytes(b"partial")
     old = time.time() - 3 * 3600
-    for p in (dirs["other_host_silent"], dirs["other_host_silent"] / "model.flashpack"):
-        os.utime(p, (old, old))
+    for silent in ("other_host_silent", "legacy_silent_builder"):
+        for p in (dirs[silent], dirs[silent] / "model.flashpack"):
+            os.utime(p, (old, old))
     store.cleanup_stale()
     assert {k for k, d in dirs.items() if d.exists()} == {"live", "other_host_fresh"}
 
@@ -317,9 +322,9 @@ def test_leftovers_that_are_symlinks_are_unlinked_and_their_targets_kept(tmp_pat
     target.mkdir()
     (target / "keep.txt").write_text("not the store's")
     store.dir.mkdir(parents=True)
-    links = [store.dir / ".trash-org--x-0123456789abcdef.3.eeee",
-             store.dir / f".tmp-org--x-0123456789abcdef.{host_tag()}.{dead_pid()}.aaaa",
-             store.dir / ".work-org--x-0123456789abcdef.elsewhere.2.dddd"]
+    links = [store.dir / ".org--x-0123456789abcdef.elsewhere.3.eeeeeeee.trash",
+             store.dir / f".org--x-0123456789abcdef.{host_tag()}.{dead_pid()}.aaaaaaaa.tmp",
+             store.dir / ".org--x-0123456789abcdef.elsewhere.2.dddddddd.work"]
     for link in links:
         link.symlink_to(target)
     links[2].unlink()
@@ -454,7 +459,8 @@ def test_single_file_url_is_converted_offline_with_a_local_config(tiny_sd, tmp_p
     def no_download(*args, **kwargs):
         raise AssertionError("the warm path downloaded")
 
-    monkeypatch.setattr(download, "_run_child", no_download)
+    monkeypatch.setattr(url_download, "run_child", no_download)
+    monkeypatch.setattr(hub_download, "run_child", no_download)
     assert ensure_converted(source, root=tmp_path / "volume") == path
 
 
@@ -486,7 +492,8 @@ def test_unknown_pipeline_class_fails_before_any_download(tmp_path, monkeypatch)
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded despite a bad pipeline_class")
 
-    monkeypatch.setattr(download, "_run_child", no_download)
+    monkeypatch.setattr(url_download, "run_child", no_download)
+    monkeypatch.setattr(hub_download, "run_child", no_download)
     source = parse_source("https://example.com/model.safetensors", pipeline_class="NoSuchPipeline")
     with pytest.raises(SourceError, match="pipeline_class 'NoSuchPipeline' is not a diffusers pipeline"):
         ensure_converted(source, root=tmp_path)

@@ -1,0 +1,82 @@
+"""A single-file checkpoint on the volume in fal's ``download_model_weights`` layout
+(``<root>/.fal/model_weights/<sha256 of the URL>/<file>``), reused while it is intact."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from ..checkpoint import checkpoint_problem
+from ..config import ConversionConfig
+from ..durable import NO_SPACE_ERRNOS
+from ..errors import DownloadError
+from ..sources.url import UrlSource
+from .child import dir_state, remove_stale_partials, run_child
+from .policy import DownloadPolicy, fal_weights_dir, redact_secrets
+from .preread import preread
+
+log = logging.getLogger("conversion.download")
+
+
+def fetch_url(source: UrlSource, root: Path, policy: DownloadPolicy) -> Path:
+    """The checkpoint file behind ``source.url`` on the volume.
+
+    A cached file that is truncated (its safetensors header or zip directory says so) is
+    deleted and downloaded again; fal's downloader keeps no checksum to check it against.
+    """
+    weights_dir = fal_weights_dir(root, source.url)
+    existing = _existing_weights(weights_dir)
+    if existing is not None:
+        problem = checkpoint_problem(existing)
+        if problem is None:
+            log.info("cache: %s found at %s (no network)", source.display, existing)
+            preread([existing], policy.preread_workers, check_blobs=False)
+            return existing
+        log.warning("cache: %s is damaged (%s); downloading it again", existing, problem)
+        existing.unlink(missing_ok=True)
+    result = run_child(
+        {"op": "url", "source": asdict(source), "root": str(root)},
+        probe=lambda: dir_state(weights_dir),
+        cleanup=lambda: remove_stale_partials(weights_dir, policy),
+        what=f"download {source.display}",
+        policy=policy,
+    )
+    path = Path(result["path"])
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{source.display}: the downloaded file is damaged ({problem}); retry later")
+    preread([path], policy.preread_workers, check_blobs=False)
+    return path
+
+
+def _existing_weights(weights_dir: Path) -> Path | None:
+    """The file download_model_weights would return without a request (not its .fal* temp files)."""
+    try:
+        names = sorted(p for p in weights_dir.iterdir() if not p.name.startswith(".fal") and p.is_file())
+    except FileNotFoundError:
+        return None
+    return names[0] if names else None
+
+
+def download_url(source: UrlSource, root: Path, config: ConversionConfig) -> Path:
+    """Download in this process (the child): ``download_model_weights`` where the volume is fal's
+    own ``/data``; elsewhere fal's ``download_file`` into the same layout under ``root`` (fal's
+    paths are module constants; they are never rewritten)."""
+    from fal.toolkit.utils import download_utils
+
+    headers = None
+    host = (source.url.split("/")[2] if "://" in source.url else "").lower()
+    if config.hf_token and (host == "huggingface.co" or host.endswith(".huggingface.co")):
+        headers = {"Authorization": f"Bearer {config.hf_token}"}
+    target = fal_weights_dir(root, source.url)
+    try:
+        if target.parent == Path(download_utils.FAL_MODEL_WEIGHTS_DIR):
+            return Path(download_utils.download_model_weights(source.url, request_headers=headers))
+        return Path(download_utils.download_file(source.url, target_dir=target, request_headers=headers))
+    except download_utils.DownloadError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in NO_SPACE_ERRNOS:
+            raise cause from None
+        raise DownloadError(f"{source.display}: {redact_secrets(str(exc), config)}") from None

@@ -1,0 +1,90 @@
+"""Which source a text names (fal.toml's ``[model]`` table, the CLI): offline and cheap."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from model_loader.diffusers_layout import is_variant_name
+
+from ..errors import SourceError
+from .base import Source
+from .demo import DEMO_SOURCE, DemoSource
+from .hub import HubSource
+from .local import LocalSource
+from .url import DEFAULT_PIPELINE_CLASS, UrlSource, redact_url
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CONFIG_KEYS = ("revision", "variant", "subfolder", "pipeline_class", "config")
+
+
+def parse_source(
+    text: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    *,
+    subfolder: str | None = None,
+    pipeline_class: str | None = None,
+    config: str | None = None,
+) -> Source:
+    """Parse a source as given in fal.toml or on the CLI.
+
+    ``demo`` is the embedded demo model, ``org/name`` (optionally ``org/name@revision``) a Hub
+    repo, ``https://...`` (or ``data:``) a single-file checkpoint, and an existing directory (or
+    anything starting with ``/``, ``.`` or ``~``) a local pipeline directory.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise SourceError("model source is empty: give a Hub repo id (org/name), an https:// URL or a directory")
+    text = text.strip()
+    if variant is not None and not is_variant_name(variant):
+        raise SourceError(f"variant {variant!r} is not a weight variant name such as 'fp16'")
+    if text == DEMO_SOURCE:
+        if revision or variant or subfolder:
+            raise SourceError("the demo source takes no revision, variant or subfolder")
+        return DemoSource()
+    scheme = urlsplit(text).scheme.lower()
+    if scheme in ("https", "data"):
+        if revision or variant or subfolder:
+            raise SourceError(f"{redact_url(text)}: revision, variant and subfolder apply to Hub repos, not URLs")
+        return UrlSource(text, pipeline_class=pipeline_class or DEFAULT_PIPELINE_CLASS, config=config)
+    if scheme in ("http", "ftp", "file", "s3", "gs"):
+        raise SourceError(f"{redact_url(text)}: only https:// URLs are supported for single-file checkpoints")
+    path = Path(text).expanduser()
+    if path.is_dir() or text.startswith(("/", ".", "~")):
+        if not path.is_dir():
+            raise SourceError(f"{text}: no such directory (a local source must be a diffusers pipeline directory)")
+        if revision or variant:
+            raise SourceError(f"{text}: revision and variant apply to Hub repos, not local directories")
+        return LocalSource(str(path.resolve()), subfolder=_clean_subfolder(subfolder))
+    repo, _, inline_rev = text.partition("@")
+    if not _REPO_ID.match(repo) or ".." in repo:
+        raise SourceError(
+            f"{text!r} is neither a Hub repo id (org/name), an https:// URL nor an existing directory"
+        )
+    if inline_rev and revision and inline_rev != revision:
+        raise SourceError(f"{text}: revision given twice ({inline_rev!r} and {revision!r})")
+    rev = revision or inline_rev or None
+    return HubSource(repo, revision=rev, variant=variant, subfolder=_clean_subfolder(subfolder))
+
+
+def source_from_config(settings: Mapping[str, Any]) -> Source:
+    """A Source from a config table: ``source`` plus optional ``revision``, ``variant``,
+    ``subfolder``, ``pipeline_class`` and ``config`` keys (the ``[model]`` table of fal.toml)."""
+    if "source" not in settings:
+        raise SourceError("model settings need a 'source' (Hub repo id, https:// URL or directory)")
+    return parse_source(
+        str(settings["source"]),
+        **{k: (str(v) if v is not None else None) for k, v in settings.items() if k in _CONFIG_KEYS},
+    )
+
+
+def _clean_subfolder(subfolder: str | None) -> str | None:
+    if not subfolder:
+        return None
+    parts = [p for p in subfolder.strip("/").split("/") if p]
+    if any(p in (".", "..") for p in parts) or not parts:
+        raise SourceError(f"subfolder {subfolder!r} must be a relative folder inside the repo")
+    return "/".join(parts)

@@ -1,0 +1,190 @@
+"""What a diffusers pipeline directory looks like, in one place: ``model_index.json``, its
+components, their weight files and variants, and the files of a converted directory.
+
+Both sides use it: conversion (which Hub files to fetch, which files of a component to pack)
+and the loader (which components to build). Torch-free and offline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bounded_json import load_file_bounded
+from .errors import DiffusersLayoutError
+
+MODEL_INDEX_NAME = "model_index.json"
+CONFIG_NAME = "config.json"
+PACK_NAME = "model.flashpack"  # a converted torch component's weights, beside its config.json
+# A model_index.json names a few components (~1 KB); far larger is not one.
+MAX_MODEL_INDEX_BYTES = 1 << 20
+# A config.json or a shard index is kilobytes (a large transformer's index ~100 KB).
+MAX_CONFIG_BYTES = 16 << 20
+
+# The weight files diffusers and transformers load: <stem>[.<variant>][-0000k-of-0000n].<ext>
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+WEIGHT_EXTS = ("safetensors", "bin")  # safetensors preferred
+_VARIANT = re.compile(r"^[A-Za-z0-9_]+$")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}")
+_INDEX = re.compile(r"^(?P<stem>[^.]+)\.(?P<ext>safetensors|bin)\.index(?:\.(?P<variant>[A-Za-z0-9_]+))?\.json$")
+# Files that hold weights in some format; never copied into a converted directory as side files.
+_ANY_WEIGHT_SUFFIX = (".safetensors", ".bin", ".msgpack", ".onnx", ".onnx_data", ".pb", ".ckpt", ".pt", ".pth",
+                      ".h5", ".gguf", ".flashpack")
+# Per-component files a pipeline needs besides weights: configs, tokenizers, schedulers.
+_SIDE_FILE = re.compile(r"\.(json|txt|model|tiktoken)$")
+
+
+def is_variant_name(name: str) -> bool:
+    """A weight variant name such as ``fp16`` (letters, digits, underscores)."""
+    return bool(_VARIANT.match(name))
+
+
+def read_model_index(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``model_index.json`` at ``path`` (a file, or the directory holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_INDEX_NAME
+    try:
+        data = load_file_bounded(path, max_bytes=MAX_MODEL_INDEX_BYTES)
+    except FileNotFoundError:
+        raise DiffusersLayoutError(f"{path}: missing; not a diffusers pipeline directory") from None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 JSON, too large or too deep
+        raise DiffusersLayoutError(f"{path}: not a readable model_index.json ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
+        raise DiffusersLayoutError(f"{path}: expected a JSON object with a string '_class_name'")
+    return data
+
+
+def components(index: Mapping[str, Any]) -> dict[str, tuple[str, str] | None]:
+    """The components a ``model_index.json`` lists: name -> ``(library, class)``, or None for a
+    component saved as ``[null, null]`` (the pipeline gets None). Other keys are settings."""
+    found: dict[str, tuple[str, str] | None] = {}
+    for name, value in sorted(index.items()):
+        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2):
+            continue
+        library, class_name = value
+        if isinstance(library, str) and isinstance(class_name, str):
+            found[name] = (library, class_name)
+        elif library is None or class_name is None:
+            found[name] = None
+        else:
+            raise DiffusersLayoutError(f"{MODEL_INDEX_NAME}: component {name!r} must be [library, class], got {value!r}")
+    return found
+
+
+@dataclass(frozen=True)
+class WeightName:
+    """A parsed weight file name: ``diffusion_pytorch_model.fp16-00001-of-00002.safetensors``."""
+
+    stem: str
+    variant: str | None
+    ext: str
+    sharded: bool
+
+
+def parse_weight_name(name: str) -> WeightName | None:
+    """Split a weight file name into stem, variant and extension; None for anything else."""
+    base, dot, ext = name.rpartition(".")
+    if not dot or ext not in WEIGHT_EXTS or not base:
+        return None
+    sharded = bool(_SHARD.search(base))
+    base = _SHARD.sub("", base)
+    stem, _, variant = base.partition(".")
+    if not stem or (variant and not _VARIANT.match(variant)):
+        return None
+    return WeightName(stem, variant or None, ext, sharded)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weight files chosen for one component: ``files`` (all shards, plus the shard index
+    when there is one), the variant they are (None: default weights) and their extension."""
+
+    files: list[str]
+    variant: str | None
+    ext: str
+
+    @property
+    def shard_index(self) -> str | None:
+        return next((f for f in self.files if _INDEX.match(f)), None)
+
+
+def choose_weights(names: Iterable[str], variant: str | None, component: str) -> Weights | None:
+    """The weight files diffusers would load from one component directory's file ``names``.
+
+    The requested variant where the component has it, else its default weights (as diffusers
+    does); safetensors over ``.bin``; never onnx/flax/msgpack. None when the component has no
+    weight files at all; DiffusersLayoutError when it has only other variants.
+    """
+    names = list(names)
+    parsed = {n: w for n in names if (w := parse_weight_name(n)) is not None and w.stem in WEIGHT_STEMS}
+    if not parsed:
+        return None
+
+    def pick(v: str | None) -> list[str]:
+        cands = [n for n, w in parsed.items() if w.variant == v]
+        safetensors = [n for n in cands if parsed[n].ext == "safetensors"]
+        return sorted(safetensors or cands)
+
+    used = variant
+    picked = pick(variant) if variant else []
+    if not picked:
+        used, picked = None, pick(None)
+    if not picked:
+        found = sorted({w.variant for w in parsed.values() if w.variant})
+        wanted = f"variant {variant!r}" if variant else "default (non-variant) weights"
+        raise DiffusersLayoutError(
+            f"component {component!r} has no {wanted}; it has variants {found}: set variant to one of them"
+        )
+    ext = parsed[picked[0]].ext
+    indexes = [n for n in names if (m := _INDEX.match(n)) and m["ext"] == ext and (m["variant"] or None) == used
+               and m["stem"] in WEIGHT_STEMS]
+    return Weights(picked + sorted(indexes), used, ext)
+
+
+def variants_present(names: Iterable[str]) -> list[str]:
+    """The variants (``fp16``, ...) among weight file names, for error hints."""
+    return sorted({w.variant for n in names if (w := parse_weight_name(n)) is not None and w.variant})
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether a file holds weights in any format (or indexes them): never a side file."""
+    return name.endswith(_ANY_WEIGHT_SUFFIX) or bool(_INDEX.match(name))
+
+
+def side_files(names: Iterable[str]) -> list[str]:
+    """The configs, tokenizer and scheduler files among a component directory's file names."""
+    return [n for n in names if _SIDE_FILE.search(n) and not is_weight_file(n)]
+
+
+def select_files(
+    files: Iterable[str],
+    index: Mapping[str, Any],
+    variant: str | None = None,
+    subfolder: str | None = None,
+    weights: bool = True,
+) -> list[str]:
+    """The files of a repo listing a pipeline needs (for ``allow_patterns``): ``model_index.json``,
+    every component's side files and, with ``weights``, the weights ``choose_weights`` picks."""
+    prefix = f"{subfolder}/" if subfolder else ""
+    by_dir: dict[str, list[str]] = {}
+    for path in files:
+        if not path.startswith(prefix):
+            continue
+        comp, sep, name = path[len(prefix):].partition("/")
+        if sep and "/" not in name:
+            by_dir.setdefault(comp, []).append(name)
+    chosen = [f"{prefix}{MODEL_INDEX_NAME}"]
+    for comp, spec in components(index).items():
+        if spec is None:
+            continue
+        names = by_dir.get(comp, [])
+        chosen += [f"{prefix}{comp}/{n}" for n in side_files(names)]
+        picked = choose_weights(names, variant, comp) if weights else None
+        if picked is not None:
+            chosen += [f"{prefix}{comp}/{n}" for n in picked.files]
+    return sorted(set(chosen))
