@@ -6,7 +6,7 @@
     python bench/startup.py --help
 
 Peers (each a fresh ``fal run --local`` process per run, the store already converted):
-- ``ours``: this app (a copy of app.py, model_loader/, conversion/ with a fal.toml profile that
+- ``ours``: this app (a copy of app.py, model_loader/, conversion/, serving/ with a fal.toml profile that
   serves the benchmark model from a local source; no warm-up shapes, so /health is setup alone);
 - ``ours-odirect``: the same with ``MODEL_LOADER_MAP=hot`` (a pack not in the page cache is read
   with O_DIRECT into owned memory instead of mapped);
@@ -171,7 +171,7 @@ def write_app_copy(app_dir: Path, source: Path) -> None:
     app_dir.mkdir(parents=True)
     for name in ("app.py", "requirements.txt", "pyproject.toml"):
         shutil.copy2(REPO / name, app_dir / name)
-    for name in ("model_loader", "conversion"):
+    for name in ("model_loader", "conversion", "serving"):
         shutil.copytree(REPO / name, app_dir / name, ignore=shutil.ignore_patterns("__pycache__"))
     profile = f"""
 

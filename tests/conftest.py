@@ -1,4 +1,4 @@
-"""Shared fixtures: no telemetry, few torch threads, tiny pipelines built once per session."""
+"""Shared fixtures: no telemetry, few torch threads, the demo app, tiny pipelines built once per session."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ for _name, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_name, _value)
+# app.py builds its fal.App from the profile chosen at its (one) import; the tests serve the offline
+# demo profile, so it is fixed before anything can import app.py. Settings and schema of any other
+# profile are built directly with serving.settings.load_settings and serving.schema.request_models.
+os.environ["APP_PROFILE"] = "demo"
 
 from pathlib import Path  # noqa: E402
 
@@ -22,6 +26,15 @@ import torch  # noqa: E402
 # One intra-op thread: tiny models gain nothing from more, and spinning OpenMP threads on a
 # shared 2-core machine slow everything else down.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def app_module():
+    """app.py, imported (once per session) with the demo profile."""
+    import app
+
+    assert app.SETTINGS.profile == "demo", f"app.py was imported with the profile {app.SETTINGS.profile!r}"
+    return app
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,8 @@ One app instance serves the whole module; requests use small images and few step
 from __future__ import annotations
 
 import base64
-import importlib
 import io
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +16,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image as PILImage
 from starlette.testclient import TestClient
+
+from serving.schema import MAX_SEED
+from serving.settings import ModelSettings
 
 SMALL = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "output_format": "png"}
 MANIFEST = "flashpack_manifest.json"
@@ -41,16 +42,15 @@ class _Env:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, app_module):
     """The demo app after setup(), on a fresh data root (APP_DATA_ROOT)."""
     import torch
 
     root = tmp_path_factory.mktemp("app-data")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: one thread per op is the fastest and steadiest here
-    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(root), HF_HUB_OFFLINE="1"):
-        sys.modules.pop("app", None)
-        module = importlib.import_module("app")
+    with _Env(APP_DATA_ROOT=str(root), HF_HUB_OFFLINE="1"):
+        module = app_module
         instance = module.TextToImageApp(_allow_init=True)
         try:
             with TestClient(instance._build_app()) as client:
@@ -104,7 +104,7 @@ def test_second_start_finds_the_store_and_converts_nothing(served, caplog):
     entries = sorted(p.name for p in store.parent.iterdir())
     second = served.module.TextToImageApp(_allow_init=True)
     with (
-        _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(served.root)),
+        _Env(APP_DATA_ROOT=str(served.root)),
         caplog.at_level("INFO"),
         TestClient(second._build_app()) as client,
     ):
@@ -135,7 +135,7 @@ def _start_and_generate(served, caplog) -> tuple[Path, bytes]:
 
 
 def test_a_corrupt_pack_is_caught_while_loading_and_rebuilt_on_the_same_start(served, tmp_path, caplog):
-    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(tmp_path / "data")):
+    with _Env(APP_DATA_ROOT=str(tmp_path / "data")):
         store, clean = _start_and_generate(served, caplog)
         _flip_byte(store / "unet" / "model.flashpack", 0)  # payload: the size and footer stay valid
         caplog.clear()
@@ -147,7 +147,7 @@ def test_a_corrupt_pack_is_caught_while_loading_and_rebuilt_on_the_same_start(se
 
 
 def test_full_store_verification_from_the_environment_applies_to_the_warm_lookup(served, tmp_path, caplog):
-    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(tmp_path / "data")):
+    with _Env(APP_DATA_ROOT=str(tmp_path / "data")):
         store, clean = _start_and_generate(served, caplog)
         _flip_byte(store / "unet" / "model.flashpack", 0)
         caplog.clear()
@@ -159,7 +159,7 @@ def test_full_store_verification_from_the_environment_applies_to_the_warm_lookup
 
 
 def test_a_corrupt_tokenizer_file_is_caught_by_the_warm_check_and_rebuilt(served, tmp_path, caplog):
-    with _Env(APP_PROFILE="demo", APP_DATA_ROOT=str(tmp_path / "data")):
+    with _Env(APP_DATA_ROOT=str(tmp_path / "data")):
         store, clean = _start_and_generate(served, caplog)
         _flip_byte(store / "tokenizer" / "tokenizer.json", 3)
         caplog.clear()
@@ -175,7 +175,7 @@ def test_setup_fails_naming_a_missing_model_source(served, tmp_path, caplog):
     module = served.module
     missing = tmp_path / "no-such-model"
     settings = module.TextToImageApp.settings.model_copy(
-        update={"model": module.ModelSettings(source=str(missing), dtype="float32", device="cpu")}
+        update={"model": ModelSettings(source=str(missing), dtype="float32", device="cpu")}
     )
 
     class MissingModelApp(module.TextToImageApp):
@@ -226,7 +226,7 @@ def test_seed_zero_is_honoured(served):
 def test_absent_seed_draws_a_fresh_seed_that_reproduces_the_image(served):
     first, second = generate(served), generate(served)
     assert first["seed"] != second["seed"]
-    assert all(0 <= body["seed"] <= served.module.MAX_SEED for body in (first, second))
+    assert all(0 <= body["seed"] <= MAX_SEED for body in (first, second))
     again = generate(served, seed=first["seed"])
     assert image_bytes(again["images"][0]) == image_bytes(first["images"][0])
 

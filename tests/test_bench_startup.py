@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
-import sys
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -21,17 +19,14 @@ def _startup_module(monkeypatch):
     return module
 
 
-def test_the_phase_breakdown_is_read_from_a_real_warm_start_log(tmp_path, caplog, monkeypatch):
-    monkeypatch.setenv("APP_PROFILE", "demo")
+def test_the_phase_breakdown_is_read_from_a_real_warm_start_log(tmp_path, caplog, monkeypatch, app_module):
     monkeypatch.setenv("APP_DATA_ROOT", str(tmp_path / "data"))
-    monkeypatch.delitem(sys.modules, "app", raising=False)
-    app = importlib.import_module("app")
+    app = app_module
     with TestClient(app.TextToImageApp(_allow_init=True)._build_app()):
         pass  # the first start converts the demo model
     caplog.clear()
     with caplog.at_level(logging.INFO), TestClient(app.TextToImageApp(_allow_init=True)._build_app()):
         pass
-    monkeypatch.delitem(sys.modules, "app", raising=False)
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
     output = "\n".join(fmt.format(r) for r in caplog.records)
     phases = _startup_module(monkeypatch)._our_phases(output)

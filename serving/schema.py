@@ -1,0 +1,244 @@
+"""The public request/response models: fal's text-to-image conventions, bounds from ``[serving]``.
+
+The request models depend on the settings (bounds, presets, defaults), so they are built by
+:func:`request_models` for one :class:`~serving.settings.ServingSettings` (cached per value):
+any profile's schema can be built side by side, without reloading a module. The response models
+do not depend on the settings and are plain module-level classes.
+
+Numbers and booleans are strict: "5" or true for a number and "yes" or 1 for a boolean are refused;
+an integer is still a valid float (guidance_scale 7), and 5.0 a valid integer (as in JSON Schema).
+"""
+
+import threading
+import unicodedata
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
+
+from fal.toolkit import Image, ImageSizeConstraints, ImageSizeField
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from serving.settings import PIXEL_MULTIPLE, PresetName, ServingSettings
+
+# The largest integer a JSON number carries exactly in every client (JavaScript's 2**53 - 1).
+MAX_SEED = 2**53 - 1
+
+
+def _no_text_or_boolean(value: Any) -> Any:
+    if isinstance(value, str | bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+# An integer of a request: a JSON integer, or a number without a fraction (JSON Schema's integer);
+# never a string or a boolean, which pydantic's lax mode would convert.
+RequestInt = Annotated[int, BeforeValidator(_no_text_or_boolean)]
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request models of one ``[serving]`` table (the classes fal's OpenAPI names)."""
+
+    ImageSize: type[BaseModel]
+    TextToImageInput: type[BaseModel]
+
+
+_built: dict[str, RequestModels] = {}
+_building = threading.Lock()
+
+
+def request_models(serving: ServingSettings) -> RequestModels:
+    """The request models whose bounds, defaults and presets are ``serving``'s; the same classes
+    for equal settings, so an app and its tests share them."""
+    key = serving.model_dump_json()
+    with _building:
+        if key not in _built:
+            _built[key] = _build_request_models(serving)
+        return _built[key]
+
+
+def _build_request_models(serving: ServingSettings) -> RequestModels:
+    class ImageSize(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        width: RequestInt = Field(
+            ge=serving.min_side,
+            le=serving.max_side,
+            multiple_of=PIXEL_MULTIPLE,
+            description=f"Width of the image in pixels: a multiple of {PIXEL_MULTIPLE}, at most "
+            f"{serving.max_pixels} pixels in all.",
+            examples=[serving.presets.landscape_4_3.width],
+        )
+        height: RequestInt = Field(
+            ge=serving.min_side,
+            le=serving.max_side,
+            multiple_of=PIXEL_MULTIPLE,
+            description=f"Height of the image in pixels: a multiple of {PIXEL_MULTIPLE}, at most "
+            f"{serving.max_pixels} pixels in all.",
+            examples=[serving.presets.landscape_4_3.height],
+        )
+
+        @model_validator(mode="after")
+        def _within_pixel_limit(self) -> "ImageSize":
+            if self.width * self.height > serving.max_pixels:
+                raise ValueError(
+                    f"{self.width}x{self.height} is {self.width * self.height} pixels, "
+                    f"more than the limit of {serving.max_pixels}"
+                )
+            return self
+
+    def image_size_kind(value: Any) -> str | None:
+        if isinstance(value, str):
+            return "preset"
+        if isinstance(value, dict | ImageSize):
+            return "custom"
+        return None
+
+    preset_text = ", ".join(f"{name} ({s.width}x{s.height})" for name, s in serving.presets)
+    ImageSizeInput = Annotated[
+        Annotated[PresetName, Tag("preset")] | Annotated[ImageSize, Tag("custom")],
+        Discriminator(
+            image_size_kind,
+            custom_error_type="image_size_type",
+            custom_error_message="image_size must be a preset name or an object {width, height}",
+        ),
+    ]
+
+    class TextToImageInput(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        prompt: str = Field(
+            min_length=1,
+            max_length=serving.max_prompt_length,
+            description="What the image should show.",
+            examples=["a lighthouse on a cliff at sunset, oil painting"],
+        )
+        negative_prompt: str = Field(
+            default="",
+            max_length=serving.max_prompt_length,
+            description="What the image should not show (empty: nothing).",
+            examples=["blurry, low quality"],
+        )
+        image_size: ImageSizeInput = ImageSizeField(
+            default=serving.default_image_size,
+            constraints=ImageSizeConstraints(
+                min_width=serving.min_side, max_width=serving.max_side, min_height=serving.min_side,
+                max_height=serving.max_side, max_area=serving.max_pixels, multiple_of=PIXEL_MULTIPLE,
+            ),
+            description=f"A preset name -- {preset_text} -- or an object {{width, height}}.",
+            examples=[serving.default_image_size, {"width": serving.presets.landscape_4_3.width,
+                                                   "height": serving.presets.landscape_4_3.height}],
+        )
+        num_inference_steps: RequestInt = Field(
+            default=serving.default_steps,
+            ge=1,
+            le=serving.max_steps,
+            description="Denoising steps: more is slower and usually more detailed.",
+            examples=[serving.default_steps],
+        )
+        guidance_scale: float = Field(
+            default=serving.default_guidance_scale,
+            strict=True,
+            ge=0,
+            le=serving.max_guidance_scale,
+            allow_inf_nan=False,
+            description="How closely the image follows the prompt (classifier-free guidance; <= 1 turns it off).",
+            examples=[serving.default_guidance_scale],
+        )
+        # RequestInt spelled out: bounds before the validator keep them in the schema of an optional field.
+        seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_no_text_or_boolean)] | None = Field(
+            default=None,
+            description="Seed of the noise. The same seed and inputs give the same image; absent: a fresh random "
+            "seed, returned in the response. Image i of a request uses seed + i.",
+            examples=[42],
+        )
+        num_images: RequestInt = Field(
+            default=1,
+            ge=1,
+            le=4,
+            description="How many images to generate (image i uses seed + i, so each can be reproduced alone).",
+            examples=[1],
+        )
+        output_format: Literal["jpeg", "png"] = Field(
+            default="jpeg",
+            description="Encoding of the images.",
+            examples=["jpeg"],
+        )
+        sync_mode: bool = Field(
+            default=False,
+            strict=True,
+            description="Return the images inline as data: URIs instead of uploading them to fal's CDN "
+            "(larger response; the images are not stored).",
+            examples=[False],
+        )
+
+        @field_validator("prompt")
+        @classmethod
+        def _prompt_has_text(cls, value: str) -> str:
+            if not any(_is_visible(ch) for ch in value):
+                raise ValueError(
+                    "prompt must contain some non-whitespace text (spaces and control characters do not count)"
+                )
+            return value
+
+    return RequestModels(ImageSize=ImageSize, TextToImageInput=TextToImageInput)
+
+
+def _is_visible(ch: str) -> bool:
+    """Neither whitespace nor a control, format, surrogate, private-use or unassigned character."""
+    return not ch.isspace() and unicodedata.category(ch)[0] != "C"
+
+
+class TextToImageOutput(BaseModel):
+    images: list[Image] = Field(
+        description="The generated images.",
+        examples=[[{"url": "https://v3.fal.media/files/elephant/lighthouse.jpeg", "width": 1024,
+                    "height": 1024, "content_type": "image/jpeg"}]],
+    )
+    seed: int = Field(description="The seed of the first image (image i used seed + i).", examples=[42])
+    prompt: str = Field(description="The prompt the images were generated from.",
+                        examples=["a lighthouse on a cliff at sunset, oil painting"])
+    timings: dict[str, float] = Field(
+        description="Seconds spent: waiting for the GPU (queue), generating (inference), encoding and "
+        "uploading (encode).",
+        examples=[{"queue": 0.0, "inference": 2.41, "encode": 0.12}],
+    )
+
+
+class HealthOutput(BaseModel):
+    status: Literal["ok"] = Field(description="'ok' once setup() has finished.", examples=["ok"])
+    profile: str = Field(description="The fal.toml profile being served.", examples=["default"])
+    model: str = Field(description="The model's source.", examples=["stabilityai/stable-diffusion-xl-base-1.0"])
+    device: str = Field(description="Where the model runs.", examples=["cuda"])
+    store: str = Field(description="The converted model directory loaded.",
+                       examples=["/data/flashpack/stable-diffusion-xl-base-1.0"])
+    setup_seconds: dict[str, float] = Field(
+        description="Duration of each setup phase: lookup, store, load, warmup, total.",
+        examples=[{"lookup": 0.01, "store": 0.0, "load": 1.9, "warmup": 1.2, "total": 3.4}],
+    )
+
+
+# What a request's image_size means in pixels
+
+
+class _Size(Protocol):
+    width: int
+    height: int
+
+
+def preset_size(name: PresetName, serving: ServingSettings) -> tuple[int, int]:
+    """``(width, height)`` of the preset ``name`` under ``serving`` (a profile may remap presets)."""
+    size = getattr(serving.presets, name)
+    return size.width, size.height
+
+
+def requested_size(image_size: PresetName | _Size, serving: ServingSettings) -> tuple[int, int]:
+    """``(width, height)`` of a request's ``image_size``: a preset name or an ``ImageSize``."""
+    if isinstance(image_size, str):
+        return preset_size(image_size, serving)
+    return image_size.width, image_size.height
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """Seed of each image: seed + i, wrapping within [0, MAX_SEED] so every one is a valid request seed."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]

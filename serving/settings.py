@@ -1,0 +1,269 @@
+"""fal.toml's settings: strict pydantic models of its tables and :func:`load_settings`.
+
+The top-level tables are the default profile; ``[profiles.<name>]`` overlays one of them, chosen by
+the ``profile`` argument or, when that is None, by $APP_PROFILE (read here and nowhere else, when
+:func:`load_settings` is called). Nothing is read at import. ``[model]`` is checked with
+conversion.sources' rules (stdlib only), so a source the store could not acquire fails here.
+"""
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from conversion.errors import SourceError
+from conversion.sources import parse_source
+
+# The environment variable that picks the profile when load_settings() is given none.
+PROFILE_ENV = "APP_PROFILE"
+# [model] source = "demo": the embedded tiny model, generated on the volume (no network).
+DEMO_SOURCE = "demo"
+# Image sides are multiples of this (the VAE's downsampling factor).
+PIXEL_MULTIPLE = 8
+# Sanity bounds of [serving]: far beyond any real use, low enough that no setting is absurd.
+MAX_STEPS_LIMIT = 1000
+MAX_GUIDANCE_LIMIT = 100.0
+MAX_SIDE_LIMIT = 8192
+MAX_PROMPT_LIMIT = 100_000
+
+
+class SettingsError(ValueError):
+    """fal.toml (or requirements.txt) is missing, malformed, or names an impossible value."""
+
+
+class _Strict(BaseModel):
+    """Unknown keys refused, no type coercion ("300" is not 300), immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+PresetName = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
+
+
+class SizeSetting(_Strict):
+    """One image size in pixels."""
+
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class PresetSettings(_Strict):
+    """What each of fal's preset names means in pixels (a profile may shrink them)."""
+
+    square_hd: SizeSetting
+    square: SizeSetting
+    portrait_4_3: SizeSetting
+    portrait_16_9: SizeSetting
+    landscape_4_3: SizeSetting
+    landscape_16_9: SizeSetting
+
+
+class DeploySettings(_Strict):
+    """fal.App settings: machine, scaling, timeouts, auth."""
+
+    machine_type: str | list[str]
+    keep_alive: int = Field(ge=0)
+    min_concurrency: int = Field(default=0, ge=0)
+    max_concurrency: int = Field(ge=1)
+    max_multiplexing: int = Field(default=1, ge=1)
+    request_timeout: int = Field(ge=1)
+    startup_timeout: int = Field(ge=1)
+    auth: Literal["private", "public", "shared"] = "private"
+
+    @field_validator("machine_type")
+    @classmethod
+    def _machine_type_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value or (isinstance(value, list) and not all(value)):
+            raise ValueError("must name a machine type (or a non-empty list of them)")
+        return value
+
+    @model_validator(mode="after")
+    def _concurrency_order(self) -> "DeploySettings":
+        if self.min_concurrency > self.max_concurrency:
+            raise ValueError(f"min_concurrency ({self.min_concurrency}) exceeds max_concurrency ({self.max_concurrency})")
+        return self
+
+
+class ModelSettings(_Strict):
+    """The model to serve: a source the store acquires and converts once (checked with
+    conversion.sources' rules by :func:`load_settings`, see :func:`model_problem`)."""
+
+    source: str = Field(min_length=1)
+    revision: str | None = Field(default=None, min_length=1)
+    variant: str | None = Field(default=None, min_length=1)
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ServingSettings(_Strict):
+    """Bounds of one request; they become the public schema."""
+
+    max_prompt_length: int = Field(ge=1, le=MAX_PROMPT_LIMIT)
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    default_steps: int = Field(ge=1, le=MAX_STEPS_LIMIT)
+    max_steps: int = Field(ge=1, le=MAX_STEPS_LIMIT)
+    default_guidance_scale: float = Field(ge=0, le=MAX_GUIDANCE_LIMIT, allow_inf_nan=False)
+    max_guidance_scale: float = Field(ge=0, le=MAX_GUIDANCE_LIMIT, allow_inf_nan=False)
+    min_side: int = Field(ge=PIXEL_MULTIPLE, le=MAX_SIDE_LIMIT, multiple_of=PIXEL_MULTIPLE)
+    max_side: int = Field(ge=PIXEL_MULTIPLE, le=MAX_SIDE_LIMIT, multiple_of=PIXEL_MULTIPLE)
+    max_pixels: int = Field(ge=PIXEL_MULTIPLE * PIXEL_MULTIPLE, le=MAX_SIDE_LIMIT * MAX_SIDE_LIMIT)
+    default_image_size: PresetName
+    output: Literal["cdn", "data_uri"] = "cdn"
+    warmup_sizes: list[PresetName] = []
+    warmup_steps: int = Field(default=1, ge=1)
+    presets: PresetSettings
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServingSettings":
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) exceeds max_steps ({self.max_steps})")
+        if self.default_guidance_scale > self.max_guidance_scale:
+            raise ValueError(
+                f"default_guidance_scale ({self.default_guidance_scale}) exceeds "
+                f"max_guidance_scale ({self.max_guidance_scale})"
+            )
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) exceeds max_side ({self.max_side})")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        for name in PresetSettings.model_fields:
+            size = getattr(self.presets, name)
+            problem = size_problem(size.width, size.height, self)
+            if problem:
+                raise ValueError(f"presets.{name}: {problem}")
+        return self
+
+
+class AppSettings(_Strict):
+    """One profile of fal.toml, validated: everything the app is built from."""
+
+    profile: str
+    deploy: DeploySettings
+    model: ModelSettings
+    serving: ServingSettings
+
+
+def size_problem(width: int, height: int, serving: ServingSettings) -> str | None:
+    """Why ``width`` x ``height`` cannot be served under ``serving``'s bounds (None if it can)."""
+    for side, value in (("width", width), ("height", height)):
+        if value % PIXEL_MULTIPLE:
+            return f"{side} {value} is not a multiple of {PIXEL_MULTIPLE}"
+        if not serving.min_side <= value <= serving.max_side:
+            return f"{side} {value} is outside [{serving.min_side}, {serving.max_side}]"
+    if width * height > serving.max_pixels:
+        return f"{width}x{height} is {width * height} pixels, more than the limit of {serving.max_pixels}"
+    return None
+
+
+_SECTIONS = ("deploy", "model", "serving")
+_UNION_TAG = re.compile(r"^(str|int|list\[.*\]|function-.*)$")
+
+
+def load_settings(path: str | os.PathLike[str], profile: str | None = None) -> AppSettings:
+    """Read and validate ``path``; ``profile`` (None: $APP_PROFILE) overlays ``[profiles.<name>]``.
+
+    Tables merge key by key, except ``[model]``, which a profile replaces whole. Any problem raises
+    :class:`SettingsError` naming the file, the profile and the key.
+    """
+    path = Path(path)
+    profile = (os.environ.get(PROFILE_ENV, "") if profile is None else profile).strip() or "default"
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: settings file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+
+    profiles = raw.pop("profiles", {})
+    if not isinstance(profiles, dict) or not all(isinstance(p, dict) for p in profiles.values()):
+        raise SettingsError(f"{path}: [profiles] must hold one table per profile, e.g. [profiles.demo]")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise SettingsError(f"{path}: unknown table(s) {', '.join(unknown)} (tables: {', '.join(_SECTIONS)}, profiles)")
+    merged = dict(raw)
+    if profile != "default":
+        if profile not in profiles:
+            known = ", ".join(["default", *sorted(profiles)])
+            raise SettingsError(f"{path}: {PROFILE_ENV}={profile!r} is not a profile here (known: {known})")
+        for section, overlay in profiles[profile].items():
+            where = f"profiles.{profile}.{section}"
+            if section not in _SECTIONS:
+                raise SettingsError(f"{path}: unknown table [{where}] (tables: {', '.join(_SECTIONS)})")
+            if not isinstance(overlay, dict):
+                raise SettingsError(f"{path}: {where} must be a table")
+            base = merged.get(section, {})
+            merged[section] = overlay if section == "model" else _deep_merge(base, overlay)
+
+    try:
+        settings = AppSettings(profile=profile, **merged)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        raise SettingsError(f"{path} (profile {profile!r}): {problems}") from None
+    problem = model_problem(settings.model)
+    if problem is not None:
+        key, message = problem
+        raise SettingsError(f"{path} (profile {profile!r}): model.{key}: {message}")
+    return settings
+
+
+def model_problem(model: ModelSettings) -> tuple[str, str] | None:
+    """The ``[model]`` key that cannot be served and why, by conversion.sources' rules; None if fine.
+
+    ``source`` is checked alone, then with ``variant``, then with ``revision`` too, so the key
+    named is the one that breaks it. A local directory must exist where the settings are loaded.
+    """
+    if model.source == DEMO_SOURCE:
+        for key in ("revision", "variant"):
+            if getattr(model, key) is not None:
+                return key, f"the {DEMO_SOURCE!r} source has no {key}s; remove {key}"
+        return None
+    checks = [("source", {}), ("variant", {"variant": model.variant}),
+              ("revision", {"variant": model.variant, "revision": model.revision})]
+    for key, extra in checks:
+        try:
+            parse_source(model.source, **extra)
+        except SourceError as exc:
+            return key, str(exc)
+    return None
+
+
+def _deep_merge(base: Any, overlay: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(base, dict):
+        return overlay
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def _describe(error: Any) -> str:
+    """``serving.max_steps: <message>`` for one pydantic error (union branch tags left out)."""
+    key = ".".join(str(part) for part in error["loc"] if not _UNION_TAG.match(str(part)))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    elif error["type"] == "finite_number":
+        message = f"must be a finite number, got {error['input']}"
+    return f"{key or '<top level>'}: {message}"
+
+
+def read_requirements(path: str | os.PathLike[str]) -> list[str]:
+    """The pip specifiers of ``path`` (comments and blank lines dropped), for ``fal.App.requirements``."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: requirements file not found (the fal runner installs from it)") from None
+    requirements = []
+    for number, line in enumerate(lines, 1):
+        spec = line.split("#", 1)[0].strip()
+        if spec.startswith("-"):
+            raise SettingsError(f"{path}:{number}: pip options ({spec!r}) cannot be passed to fal; list packages only")
+        if spec:
+            requirements.append(spec)
+    return requirements

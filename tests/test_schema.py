@@ -1,0 +1,112 @@
+"""serving.schema: the public request/response models, built directly from any profile's [serving]
+table (no app, no module reload), and the sizes and seeds a request stands for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serving.schema import MAX_SEED, HealthOutput, TextToImageOutput, image_seeds, request_models, requested_size
+from serving.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = load_settings(REPO / "fal.toml", profile="demo").serving
+DEFAULT = load_settings(REPO / "fal.toml", profile="").serving
+
+
+def model_schema(serving, name: str) -> dict:
+    if name in ("TextToImageOutput", "HealthOutput"):
+        return {"TextToImageOutput": TextToImageOutput, "HealthOutput": HealthOutput}[name].model_json_schema()
+    return getattr(request_models(serving), name).model_json_schema()
+
+
+@pytest.mark.parametrize("serving", [DEMO, DEFAULT], ids=["demo", "default"])
+@pytest.mark.parametrize("model", ["TextToImageInput", "TextToImageOutput", "ImageSize", "HealthOutput"])
+def test_every_public_field_has_a_description_and_an_example(serving, model):
+    properties = model_schema(serving, model)["properties"]
+    undocumented = [name for name, prop in properties.items() if not prop.get("description")]
+    without_example = [name for name, prop in properties.items() if not prop.get("examples")]
+    assert undocumented == [] and without_example == []
+
+
+@pytest.mark.parametrize(
+    ("serving", "steps", "prompt", "x_fal"),
+    [
+        (DEMO, 25, 500, {"min_width": 32, "max_width": 512, "min_height": 32, "max_height": 512, "max_area": 131072,
+                         "multiple_of": 8}),
+        (DEFAULT, 60, 2000, {"min_width": 256, "max_width": 2048, "min_height": 256, "max_height": 2048,
+                             "max_area": 2359296, "multiple_of": 8}),
+    ],
+    ids=["demo", "default"],
+)
+def test_each_profiles_schema_carries_its_own_bounds_side_by_side(serving, steps, prompt, x_fal):
+    schema = request_models(serving).TextToImageInput.model_json_schema()
+    props = schema["properties"]
+    assert props["num_inference_steps"]["maximum"] == steps
+    assert props["prompt"]["maxLength"] == prompt
+    assert props["image_size"]["x-fal"] == x_fal
+    assert schema["required"] == ["prompt"]
+    assert schema["additionalProperties"] is False
+
+
+def test_equal_settings_share_one_set_of_models_and_other_settings_get_their_own():
+    same = load_settings(REPO / "fal.toml", profile="demo").serving
+    assert request_models(same) is request_models(DEMO)
+    assert request_models(DEFAULT).TextToImageInput is not request_models(DEMO).TextToImageInput
+
+
+def test_a_schema_built_for_changed_settings_enforces_them():
+    serving = DEMO.model_copy(update={"max_steps": 3, "default_steps": 2, "max_prompt_length": 10})
+    Input = request_models(serving).TextToImageInput
+    assert Input(prompt="a cat").num_inference_steps == 2
+    with pytest.raises(ValidationError, match="less than or equal to 3"):
+        Input(prompt="a cat", num_inference_steps=4)
+    with pytest.raises(ValidationError, match="at most 10 characters"):
+        Input(prompt="a cat on a horse")
+    assert request_models(DEMO).TextToImageInput(prompt="a cat", num_inference_steps=4).num_inference_steps == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompt": "\u200b\t\u0007\u2028"}, "prompt must contain some non-whitespace text"),
+        ({"image_size": {"width": 512, "height": 512}}, "512x512 is 262144 pixels, more than the limit of 131072"),
+        ({"image_size": 5}, "image_size must be a preset name or an object {width, height}"),
+        ({"image_size": "huge"}, "square_hd"),
+        ({"seed": "5"}, "Input should be a valid integer"),
+        ({"seed": True}, "Input should be a valid integer"),
+        ({"num_images": 5}, "less than or equal to 4"),
+        ({"guidance_scale": "7"}, "Input should be a valid number"),
+        ({"sync_mode": 1}, "Input should be a valid boolean"),
+        ({"steps": 4}, "Extra inputs are not permitted"),
+    ],
+    ids=["invisible-prompt", "pixel-limit", "size-type", "unknown-preset", "text-seed", "boolean-seed",
+         "too-many-images", "text-guidance", "integer-boolean", "unknown-key"],
+)
+def test_a_request_outside_the_schema_is_refused_with_its_message(change, message):
+    with pytest.raises(ValidationError) as err:
+        request_models(DEMO).TextToImageInput.model_validate({"prompt": "a cat", **change})
+    assert message in str(err.value)
+
+
+def test_whole_numbers_are_integers_and_integers_are_numbers():
+    request = request_models(DEMO).TextToImageInput.model_validate({"prompt": "a cat", "seed": 5.0,
+                                                                    "guidance_scale": 7})
+    assert request.seed == 5 and request.guidance_scale == 7.0
+    assert request.image_size == "square_hd" and request.num_inference_steps == 8  # the demo's defaults
+
+
+def test_requested_size_is_the_profiles_preset_or_the_given_size():
+    models = request_models(DEMO)
+    assert requested_size("portrait_16_9", DEMO) == (144, 256)
+    assert requested_size("portrait_16_9", DEFAULT) == (576, 1024)
+    assert requested_size(models.ImageSize(width=40, height=72), DEMO) == (40, 72)
+    parsed = models.TextToImageInput.model_validate({"prompt": "a cat", "image_size": {"width": 64, "height": 32}})
+    assert requested_size(parsed.image_size, DEMO) == (64, 32)
+
+
+def test_image_seeds_wrap_inside_the_valid_range():
+    assert image_seeds(7, 3) == [7, 8, 9]
+    assert image_seeds(MAX_SEED, 2) == [MAX_SEED, 0]

@@ -1,0 +1,205 @@
+"""serving.settings: fal.toml read and validated strictly, one profile at a time, nothing at import."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving.settings import SettingsError, load_settings, read_requirements
+
+REPO = Path(__file__).resolve().parents[1]
+FAL_TOML = (REPO / "fal.toml").read_text()
+
+
+def test_importing_serving_reads_no_settings_and_no_environment(tmp_path):
+    env = {**os.environ, "APP_PROFILE": "no-such-profile", "PYTHONPATH": str(REPO)}
+    code = "import serving, serving.settings, serving.schema, serving.http"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    # app.py, by contrast, loads the settings once at import: fal builds the class from them.
+    result = subprocess.run([sys.executable, "-c", "import app"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "SettingsError" in result.stderr and "APP_PROFILE='no-such-profile' is not a profile here" in result.stderr
+
+
+def settings_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fal.toml"
+    path.write_text(text)
+    return path
+
+
+def edited(old: str, new: str) -> str:
+    assert old in FAL_TOML, f"fal.toml no longer contains {old!r}"
+    return FAL_TOML.replace(old, new, 1)
+
+
+def test_default_profile_serves_pinned_sdxl():
+    settings = load_settings(REPO / "fal.toml", profile="")
+    assert settings.profile == "default"
+    assert settings.model.source == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert re.fullmatch(r"[0-9a-f]{40}", settings.model.revision)
+    assert settings.model.variant == "fp16"
+    assert settings.serving.output == "cdn"
+    assert settings.serving.presets.square_hd.width == 1024
+
+
+def test_demo_profile_replaces_model_and_shrinks_presets():
+    settings = load_settings(REPO / "fal.toml", profile="demo")
+    assert settings.model.source == "demo"
+    assert settings.model.revision is None and settings.model.variant is None  # replaced whole
+    assert settings.model.device == "cpu"
+    assert settings.serving.output == "data_uri"
+    assert (settings.serving.presets.square_hd.width, settings.serving.presets.square_hd.height) == (256, 256)
+    assert settings.deploy.request_timeout == 300  # merged key by key from [deploy]
+
+
+def test_app_profile_env_selects_the_profile_each_time_settings_load_without_one(monkeypatch):
+    monkeypatch.setenv("APP_PROFILE", "demo")
+    assert load_settings(REPO / "fal.toml").profile == "demo"
+    monkeypatch.delenv("APP_PROFILE")
+    assert load_settings(REPO / "fal.toml").profile == "default"
+    monkeypatch.setenv("APP_PROFILE", " ")
+    assert load_settings(REPO / "fal.toml").profile == "default"
+
+
+def test_an_explicit_profile_wins_over_app_profile(monkeypatch):
+    monkeypatch.setenv("APP_PROFILE", "demo")
+    assert load_settings(REPO / "fal.toml", profile="").profile == "default"
+    monkeypatch.delenv("APP_PROFILE")
+    assert load_settings(REPO / "fal.toml", profile="demo").profile == "demo"
+
+
+def test_unknown_profile_is_named_with_the_known_ones(tmp_path):
+    with pytest.raises(SettingsError, match=r"APP_PROFILE='staging'.*known: default, demo"):
+        load_settings(settings_file(tmp_path, FAL_TOML), profile="staging")
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = settings_file(tmp_path, edited("max_steps = 60", "max_stepz = 60"))
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, profile="")
+    assert "serving.max_stepz: unknown key" in str(err.value)
+    assert "serving.max_steps: required key is missing" in str(err.value)
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = settings_file(tmp_path, edited("keep_alive = 300", 'keep_alive = "300"'))
+    with pytest.raises(SettingsError, match=r"deploy\.keep_alive: Input should be a valid integer"):
+        load_settings(path, profile="")
+
+
+def test_unknown_profile_table_is_named(tmp_path):
+    path = settings_file(tmp_path, edited("[profiles.demo.serving]\n", "[profiles.demo.servng]\n"))
+    with pytest.raises(SettingsError, match=r"unknown table \[profiles\.demo\.servng\]"):
+        load_settings(path, profile="demo")
+
+
+def test_preset_off_the_pixel_grid_is_named(tmp_path):
+    path = settings_file(tmp_path, edited("square = { width = 512, height = 512 }",
+                                          "square = { width = 500, height = 512 }"))
+    with pytest.raises(SettingsError, match=r"presets\.square: width 500 is not a multiple of 8"):
+        load_settings(path, profile="")
+
+
+def test_default_steps_above_max_steps_is_refused(tmp_path):
+    path = settings_file(tmp_path, edited("default_steps = 30", "default_steps = 90"))
+    with pytest.raises(SettingsError, match=r"default_steps \(90\) exceeds max_steps \(60\)"):
+        load_settings(path, profile="")
+
+
+def test_bad_device_is_named(tmp_path):
+    path = settings_file(tmp_path, edited('device = "auto"', 'device = "gpu"'))
+    with pytest.raises(SettingsError, match=r"model\.device: String should match pattern"):
+        load_settings(path, profile="")
+
+
+def with_model(lines: str) -> str:
+    """fal.toml with its default [model] table replaced by ``lines``."""
+    start = FAL_TOML.index("[model]\n")
+    end = FAL_TOML.index("\n[serving]\n")
+    return FAL_TOML[:start] + f"[model]\n{lines}\n" + FAL_TOML[end:]
+
+
+BAD_MODELS = [
+    ('source = "http://example.com/model.safetensors"', "model.source: http://example.com/model.safetensors: only https:// URLs"),
+    ('source = "not a repo!!"', "model.source: 'not a repo!!' is neither a Hub repo id"),
+    ('source = "org/../etc"', "model.source: 'org/../etc' is neither a Hub repo id"),
+    ('source = "/no/such/model"', "model.source: /no/such/model: no such directory"),
+    ('source = "https://example.com/model.safetensors"\nrevision = "main"',
+     "model.revision: https://example.com/model.safetensors: revision, variant and subfolder apply to Hub repos"),
+    ('source = "https://example.com/model.safetensors"\nvariant = "fp16"',
+     "model.variant: https://example.com/model.safetensors: revision, variant and subfolder apply to Hub repos"),
+    ('source = "org/model"\nvariant = "fp16!"', "model.variant: variant 'fp16!' is not a weight variant name"),
+    ('source = "org/model@v1"\nrevision = "v2"', "model.revision: org/model@v1: revision given twice ('v1' and 'v2')"),
+    ('source = "demo"\nrevision = "main"', "model.revision: the 'demo' source has no revisions"),
+]
+
+
+@pytest.mark.parametrize(("lines", "message"), BAD_MODELS, ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(BAD_MODELS)])
+def test_unusable_model_source_is_refused_when_settings_load_naming_the_key(tmp_path, lines, message):
+    path = settings_file(tmp_path, with_model(lines))
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, profile="")
+    assert str(err.value).startswith(f"{path} (profile 'default'): {message}")
+
+
+def test_existing_local_directory_is_a_valid_model_source(tmp_path):
+    path = settings_file(tmp_path, with_model(f'source = "{tmp_path}"'))
+    assert load_settings(path, profile="").model.source == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("max_steps = 60", "max_steps = 9223372036854775807", "serving.max_steps: Input should be less than or equal to 1000"),
+        ("max_guidance_scale = 20.0", "max_guidance_scale = inf", "serving.max_guidance_scale: must be a finite number, got inf"),
+        ("max_guidance_scale = 20.0", "max_guidance_scale = 1000.0",
+         "serving.max_guidance_scale: Input should be less than or equal to 100"),
+        ("default_guidance_scale = 5.0\nmax_guidance_scale", "default_guidance_scale = nan\nmax_guidance_scale",
+         "serving.default_guidance_scale: must be a finite number, got nan"),
+        ("min_side = 256", "min_side = 260", "serving.min_side: Input should be a multiple of 8"),
+        ("max_side = 2048", "max_side = 2044", "serving.max_side: Input should be a multiple of 8"),
+        ("max_side = 2048", "max_side = 16384", "serving.max_side: Input should be less than or equal to 8192"),
+        ("max_pixels = 2359296", "max_pixels = 9223372036854775807",
+         "serving.max_pixels: Input should be less than or equal to 67108864"),
+        ("max_prompt_length = 2000", "max_prompt_length = 10000000",
+         "serving.max_prompt_length: Input should be less than or equal to 100000"),
+        ("max_request_bytes = 1048576", "max_request_bytes = 100",
+         "serving.max_request_bytes: Input should be greater than or equal to 1024"),
+    ],
+    ids=["huge-max-steps", "inf-guidance", "huge-guidance", "nan-guidance", "min-side-off-grid", "max-side-off-grid",
+         "huge-max-side", "huge-max-pixels", "huge-prompt-length", "tiny-request-limit"],
+)
+def test_absurd_serving_setting_is_refused_naming_the_key(tmp_path, old, new, message):
+    path = settings_file(tmp_path, edited(old, new))
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, profile="")
+    assert message in str(err.value)
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = settings_file(tmp_path, FAL_TOML + "\n[serving\n")
+    with pytest.raises(SettingsError, match=r"fal\.toml: not valid TOML"):
+        load_settings(path, profile="")
+
+
+def test_missing_settings_file_is_named(tmp_path):
+    with pytest.raises(SettingsError, match=r"nope\.toml: settings file not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_requirements_drop_comments_and_refuse_pip_options(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("# pins\ntorch==2.13.0  # cpu\n\ndiffusers==0.42.1\n")
+    assert read_requirements(good) == ["torch==2.13.0", "diffusers==0.42.1"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("torch==2.13.0\n-r other.txt\n")
+    with pytest.raises(SettingsError, match=r"bad\.txt:2: pip options"):
+        read_requirements(bad)
