@@ -6,7 +6,7 @@ This file is the ``fal.App`` and what its setup() needs from the store and the l
                the endpoint's request model). The models and loading live in serving.settings.
   - the app    setup(): lookup (+ start reading) -> store (acquire + convert once) -> load -> warm up;
                POST / generates images, GET|POST /health reports readiness and setup timings.
-  - helpers    of setup() and the endpoint: the demo source, the warm lookup, reads, devices, encoding.
+  - helpers    of setup() and the endpoint: reads, devices, encoding.
 The public request/response models are serving.schema's (built from [serving]), the 413 body
 limit and short 422 answers serving.http's.
 
@@ -19,11 +19,10 @@ serving.settings uses to check [model] when the settings load).
 
 import glob
 import logging
-import os
 import threading
 import time
 from pathlib import Path
-from secrets import randbelow, token_hex
+from secrets import randbelow
 from typing import Any
 
 import fal
@@ -40,7 +39,7 @@ from serving.schema import (
     request_models,
     requested_size,
 )
-from serving.settings import DEMO_SOURCE, ModelSettings, SettingsError, load_settings, read_requirements
+from serving.settings import SettingsError, load_settings, read_requirements
 
 log = logging.getLogger("app")
 
@@ -101,8 +100,10 @@ class TextToImageApp(fal.App, name=APP_NAME):
         #    torch, diffusers and transformers import. No network, no torch.
         reads = None
         with self._phase("lookup") as phase:
-            source = warm_source(model, root)
-            self.store_path = store.warm(source, model.dtype, verify_mode()) if source is not None else None
+            from conversion.sources import parse_source
+
+            self.source = parse_source(model.source, revision=model.revision, variant=model.variant)
+            self.store_path = store.warm(self.source, model.dtype, verify_mode())
             device = early_device(model.device) if self.store_path is not None else None
             if device is not None:
                 reads = start_reads(self.store_path, device)
@@ -112,10 +113,9 @@ class TextToImageApp(fal.App, name=APP_NAME):
         # 2-3. store: acquire + convert once; a warm start has nothing to do here.
         with self._phase("store") as phase:
             if self.store_path is None:
-                source = self._source(root)
                 from conversion.store import ensure_converted
 
-                self.store_path = Path(ensure_converted(source, root=root, dtype=model.dtype))
+                self.store_path = Path(ensure_converted(self.source, root=root, dtype=model.dtype))
                 phase.detail = str(self.store_path)
             else:
                 phase.detail = "warm: found in lookup"
@@ -166,14 +166,6 @@ class TextToImageApp(fal.App, name=APP_NAME):
         log.info("setup: ready in %.2f s (profile %s, model %s, device %s)", self.phase_seconds["total"],
                  self.settings.profile, model.source, self.device)
 
-    def _source(self, root: Path) -> Any:
-        """The model's source, the demo source generated first when it is the demo."""
-        from conversion.sources import parse_source
-
-        model = self.settings.model
-        text = str(ensure_demo_source(root)) if model.source == DEMO_SOURCE else model.source
-        return parse_source(text, revision=model.revision, variant=model.variant)
-
     def _rebuild(self, store: Any, root: Path, problem: str) -> Path:
         """Move the damaged entry aside and build it again from the source, on this start."""
         from conversion.errors import ConversionError, StoreError
@@ -184,7 +176,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
                   damaged, problem)
         store.quarantine(damaged, problem)
         try:
-            return Path(ensure_converted(self._source(root), root=root, dtype=self.settings.model.dtype))
+            return Path(ensure_converted(self.source, root=root, dtype=self.settings.model.dtype))
         except ConversionError as exc:
             raise StoreError(
                 f"the store entry {damaged} was damaged ({problem}) and has been moved aside, but rebuilding it "
@@ -294,48 +286,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     return device
-
-
-def ensure_demo_source(root: Path, seed: int = 0) -> Path:
-    """The embedded demo model as a local diffusers source under ``root``, generated once.
-
-    Built in a private directory and renamed into place, so a crash never leaves half a source.
-    """
-    target = demo_source_dir(root, seed)
-    if (target / "model_index.json").is_file():
-        return target
-    import shutil
-
-    from conversion.demo import make_demo_pipeline
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.parent / f".{target.name}.tmp-{os.getpid()}-{token_hex(4)}"
-    try:
-        make_demo_pipeline(scratch, seed=seed)
-        os.rename(scratch, target)
-        log.info("demo: generated the demo source at %s", target)
-    except OSError:
-        if not (target / "model_index.json").is_file():
-            raise
-        # another process published it first; theirs is identical
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
-
-
-def demo_source_dir(root: Path, seed: int = 0) -> Path:
-    return root / "demo-source" / f"seed-{seed}"
-
-
-def warm_source(model: ModelSettings, root: Path) -> Any:
-    """The model's source when a warm lookup can use it (torch-free); None when the demo source
-    has not been generated yet (so there is no entry for it either)."""
-    from conversion.sources import parse_source
-
-    if model.source == DEMO_SOURCE:
-        demo = demo_source_dir(root)
-        return parse_source(str(demo)) if (demo / "model_index.json").is_file() else None
-    return parse_source(model.source, revision=model.revision, variant=model.variant)
 
 
 def early_device(device: str) -> str | None:

@@ -15,12 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from conversion.errors import SourceError
-from conversion.sources import parse_source
+from conversion.sources import DEMO_SOURCE, parse_source
 
 # The environment variable that picks the profile when load_settings() is given none.
 PROFILE_ENV = "APP_PROFILE"
-# [model] source = "demo": the embedded tiny model, generated on the volume (no network).
-DEMO_SOURCE = "demo"
 # Image sides are multiples of this (the VAE's downsampling factor).
 PIXEL_MULTIPLE = 8
 # Sanity bounds of [serving]: far beyond any real use, low enough that no setting is absurd.

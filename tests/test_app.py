@@ -17,6 +17,7 @@ import pytest
 from PIL import Image as PILImage
 from starlette.testclient import TestClient
 
+from conversion.manifest import read_manifest
 from serving.schema import MAX_SEED
 from serving.settings import ModelSettings
 
@@ -90,13 +91,10 @@ def test_health_reports_ready_with_setup_phase_timings(served):
         assert Path(body["store"]).is_relative_to(served.root)
 
 
-def test_demo_source_is_generated_under_the_data_root(served):
-    source = served.root / "demo-source" / "seed-0"
-    assert (source / "model_index.json").is_file()
-    before = (source / "model_index.json").stat().st_mtime_ns
-    assert served.module.ensure_demo_source(served.root) == source
-    assert (source / "model_index.json").stat().st_mtime_ns == before
-
+def test_demo_app_serves_the_demo_source_from_the_store_and_keeps_no_generated_copy(served):
+    store = Path(served.client.get("/health").json()["store"])
+    assert read_manifest(store)["source"]["kind"] == "demo"
+    assert sorted(p.name for p in served.root.iterdir()) == ["flashpack"]
 
 def test_second_start_finds_the_store_and_converts_nothing(served, caplog):
     store = Path(served.client.get("/health").json()["store"])

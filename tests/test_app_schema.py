@@ -6,10 +6,7 @@ for any profile: test_schema.py; the HTTP helpers alone: test_http.py.)"""
 from __future__ import annotations
 
 import ast
-import multiprocessing
 import re
-import resource
-import signal
 import threading
 import time
 import tomllib
@@ -36,34 +33,6 @@ def test_app_class_takes_its_settings_from_fal_toml(app_module):
     assert app_cls.app_files == ["model_loader", "conversion", "serving"]
     assert "torch==2.13.0" in app_cls.requirements
     assert app_cls.host_kwargs["health_check_config"].path == "/health"
-
-
-def _demo_source_with_file_size_limit(queue, app_module, root: Path, limit: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    try:
-        queue.put(("ok", str(app_module.ensure_demo_source(root))))
-    except BaseException as exc:
-        queue.put(("error", type(exc).__name__, str(exc)))
-
-
-def test_full_disk_while_generating_the_demo_source_is_a_disk_full_error_naming_it(app_module, tmp_path):
-    fork = multiprocessing.get_context("fork")
-    queue = fork.Queue()
-    proc = fork.Process(target=_demo_source_with_file_size_limit, args=(queue, app_module, tmp_path, 64 * 1024))
-    proc.start()
-    result = queue.get(timeout=120)
-    proc.join(30)
-    assert result[:2] == ("error", "DiskFullError"), result
-    assert re.fullmatch(
-        rf"no space left writing {re.escape(str(tmp_path / 'demo-source'))}/\.seed-0\.tmp-\S+ \(File too large\); "
-        "free space there and retry",
-        result[2],
-    ), result[2]
-    assert list((tmp_path / "demo-source").iterdir()) == []  # no half-written source left behind
 
 
 def test_every_local_package_app_py_imports_travels_with_it_and_is_packaged(app_module):

@@ -407,6 +407,34 @@ def test_full_disk_is_a_clear_error_and_leaves_no_partial_entry(local_src, tmp_p
 # The CLI's entry point
 
 
+def _demo_with_file_size_limit(queue, root: str, limit: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    _forked(ensure_converted, queue, "demo", root)
+
+
+def test_full_disk_while_generating_the_demo_source_is_a_disk_full_error_and_leaves_nothing(tmp_path):
+    queue = FORK.Queue()
+    proc = FORK.Process(target=_demo_with_file_size_limit, args=(queue, str(tmp_path), 64 * 1024))
+    proc.start()
+    result = queue.get(timeout=120)
+    proc.join(30)
+    assert result[:2] == ("error", "DiskFullError"), result
+    assert re.fullmatch(
+        rf"no space left writing {re.escape(str(tmp_path / STORE_DIRNAME))}/\.demo-seed0\.\S+\.work/pipeline "
+        r"\(File too large\); free space there and retry",
+        result[2],
+    ), result[2]
+    assert entries(tmp_path) == []  # no half-written demo or entry left behind
+
+
+def test_demo_source_is_generated_in_scratch_converted_and_found_offline_after(tmp_path):
+    path = ensure_converted("demo", root=tmp_path)
+    assert read_manifest(path)["source"] == {**read_manifest(path)["source"], "kind": "demo", "ref": "demo", "seed": 0}
+    assert entries(tmp_path) == [path.name]  # the generated pipeline was scratch
+    assert Store(tmp_path).warm(parse_source("demo")) == path
+
+
 def test_convert_source_into_a_new_directory(local_src, tmp_path):
     dst = tmp_path / "out" / "converted"
     assert convert_source(str(local_src), dst, root=tmp_path / "volume") == dst.resolve()
