@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from model_loader.format import FlashPackFormatError, PackLayout, dtype_name, read_layout
+from model_loader.errors import FlashPackFormatError
+from model_loader.format import PackLayout, dtype_name, read_layout
 
 from .dtypes import dtype_key
 from .errors import ConversionError

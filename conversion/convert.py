@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from model_loader import private_api
 from model_loader.assemble import (
-    StateDictMismatchError,
     build_empty_model,
     check_tensors,
     is_diffusers_model,
@@ -43,9 +43,9 @@ from model_loader.diffusers_layout import (
     read_model_index,
     variants_present,
 )
-from model_loader.errors import DiffusersLayoutError
+from model_loader.errors import DiffusersLayoutError, PipelineLoadError, StateDictMismatchError
 from model_loader.format import dtype_name
-from model_loader.pipeline import PipelineLoadError, model_class_and_config, resolve_class
+from model_loader.pipeline import model_class_and_config, resolve_class
 from model_loader.rates import rate_text
 
 from .config import ConversionConfig
@@ -259,7 +259,7 @@ def ignored_on_load(model: torch.nn.Module) -> Callable[[str], bool]:
     """Checkpoint names ``from_pretrained`` skips without complaint: the model's non-persistent
     buffers (old checkpoints saved ``position_ids``) and its ``_keys_to_ignore_on_load_unexpected``."""
     buffers = non_persistent_buffer_names(model)
-    patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    patterns = private_api.keys_ignored_on_load(model)
     regex = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
     return lambda name: name in buffers or (regex is not None and regex.search(name) is not None)
 
@@ -269,35 +269,10 @@ def checkpoint_key_map(model: torch.nn.Module, keys: list[str]) -> dict[str, str
     diffusers' deprecated attention names; transformers' key renamings and base-model prefix.
     None when a key needs a transformers weight *converter* (fused/split tensors)."""
     if is_diffusers_model(type(model)):
-        moved = {k: k for k in keys}
-        model._fix_state_dict_keys_on_load(moved)  # renames keys in place, values ride along
-        return {old: new for new, old in moved.items()}
-    if not is_transformers_model(type(model)):
-        return {k: k for k in keys}
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            dot_natural_key,
-            rename_source_key,
-        )
-    except ImportError:  # another transformers version: compare keys as they are
-        return {k: k for k in keys}
-    mapping = get_model_conversion_mapping(model)
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    meta = model.state_dict()
-    prefix = model.base_model_prefix
-    out: dict[str, str] = {}
-    for key in sorted(keys, key=dot_natural_key):  # the order transformers renames in
-        new, pattern = rename_source_key(key, renamings, converters, prefix, meta)
-        if new not in meta and key in meta:
-            new, pattern = rename_source_key(key, [], [], prefix, meta)
-        if pattern is not None:
-            return None
-        out[key] = new
-    return out
+        return private_api.diffusers_key_renames(model, keys)
+    if is_transformers_model(type(model)):
+        return private_api.transformers_key_renames(model, keys)
+    return {k: k for k in keys}
 
 
 def _load_and_write(cls, comp_src, variant, model, pack_path, dtype, keep_fp32, files, bar):

@@ -21,8 +21,9 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from model_loader.bounded_json import JSONLimitError, load_file_bounded
+from model_loader.bounded_json import load_file_bounded
 from model_loader.checksum import Checksum, SegmentHasher
+from model_loader.errors import JSONLimitError
 
 from .durable import is_temp_name, write_atomic
 from .errors import ConversionError
@@ -264,7 +265,8 @@ def verify_converted(path: str | os.PathLike[str], full: bool = True) -> None:
     files: dict[str, dict] = read_manifest(root)["files"]
     _check_files(root, files)
     # Imported here: the format needs torch, and the store's warm lookup must not wait for it.
-    from model_loader.format import FlashPackFormatError, read_layout
+    from model_loader.errors import FlashPackFormatError
+    from model_loader.format import read_layout
 
     for rel in files:
         if rel.endswith(".flashpack"):

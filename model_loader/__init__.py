@@ -1,7 +1,27 @@
-"""FlashPack format and the stream-pipelined loader.
+"""The FlashPack format and the loader that reads packs into torch modules and diffusers pipelines.
 
-Names are imported on first use (PEP 562), so ``from model_loader import start_pack_reads`` does
-not pull in torch: the app starts reading the packs before the heavy imports.
+Modules, bottom up (the first seven are torch-free: the app starts reading packs before torch is
+imported):
+
+- ``errors``: every error type the loader raises.
+- ``config``: :class:`LoaderConfig`, the ``MODEL_LOADER_*`` environment variables, read in one place.
+- ``rates``: the ``X GB in Y s (Z GB/s)`` text of every log line that moves bytes.
+- ``bounded_json``: JSON from files we did not write, parsed within size and depth limits.
+- ``checksum``: per-segment xxh3 checksums, recorded at conversion, checked as packs are read.
+- ``posix_io``: ``preadv``/O_DIRECT reads, page-cache residency (``mincore``), ``madvise`` hints.
+- ``host_read``: a whole pack into host memory (mapped or read by parallel threads), and
+  :func:`start_pack_reads`, which runs those reads in the background.
+- ``format``: the FlashPack layout: planning (for the writer in ``conversion``), footer encoding,
+  and the footer parser that validates everything a reader relies on (docs/FLASHPACK_FORMAT.md).
+- ``pinned``: the process-wide pool of pinned staging buffers for CUDA loads.
+- ``reader``: a pack into one flat tensor per dtype on the target device (:func:`read_pack`).
+- ``private_api``: every private torch / transformers / diffusers API that the loader and
+  ``conversion/convert.py`` use, with the versions it was checked against.
+- ``assemble``: modules built on the meta device and filled with views of the loaded blocks.
+- ``pipeline``: diffusers pipelines and single models from a converted directory.
+
+Names below are imported on first use (PEP 562), so ``from model_loader import start_pack_reads``
+does not pull in torch.
 """
 
 from __future__ import annotations
@@ -9,37 +29,67 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Public name -> the module that defines it.
 _EXPORTS = {
     "Checksum": "checksum",
     "ChecksumMismatchError": "errors",
+    "ConfigError": "errors",
     "FlashPackFormatError": "errors",
     "HostFile": "host_read",
-    "PackReads": "host_read",
-    "read_file": "host_read",
-    "start_pack_reads": "host_read",
+    "LoaderConfig": "config",
+    "PackData": "reader",
     "PackLayout": "format",
-    "read_layout": "format",
-    "PackReadError": "io",
-    "StateDictMismatchError": "assemble",
-    "PipelineLoadError": "pipeline",
+    "PackReadError": "errors",
+    "PackReads": "host_read",
+    "PipelineLoadError": "errors",
+    "ReadStats": "host_read",
+    "StateDictMismatchError": "errors",
     "load_model": "pipeline",
     "load_pipeline": "pipeline",
-    "PackData": "reader",
-    "ReadStats": "host_read",
     "load_state_dict": "reader",
+    "read_file": "host_read",
+    "read_layout": "format",
     "read_pack": "reader",
+    "start_pack_reads": "host_read",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Checksum",
+    "ChecksumMismatchError",
+    "ConfigError",
+    "FlashPackFormatError",
+    "HostFile",
+    "LoaderConfig",
+    "PackData",
+    "PackLayout",
+    "PackReadError",
+    "PackReads",
+    "PipelineLoadError",
+    "ReadStats",
+    "StateDictMismatchError",
+    "load_model",
+    "load_pipeline",
+    "load_state_dict",
+    "read_file",
+    "read_layout",
+    "read_pack",
+    "start_pack_reads",
+]
 
 if TYPE_CHECKING:
-    from .assemble import StateDictMismatchError
     from .checksum import Checksum
-    from .errors import ChecksumMismatchError, FlashPackFormatError
+    from .config import LoaderConfig
+    from .errors import (
+        ChecksumMismatchError,
+        ConfigError,
+        FlashPackFormatError,
+        PackReadError,
+        PipelineLoadError,
+        StateDictMismatchError,
+    )
     from .format import PackLayout, read_layout
     from .host_read import HostFile, PackReads, ReadStats, read_file, start_pack_reads
-    from .io import PackReadError
-    from .pipeline import PipelineLoadError, load_model, load_pipeline
+    from .pipeline import load_model, load_pipeline
     from .reader import PackData, load_state_dict, read_pack
 
 

@@ -18,15 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import private_api
+from .errors import StateDictMismatchError
 from .format import PackLayout
 from .reader import PackData
 
 # Shown per kind of problem in a mismatch error; the rest is counted.
 _MAX_NAMES_SHOWN = 20
-
-
-class StateDictMismatchError(ValueError):
-    """The tensors of a pack do not fit the module: names missing/unexpected or shape/dtype wrong."""
 
 
 @dataclass
@@ -43,21 +41,21 @@ def _walk(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, str, torch.T
     """``(kind, owner, attr, full name, tensor, persistent)`` for every name, duplicates included."""
     for prefix, mod in module.named_modules(remove_duplicate=False):
         dot = prefix + "." if prefix else ""
-        for attr, tensor in mod._parameters.items():
-            if tensor is not None:
-                yield "parameter", mod, attr, dot + attr, tensor, True
-        for attr, tensor in mod._buffers.items():
-            if tensor is not None:
-                yield "buffer", mod, attr, dot + attr, tensor, attr not in mod._non_persistent_buffers_set
+        for kind, attr, tensor, persistent in private_api.module_tensors(mod):
+            yield kind, mod, attr, dot + attr, tensor, persistent
 
 
-def _slots(module: nn.Module) -> tuple[list[_Slot], list[tuple[nn.Module, str, str]]]:
+# A non-persistent buffer: (owner, attribute, full name, tensor).
+_NonPersistent = tuple[nn.Module, str, str, torch.Tensor]
+
+
+def _slots(module: nn.Module) -> tuple[list[_Slot], list[_NonPersistent]]:
     """The persistent tensors grouped by identity (aliases share a slot), and non-persistent buffers."""
     by_id: dict[int, _Slot] = {}
-    non_persistent: list[tuple[nn.Module, str, str]] = []
+    non_persistent: list[_NonPersistent] = []
     for kind, owner, attr, name, tensor, persistent in _walk(module):
         if not persistent:
-            non_persistent.append((owner, attr, name))
+            non_persistent.append((owner, attr, name, tensor))
             continue
         slot = by_id.setdefault(id(tensor), _Slot(kind, tensor))
         slot.names.append(name)
@@ -65,14 +63,9 @@ def _slots(module: nn.Module) -> tuple[list[_Slot], list[tuple[nn.Module, str, s
     return list(by_id.values()), non_persistent
 
 
-def tied_groups(module: nn.Module) -> list[list[str]]:
-    """Names of the persistent tensors, one list per distinct tensor (several names = tied)."""
-    return [slot.names for slot in _slots(module)[0]]
-
-
 def non_persistent_buffer_names(module: nn.Module) -> set[str]:
     """Names of the buffers ``__init__`` computes and state dicts leave out (position ids, ...)."""
-    return {name for _, _, name in _slots(module)[1]}
+    return {name for _, _, name, _ in _slots(module)[1]}
 
 
 def _dtype_fits(expected: torch.dtype, stored: torch.dtype) -> bool:
@@ -134,20 +127,18 @@ def load_tensors(
         if slot.kind == "parameter":
             wants_grad = slot.tensor.requires_grad and (source.is_floating_point() or source.is_complex())
             value: torch.Tensor = nn.Parameter(source, requires_grad=wants_grad)
-            for owner, attr in slot.owners:
-                owner._parameters[attr] = value
         else:
-            for owner, attr in slot.owners:
-                owner._buffers[attr] = source
+            value = source
+        for owner, attr in slot.owners:
+            private_api.set_module_tensor(owner, slot.kind, attr, value)
     moved: dict[int, torch.Tensor] = {}
-    for owner, attr, name in non_persistent:
-        buffer = owner._buffers[attr]
+    for owner, attr, name, buffer in non_persistent:
         if buffer.is_meta:
             raise StateDictMismatchError(
                 f"{where}: non-persistent buffer {name!r} of {type(module).__name__} is on the meta "
                 "device after construction and not in the pack; cannot materialize it"
             )
-        owner._buffers[attr] = moved.setdefault(id(buffer), buffer.to(device))
+        private_api.set_module_tensor(owner, "buffer", attr, moved.setdefault(id(buffer), buffer.to(device)))
 
 
 @contextlib.contextmanager
@@ -164,6 +155,7 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 
 def is_transformers_model(cls: type) -> bool:
+    """Whether ``cls`` is a transformers ``PreTrainedModel``."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -172,6 +164,7 @@ def is_transformers_model(cls: type) -> bool:
 
 
 def is_diffusers_model(cls: type) -> bool:
+    """Whether ``cls`` is a diffusers ``ModelMixin``."""
     from diffusers import ModelMixin
 
     return issubclass(cls, ModelMixin)
@@ -190,11 +183,7 @@ def build_empty_model(cls: type, config: Any, dtype: torch.dtype | None = None) 
         if is_diffusers_model(cls):
             model = cls.from_config(config)
         elif is_transformers_model(cls):
-            # The weights come from the pack: skip transformers' random initialisation (post_init).
-            from transformers.initialization import no_init_weights
-
-            with no_init_weights():
-                model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+            model = private_api.build_transformers_model(cls, config, dtype)
         else:
             raise TypeError(f"{cls.__module__}.{cls.__name__} is neither a diffusers nor a transformers model")
     if is_transformers_model(cls):
@@ -207,14 +196,12 @@ def keep_in_fp32_rule(model: nn.Module, dtype: torch.dtype | None) -> Callable[[
     if dtype is None or dtype == torch.float32:
         return lambda name: False
     if is_transformers_model(type(model)):
-        patterns = list(model._get_dtype_plan(dtype)) if hasattr(model, "_get_dtype_plan") else []
+        patterns = private_api.transformers_fp32_patterns(model, dtype)
         if not patterns:
             return lambda name: False
         regex = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
         return lambda name: regex.search(name) is not None
-    modules = getattr(model, "_keep_in_fp32_modules", None) or []
-    if isinstance(modules, str):
-        modules = [modules]
+    modules = private_api.diffusers_fp32_modules(model)
     if not modules:
         return lambda name: False
     wanted = set(modules)

@@ -14,6 +14,8 @@ import os
 import re
 from typing import Any
 
+from .errors import JSONLimitError
+
 # Deeper than anything this project reads (a FlashPack footer is 4 levels, a manifest 4).
 MAX_DEPTH = 64
 
@@ -21,10 +23,6 @@ MAX_DEPTH = 64
 _NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"')
 _STRING = re.compile(rb'"[^"]*"')
 _INNERMOST_PAIR = re.compile(rb"\[\]|\{\}")
-
-
-class JSONLimitError(ValueError):
-    """JSON too large or nested too deeply to be parsed safely."""
 
 
 def nesting_exceeds(data: bytes, max_depth: int) -> bool:

@@ -42,6 +42,7 @@ class Checksum:
         return start, min(self.size, start + self.segment_bytes)
 
     def check_size(self, size: int, path: str) -> None:
+        """Raise ChecksumMismatchError unless the file at ``path`` has the recorded size."""
         if size != self.size:
             raise ChecksumMismatchError(
                 f"{path}: {size} bytes, the checksum recorded at conversion covers {self.size} "
@@ -58,6 +59,7 @@ class Checksum:
             )
 
     def to_json(self) -> dict[str, Any]:
+        """The record the manifest stores (digests as 16 hex characters)."""
         return {
             "algorithm": ALGORITHM,
             "segment_bytes": self.segment_bytes,
@@ -97,6 +99,7 @@ class SegmentHasher:
         self._size = 0
 
     def update(self, data: Sequence[int] | memoryview | bytes) -> None:
+        """Hash the next bytes of the file."""
         view = memoryview(data).cast("B")
         while len(view):
             take = min(len(view), self.segment_bytes - self._filled)
@@ -110,6 +113,7 @@ class SegmentHasher:
                 self._filled = 0
 
     def result(self) -> Checksum:
+        """The checksum of every byte fed so far."""
         segments = list(self._segments)
         if self._filled or not segments:
             segments.append(self._current.intdigest())

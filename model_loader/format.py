@@ -3,7 +3,7 @@ and a footer parser that validates everything a reader relies on.
 
 Layout: ``[block 0 | pad | block 1 | ...][footer JSON][u64le footer length][b"FLASHPK\\0"]``.
 One block per dtype; tensors are views at element offsets inside their dtype's block.
-See ../shared/FLASHPACK_FORMAT.md for the byte-level description.
+See docs/FLASHPACK_FORMAT.md for the byte-level description.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
-from .bounded_json import JSONLimitError, loads_bounded
-from .errors import FlashPackFormatError
+from .bounded_json import loads_bounded
+from .errors import FlashPackFormatError, JSONLimitError
 
 MAGIC = b"FLASHPK\0"
 TRAILER = struct.Struct("<Q8s")  # footer length, magic
@@ -56,15 +57,8 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise FlashPackFormatError(f"dtype {dtype} cannot be stored in a FlashPack file") from None
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """``"float16"`` -> ``torch.float16``; raises for unknown names."""
-    try:
-        return DTYPES[name]
-    except (KeyError, TypeError):
-        raise FlashPackFormatError(f"unknown dtype {name!r}") from None
-
-
 def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -230,7 +224,7 @@ def encode_footer(layout: PackLayout) -> bytes:
 def read_layout(path: str | os.PathLike[str]) -> PackLayout:
     """Read and validate the footer of the FlashPack file at ``path``.
 
-    Every check of FLASHPACK_FORMAT.md is applied: magic, footer bounds, JSON object, known keys,
+    Every check of docs/FLASHPACK_FORMAT.md is applied: magic, footer bounds, JSON object, known keys,
     known dtypes, integer ranges, shapes matching lengths, duplicate names, tensors inside their
     block, blocks inside the payload and not overlapping, tensors not overlapping.
     """
@@ -344,7 +338,7 @@ def parse_footer(raw: bytes, payload_end: int, path: str = "<pack>") -> PackLayo
             )
         blocks.append(block)
     ordered = sorted(range(len(blocks)), key=lambda i: blocks[i].offset_bytes)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in pairwise(ordered):
         if blocks[a].end_bytes > blocks[b].offset_bytes:
             raise fail(f"macroblocks {a} and {b} overlap")
     if fmt == FORMAT_V4:
@@ -395,7 +389,7 @@ def parse_footer(raw: bytes, payload_end: int, path: str = "<pack>") -> PackLayo
         entries.append(TensorEntry(name, dims, offset, length, block_id))
 
     spans = sorted((e.block, e.offset, e.offset + e.length, e.name) for e in entries if e.length)
-    for (b1, _, end1, n1), (b2, start2, _, n2) in zip(spans, spans[1:]):
+    for (b1, _, end1, n1), (b2, start2, _, n2) in pairwise(spans):
         if b1 == b2 and end1 > start2:
             raise fail(f"tensors {n1!r} and {n2!r} overlap")
     return PackLayout(align, tuple(blocks), tuple(entries))

@@ -34,14 +34,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import io as _io
+from . import posix_io
 from .checksum import Checksum
+from .config import MAP_MODES, LoaderConfig
 from .errors import FlashPackFormatError
-from .io import ALIGN, align_down, align_up
+from .posix_io import ALIGN, align_down, align_up
+from .rates import rate_text
 
 log = logging.getLogger("model_loader.host_read")
 
-DEFAULT_CHUNK_BYTES = 32 << 20
 # Chunks are made smaller for small files so every thread gets work, but not below this.
 MIN_AUTO_CHUNK_BYTES = 4 << 20
 # Auto mode reads a chunk with O_DIRECT when less than this fraction of it is in the page cache.
@@ -54,37 +55,16 @@ HOT_FRACTION = 0.9
 # Options (arguments win over the environment, which wins over the defaults)
 
 
-def env_int(name: str, default: int) -> int:
-    """A positive integer from environment variable ``name`` (``default`` when unset)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{name}={raw!r} must be >= 1")
-    return value
-
-
-def _env_mode(name: str, default: str) -> bool | None:
-    raw = os.environ.get(name, default).strip().lower()
-    modes = {"auto": None, "": None, "1": True, "true": True, "0": False, "false": False}
-    if raw not in modes:
-        raise ValueError(f"{name}={raw!r}: expected auto, 1 or 0")
-    return modes[raw]
-
-
-MAP_MODES = ("always", "hot", "never")
-
-
 @dataclass(frozen=True)
 class ReadOptions:
+    """How one file is read: the :class:`~model_loader.config.LoaderConfig` settings after the
+    caller's arguments were applied."""
+
     threads: int | None  # None: default_threads() for the file's page-cache residency
     chunk_bytes: int
     direct_io: bool | None  # None: per chunk, O_DIRECT when not in the page cache
     mapping: str  # one of MAP_MODES: when to map the file instead of reading it
+    hugepages: bool = False  # ask for transparent huge pages behind owned read buffers
 
 
 def resolve_options(
@@ -93,26 +73,26 @@ def resolve_options(
     direct_io: bool | None = None,
     mapping: str | None = None,
 ) -> ReadOptions:
-    """Arguments win over ``MODEL_LOADER_THREADS`` / ``MODEL_LOADER_CHUNK_MB`` /
-    ``MODEL_LOADER_DIRECT_IO`` (``auto``, ``1``, ``0``) / ``MODEL_LOADER_MAP`` (``always``,
-    ``hot``, ``never``), which win over the defaults. Forcing O_DIRECT turns mapping off."""
-    if threads is None and os.environ.get("MODEL_LOADER_THREADS", "").strip():
-        threads = env_int("MODEL_LOADER_THREADS", 1)
+    """Arguments win over the ``MODEL_LOADER_*`` environment (:mod:`model_loader.config`), which
+    wins over the defaults. Forcing O_DIRECT turns mapping off."""
+    config = LoaderConfig.from_env()
+    if threads is None:
+        threads = config.threads
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if chunk_bytes is None:
-        chunk_bytes = env_int("MODEL_LOADER_CHUNK_MB", DEFAULT_CHUNK_BYTES >> 20) << 20
+        chunk_bytes = config.chunk_bytes
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if direct_io is None:
-        direct_io = _env_mode("MODEL_LOADER_DIRECT_IO", "auto")
+        direct_io = config.direct_io
     if mapping is None:
-        mapping = os.environ.get("MODEL_LOADER_MAP", "").strip().lower() or "always"
-        if mapping not in MAP_MODES:
-            raise ValueError(f"MODEL_LOADER_MAP={mapping!r}: expected one of {', '.join(MAP_MODES)}")
+        mapping = config.mapping
     elif mapping not in MAP_MODES:
         raise ValueError(f"mapping must be one of {', '.join(MAP_MODES)}, got {mapping!r}")
-    return ReadOptions(threads, align_up(chunk_bytes), direct_io, "never" if direct_io is True else mapping)
+    return ReadOptions(
+        threads, align_up(chunk_bytes), direct_io, "never" if direct_io is True else mapping, config.hugepages
+    )
 
 
 def _cpus() -> int:
@@ -245,10 +225,6 @@ class ReadStats:
     mapped: bool = False
     checked: bool = False
 
-    @property
-    def gbps(self) -> float:
-        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
-
 
 class FileSource:
     """One open file: the buffered and O_DIRECT descriptors and the per-chunk read policy."""
@@ -258,10 +234,10 @@ class FileSource:
         self.fd = fd
         self.stats = stats
         self._lock = threading.Lock()
-        self.fd_direct = _io.open_direct(path) if direct_io is not False else None
+        self.fd_direct = posix_io.open_direct(path) if direct_io is not False else None
         if direct_io and self.fd_direct is None:
             log.warning("%s: O_DIRECT is not available on this filesystem; reading buffered", path)
-        self.residency = _io.Residency(fd, size) if self.fd_direct is not None and direct_io is None else None
+        self.residency = posix_io.Residency(fd, size) if self.fd_direct is not None and direct_io is None else None
 
     def close(self) -> None:
         if self.residency is not None:
@@ -291,7 +267,7 @@ class FileSource:
             base = at - lead
             if base >= 0 and (mem_addr + base) % ALIGN == 0 and base + (a1 - a0) <= len(mem):
                 try:
-                    got = _io.pread_direct(self.fd_direct, mem[base : base + a1 - a0], a0, lead + n)
+                    got = posix_io.pread_direct(self.fd_direct, mem[base : base + a1 - a0], a0, lead + n)
                     done = max(0, min(n, got - lead))
                 except OSError:
                     done = 0
@@ -300,7 +276,7 @@ class FileSource:
                 if done < n:
                     self.stats.direct_fallbacks += 1
         if done < n:
-            _io.pread_exact(self.fd, mem[at + done : at + n], chunk.offset + done, self.path)
+            posix_io.pread_exact(self.fd, mem[at + done : at + n], chunk.offset + done, self.path)
 
 
 def check_segments(checksum: Checksum | None, chunk: Chunk, data: memoryview, path: str) -> None:
@@ -354,7 +330,7 @@ class _MapWorker:
 
     def process(self, chunk: Chunk) -> None:
         if self.checksum is None:
-            _io.populate_read(self.addr + chunk.offset, chunk.length)
+            posix_io.populate_read(self.addr + chunk.offset, chunk.length)
         else:
             check_segments(self.checksum, chunk, self.mem[chunk.offset : chunk.offset + chunk.length], self.path)
 
@@ -391,7 +367,7 @@ def read_file(
     try:
         if checksum is not None:
             checksum.check_size(size, path)
-        with _io.Residency(fd, size) as residency:
+        with posix_io.Residency(fd, size) as residency:
             resident = residency.sampled_fraction() if residency.known else 0.0
         mapped = size > 0 and (opts.mapping == "always" or (opts.mapping == "hot" and resident >= HOT_FRACTION))
         n_threads = opts.threads or default_threads(resident, mapped)
@@ -406,17 +382,17 @@ def read_file(
             buffer = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             stats.mapped = True
             mem = memoryview(buffer)
-            addr = _io.buffer_address(mem)
+            addr = posix_io.buffer_address(mem)
             run_workers(chunks, n_threads, lambda: _MapWorker(mem, addr, checksum, path), "model_loader-map")
             mem.release()
         else:
             buffer = mmap.mmap(-1, align_up(size, ALIGN))  # anonymous, page-aligned, writable
-            if use_hugepages():
-                _io.advise_hugepages(_io.buffer_address(memoryview(buffer)), len(buffer))
+            if opts.hugepages:
+                posix_io.advise_hugepages(posix_io.buffer_address(memoryview(buffer)), len(buffer))
             mem = memoryview(buffer)
             source = FileSource(path, fd, size, opts.direct_io, stats)
             try:
-                addr = _io.buffer_address(mem)
+                addr = posix_io.buffer_address(mem)
                 run_workers(chunks, n_threads, lambda: _HostWorker(source, mem, addr, checksum), "model_loader-reader")
             finally:
                 source.close()
@@ -426,24 +402,11 @@ def read_file(
         os.close(fd)
     stats.seconds = time.perf_counter() - t0
     log.debug(
-        "read %s: %.2f GB in %.2f s (%.2f GB/s), %s, %d threads, %.0f%% via O_DIRECT%s",
-        path, size / 1e9, stats.seconds, stats.gbps, "mapped" if stats.mapped else "read", n_threads,
+        "read %s: %s, %s, %d threads, %.0f%% via O_DIRECT%s",
+        path, rate_text(size, stats.seconds), "mapped" if stats.mapped else "read", n_threads,
         100 * stats.direct_bytes / max(1, size), ", checksum ok" if stats.checked else "",
     )
     return HostFile(path, size, buffer, stats)
-
-
-def use_hugepages() -> bool:
-    """Whether to ask for transparent huge pages behind read buffers: off unless
-    ``MODEL_LOADER_HUGEPAGES=1``.
-
-    On the 2-core VM of docs/BENCHMARKS.md the hint helped or hurt depending on how fragmented
-    memory was, so it is opt-in.
-    """
-    raw = os.environ.get("MODEL_LOADER_HUGEPAGES", "0").strip().lower()
-    if raw not in ("", "0", "1", "false", "true"):
-        raise ValueError(f"MODEL_LOADER_HUGEPAGES={raw!r}: expected 1 or 0")
-    return raw in ("1", "true")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,6 +432,7 @@ class PackReads:
 
     @property
     def names(self) -> list[str]:
+        """The jobs' names, in the order they run."""
         return list(self._futures)
 
     def _run(self) -> None:
@@ -483,6 +447,7 @@ class PackReads:
         self.finished = time.perf_counter()
 
     def result(self, name: str) -> Any:
+        """Wait for job ``name``; its value, or its error raised here."""
         return self._futures[name].result()
 
     def cancel(self) -> None:

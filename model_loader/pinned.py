@@ -14,14 +14,15 @@ is what the pool counts) and dropping buffers beyond the cap empties that cache.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
-from .io import ALIGN
+from . import private_api
+from .config import LoaderConfig
+from .posix_io import ALIGN
 
 Allocator = Callable[[int], torch.Tensor]
 log = logging.getLogger("model_loader.pinned")
@@ -35,11 +36,8 @@ def buffer_size(nbytes: int) -> int:
 
 def empty_host_cache() -> None:
     """Unpin the blocks torch's caching host allocator keeps after they are freed (no-op on CPU)."""
-    if not torch.cuda.is_available():
-        return
-    empty = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
-    if empty is not None:
-        empty()
+    if torch.cuda.is_available():
+        private_api.empty_host_cache()
 
 
 def pinned_allocator(nbytes: int) -> torch.Tensor:
@@ -47,18 +45,12 @@ def pinned_allocator(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
-def _default_max_idle_bytes() -> int:
-    try:
-        return int(os.environ.get("MODEL_LOADER_PINNED_MAX_MB", "4096")) << 20
-    except ValueError:
-        return 4096 << 20
-
-
 class PinnedPool:
     """Idle staging buffers plus the bookkeeping of which lease holds which buffer.
 
     ``allocate(nbytes)`` makes a new uint8 buffer (pinned by default; tests inject a plain one).
-    Idle buffers beyond ``max_idle_bytes`` are dropped when a lease is released.
+    Idle buffers beyond ``max_idle_bytes`` (default ``MODEL_LOADER_PINNED_MAX_MB``) are dropped
+    when a lease is released.
     """
 
     def __init__(
@@ -69,7 +61,7 @@ class PinnedPool:
     ):
         self._allocate = allocate
         self._release_freed = release_freed
-        self.max_idle_bytes = _default_max_idle_bytes() if max_idle_bytes is None else max_idle_bytes
+        self.max_idle_bytes = LoaderConfig.from_env().pinned_max_bytes if max_idle_bytes is None else max_idle_bytes
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._idle: list[torch.Tensor] = []
@@ -111,6 +103,7 @@ class PinnedPool:
         return thread
 
     def lease(self) -> Lease:
+        """A new lease on this pool (one per load)."""
         return Lease(self)
 
     @property
@@ -122,12 +115,6 @@ class PinnedPool:
     def leased_bytes(self) -> int:
         with self._lock:
             return self._leased_bytes
-
-    def clear(self) -> None:
-        """Free (and unpin) every idle buffer (leased ones when their lease is released)."""
-        with self._lock:
-            self._idle.clear()
-        self._release_freed()
 
     def _take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
@@ -187,11 +174,6 @@ class Lease:
             self._buffers.append(buf)
         return buf
 
-    @property
-    def buffers(self) -> list[torch.Tensor]:
-        with self._lock:
-            return list(self._buffers)
-
     def release(self) -> None:
         """Return every buffer to the pool; only once all copies out of them are complete."""
         with self._lock:
@@ -218,11 +200,3 @@ def default_pool() -> PinnedPool:
         if _default_pool is None:
             _default_pool = PinnedPool()
         return _default_pool
-
-
-def release_pinned_memory() -> None:
-    """Free the idle pinned buffers of the process-wide pool (e.g. after the last load)."""
-    if _default_pool is not None:
-        _default_pool.clear()
-    else:
-        empty_host_cache()

@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import private_api
 from .assemble import build_empty_model, construction_dtype, fill_model, is_diffusers_model, is_transformers_model
 from .bounded_json import load_file_bounded
 from .diffusers_layout import CONFIG_NAME, MAX_CONFIG_BYTES, MODEL_INDEX_NAME, PACK_NAME, components
 from .diffusers_layout import read_model_index as read_index_file
-from .errors import DiffusersLayoutError
+from .errors import DiffusersLayoutError, PipelineLoadError
 from .format import read_layout
 from .host_read import HostFile, PackReads, start_pack_reads
+from .rates import rate_text
 from .reader import PackData, pack_on_device, read_pack, resolve_device
 
 if TYPE_CHECKING:
@@ -31,10 +33,6 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger("model_loader.pipeline")
-
-
-class PipelineLoadError(ValueError):
-    """A converted directory cannot be loaded; the message names the path and the problem."""
 
 
 def resolve_class(library: str, class_name: str, where: str = MODEL_INDEX_NAME) -> type:
@@ -54,7 +52,7 @@ def resolve_class(library: str, class_name: str, where: str = MODEL_INDEX_NAME) 
         except ImportError as exc:
             raise PipelineLoadError(f"{where}: library {library!r} cannot be imported ({exc})") from None
         if library == "transformers":
-            class_name = _remap_transformers_class(class_name)
+            class_name = private_api.remap_transformers_class(class_name)
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise PipelineLoadError(f"{where}: {library!r} has no class {class_name!r}")
@@ -101,7 +99,7 @@ def load_pipeline(
     own_reads = start_pack_reads(missing, str(device)) if missing else None  # before importing diffusers
     try:
         pipeline_cls = _pipeline_class(index, root)
-        expected, optional_kwargs = pipeline_cls._get_signature_keys(pipeline_cls)
+        expected, optional_kwargs = private_api.pipeline_init_keys(pipeline_cls)
         specs = _component_specs(index, root, expected, pipeline_cls)
         where = str(root / MODEL_INDEX_NAME)
         classes = {name: resolve_class(*spec, where=where) for name, spec in specs.items() if spec}
@@ -140,14 +138,14 @@ def load_pipeline(
         pipe = pipeline_cls(**components, **init_kwargs)
     except (TypeError, ValueError) as exc:
         raise PipelineLoadError(f"{root}: cannot construct {pipeline_cls.__name__}: {exc}") from exc
-    pipe.register_to_config(_name_or_path=str(root))
+    private_api.set_diffusers_name_or_path(pipe, str(root))
     end = time.perf_counter()
     all_reads = [r for r in (reads, own_reads) if r is not None]
     read_span = max((r.finished or end) for r in all_reads) - min(r.started for r in all_reads) if all_reads else 0.0
     logger.info(
-        "load: %.2f GB in %.2f s (%.2f GB/s) %s -> %s (imports %.2f s, build %.2f s, waiting for reads %.2f s, "
-        "assemble %.2f s; reads took %.2f s from their start)",
-        total_bytes / 1e9, end - start, total_bytes / 1e9 / max(end - start, 1e-9), root, device,
+        "load: %s %s -> %s (imports %.2f s, build %.2f s, waiting for reads %.2f s, assemble %.2f s; "
+        "reads took %.2f s from their start)",
+        rate_text(total_bytes, end - start), root, device,
         imported - start, built - imported, waited, end - built - waited, read_span,
     )
     return pipe
@@ -176,12 +174,7 @@ def model_class_and_config(cls: type, component_dir: Path) -> tuple[type, Any]:
     """
     config = load_component_config(cls, component_dir)
     if is_diffusers_model(cls) and isinstance(config, dict) and "norm_type" in config:
-        from diffusers.models.modeling_utils import LegacyModelMixin
-
-        if issubclass(cls, LegacyModelMixin):
-            from diffusers.models.model_loading_utils import _fetch_remapped_cls_from_config
-
-            cls = _fetch_remapped_cls_from_config(config, cls)
+        cls = private_api.remap_legacy_model_class(cls, config)
     return cls, config
 
 
@@ -208,12 +201,15 @@ def _empty_model(cls: type, config: Any, pack_path: Path, torch_dtype: torch.dty
     return build_empty_model(cls, config, construction_dtype(read_layout(pack_path), torch_dtype))
 
 
-def _fill(model: torch.nn.Module, pack: PackData, device, torch_dtype, pack_path: Path) -> torch.nn.Module:
+def _fill(
+    model: torch.nn.Module, pack: PackData, device: str | torch.device, torch_dtype: torch.dtype | None, pack_path: Path
+) -> torch.nn.Module:
+    """Fill ``model`` from ``pack`` and record its directory as where it was loaded from."""
     fill_model(model, pack, device, torch_dtype, where=str(pack_path))
     if is_diffusers_model(type(model)):
-        model.register_to_config(_name_or_path=str(pack_path.parent))
+        private_api.set_diffusers_name_or_path(model, str(pack_path.parent))
     elif is_transformers_model(type(model)):
-        model.config._name_or_path = str(pack_path.parent)
+        model.config.name_or_path = str(pack_path.parent)
     return model
 
 
@@ -246,7 +242,7 @@ def _component_specs(
     for name in expected:
         entry = index.get(name)
         if entry is None:
-            if name in pipeline_cls._optional_components:
+            if name in private_api.optional_components(pipeline_cls):
                 specs[name] = None
                 continue
             raise PipelineLoadError(f"{where}: lacks the component {name!r} that {pipeline_cls.__name__} requires")
@@ -300,11 +296,3 @@ def _load_plain_component(cls: type, comp: Path) -> Any:
         return loader(str(comp), **kwargs)
     except (OSError, ValueError) as exc:
         raise PipelineLoadError(f"{comp}: cannot load {cls.__name__} ({exc})") from exc
-
-
-def _remap_transformers_class(name: str) -> str:
-    try:
-        from diffusers.pipelines.pipeline_loading_utils import _maybe_remap_transformers_class
-    except ImportError:
-        return name
-    return _maybe_remap_transformers_class(name) or name

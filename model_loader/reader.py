@@ -19,11 +19,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from . import io as _io
+from . import posix_io
 from .checksum import SEGMENT_BYTES, Checksum
 from .format import PackLayout, layout_from_bytes, read_layout
 from .host_read import (
@@ -31,6 +31,7 @@ from .host_read import (
     Chunk,
     FileSource,
     HostFile,
+    ReadOptions,
     ReadStats,
     check_segments,
     default_threads,
@@ -41,7 +42,8 @@ from .host_read import (
     resolve_options,
     run_workers,
 )
-from .pinned import PinnedPool, default_pool
+from .pinned import Lease, PinnedPool, default_pool
+from .rates import rate_text
 
 log = logging.getLogger("model_loader.reader")
 
@@ -58,8 +60,6 @@ def staging_plan(pack_sizes: list[int], threads: int | None = None, chunk_bytes:
     n_threads = opts.threads or default_threads(0.0)
     chunk = max(effective_chunk_bytes(size, n_threads, opts.chunk_bytes, SEGMENT_BYTES) for size in pack_sizes)
     return n_threads * BUFFERS_PER_THREAD, chunk
-
-__all__ = ["Chunk", "PackData", "ReadStats", "load_state_dict", "pack_from_host", "read_pack"]
 
 
 @dataclass
@@ -177,15 +177,15 @@ class CudaEngine:
         # blocking: waiting on it sleeps instead of spinning a core the reader threads need
         return torch.cuda.Event(blocking=True)
 
-    def copy(self, dst, src, stream, event) -> None:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
             event.record(stream)
 
-    def is_done(self, event) -> bool:
+    def is_done(self, event: torch.cuda.Event) -> bool:
         return event.query()
 
-    def wait(self, event) -> None:
+    def wait(self, event: torch.cuda.Event) -> None:
         event.synchronize()
 
     def finish(self) -> None:
@@ -206,7 +206,7 @@ class _StagingWorker:
     (One stream per thread, not per buffer: 16 threads x 2 streams would take all of torch's
     pooled streams, which share 8 hardware queues.)"""
 
-    def __init__(self, source: FileSource, dest: torch.Tensor, lease, engine: StagingEngine, buffer_bytes: int,
+    def __init__(self, source: FileSource, dest: torch.Tensor, lease: Lease, engine: StagingEngine, buffer_bytes: int,
                  checksum: Checksum | None):
         engine.start_thread()
         self.source = source
@@ -226,7 +226,7 @@ class _StagingWorker:
                 return slot
         if len(self.slots) < BUFFERS_PER_THREAD:
             buf = self.lease.acquire(self.buffer_bytes)
-            slot = _Slot(buf, _io.tensor_memoryview(buf), self.engine.new_event())
+            slot = _Slot(buf, posix_io.tensor_memoryview(buf), self.engine.new_event())
             self.slots.append(slot)
             return slot
         slot = self.slots[self.turn % len(self.slots)]
@@ -257,7 +257,7 @@ def _read_staged(
     fd: int,
     size: int,
     layout: PackLayout,
-    opts,
+    opts: ReadOptions,
     engine: StagingEngine,
     pool: PinnedPool,
     checksum: Checksum | None,
@@ -267,7 +267,7 @@ def _read_staged(
     end = size if checksum is not None else payload
     threads = opts.threads
     if threads is None:
-        with _io.Residency(fd, size) as residency:
+        with posix_io.Residency(fd, size) as residency:
             threads = default_threads(residency.sampled_fraction() if residency.known else 0.0)
     grain = checksum.segment_bytes if checksum is not None else ALIGN
     chunk = effective_chunk_bytes(end, threads, opts.chunk_bytes, grain)
@@ -345,7 +345,7 @@ def read_pack(
         pack = PackData(layout, blocks, stats)
     stats.seconds = time.perf_counter() - t0
     log.info(
-        "load %s: %.2f GB in %.2f s (%.2f GB/s)%s%s", path, stats.bytes / 1e9, stats.seconds, stats.gbps,
+        "load %s: %s%s%s", path, rate_text(stats.bytes, stats.seconds),
         " mapped" if stats.mapped else "", ", checksum ok" if stats.checked else "",
     )
     return pack
@@ -370,7 +370,7 @@ def _open_layout(path: str) -> tuple[PackLayout, int, os.stat_result]:
 
 
 def load_state_dict(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu", **options
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", **options: Any
 ) -> dict[str, torch.Tensor]:
     """The tensors of a FlashPack file, each a view into its dtype's flat block on ``device``.
 

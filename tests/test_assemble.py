@@ -11,12 +11,12 @@ from conversion.demo import make_clip_tokenizer, tiny_clip_text_config
 from conversion.writer import pack_state_dict
 from model_loader import read_pack
 from model_loader.assemble import (
-    StateDictMismatchError,
     assemble_model,
     build_empty_model,
+    check_tensors,
     load_tensors,
-    tied_groups,
 )
+from model_loader.errors import StateDictMismatchError
 
 
 def _pack(tmp_path, state_dict, name="model.flashpack", target_dtype=None):
@@ -108,9 +108,11 @@ def test_tied_embeddings_stay_one_parameter(tmp_path, names_in_file):
         assert torch.equal(model(ids).logits, original(ids).logits)
 
 
-def test_tied_groups_lists_every_alias_of_a_tensor():
+def test_every_alias_of_a_tied_tensor_is_loaded_from_its_first_name():
     model = build_empty_model(T5EncoderModel, tiny_t5_encoder(make_t5_tokenizer()).config)
-    assert ["shared.weight", "encoder.embed_tokens.weight"] in tied_groups(model)
+    shapes = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+    chosen = check_tensors(model, shapes, "<t5>")
+    assert chosen["shared.weight"] == chosen["encoder.embed_tokens.weight"] == "shared.weight"
 
 
 def test_zero_dim_parameter_stays_zero_dim(tmp_path):

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from model_loader.bounded_json import JSONLimitError, load_file_bounded, loads_bounded
+from model_loader.bounded_json import load_file_bounded, loads_bounded
+from model_loader.errors import JSONLimitError
 
 
 def test_nesting_at_the_limit_parses():

@@ -10,8 +10,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from model_loader import load_model, load_pipeline, read_pack
-from model_loader.assemble import StateDictMismatchError
-from model_loader.pipeline import PipelineLoadError
+from model_loader.errors import PipelineLoadError, StateDictMismatchError
 
 SD_CALL = dict(num_inference_steps=2, height=64, width=64, output_type="pt")
 SDXL_CALL = dict(num_inference_steps=2, height=32, width=32, output_type="pt")
@@ -73,6 +72,13 @@ def test_sd_with_safety_checker_and_feature_extractor_matches_diffusers(tmp_path
 def test_pipeline_config_kwargs_from_model_index_reach_the_pipeline(converted_sdxl_dir):
     # the tiny SDXL is saved with force_zeros_for_empty_prompt=False (the default is True)
     assert load_pipeline(converted_sdxl_dir).config.force_zeros_for_empty_prompt is False
+
+
+def test_the_pipeline_and_each_model_record_where_they_were_loaded_from(converted_sd_dir):
+    pipe = load_pipeline(converted_sd_dir)
+    assert pipe.name_or_path == str(converted_sd_dir)
+    assert pipe.unet.config._name_or_path == str(converted_sd_dir / "unet")  # diffusers model
+    assert pipe.text_encoder.config.name_or_path == str(converted_sd_dir / "text_encoder")  # transformers model
 
 
 def test_null_components_are_passed_as_none(converted_sd_dir):
@@ -186,7 +192,7 @@ def test_read_pack_of_converted_component_holds_one_name_per_tied_tensor(convert
 
 
 def test_a_deeply_nested_model_index_is_a_load_error_naming_the_file(tmp_path):
-    from model_loader.pipeline import PipelineLoadError, read_model_index
+    from model_loader.pipeline import read_model_index
 
     (tmp_path / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(PipelineLoadError, match=r"model_index\.json: not a readable model_index\.json \(nested more than"):

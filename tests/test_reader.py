@@ -14,15 +14,13 @@ import time
 import pytest
 import torch
 
-import model_loader.io as mio
 from conversion.writer import pack_state_dict
-from model_loader import host_read, reader
+from model_loader import host_read, posix_io, reader
 from model_loader.checksum import file_checksum
-from model_loader.errors import ChecksumMismatchError
-from model_loader.format import FlashPackFormatError
+from model_loader.errors import ChecksumMismatchError, FlashPackFormatError, PackReadError
 from model_loader.host_read import Chunk, ReadOptions, plan_chunks, read_file, resolve_options
-from model_loader.io import ALIGN, PackReadError, Residency, drop_page_cache, open_direct
 from model_loader.pinned import PinnedPool
+from model_loader.posix_io import ALIGN, Residency, drop_page_cache, open_direct
 from model_loader.reader import load_state_dict, read_pack
 
 
@@ -136,7 +134,7 @@ def reader_threads() -> list[threading.Thread]:
 
 def cold_cache_supported(path) -> bool:
     drop_page_cache(path)
-    return mio.resident_fraction(path) < 0.5
+    return posix_io.resident_fraction(path) < 0.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +250,18 @@ def test_forcing_o_direct_turns_mapping_off():
     assert resolve_options(direct_io=True, mapping="always").mapping == "never"
 
 
+@pytest.mark.parametrize(("setting", "advised"), [(None, False), ("0", False), ("1", True)])
+def test_huge_pages_are_asked_for_only_when_model_loader_hugepages_is_on(monkeypatch, pack, setting, advised):
+    if setting is None:
+        monkeypatch.delenv("MODEL_LOADER_HUGEPAGES", raising=False)
+    else:
+        monkeypatch.setenv("MODEL_LOADER_HUGEPAGES", setting)
+    calls = []
+    monkeypatch.setattr(posix_io, "advise_hugepages", lambda address, nbytes: calls.append(nbytes) or True)
+    read_file(pack[0], mapping="never")
+    assert bool(calls) is advised
+
+
 def test_default_threads_exceed_the_cores_only_for_files_not_in_the_page_cache(monkeypatch):
     monkeypatch.setattr(host_read, "_cpus", lambda: 2)
     assert host_read.default_threads(resident=0.0) == 8
@@ -291,7 +301,7 @@ def test_o_direct_refused_by_the_filesystem_falls_back_to_buffered(pack, monkeyp
     def refuse(*args, **kwargs):
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(mio, "pread_direct", refuse)
+    monkeypatch.setattr(posix_io, "pread_direct", refuse)
     data = read_pack(path, threads=2, chunk_bytes=ALIGN, direct_io=True)
     assert data.stats.direct_bytes == 0
     assert data.stats.direct_fallbacks == data.stats.chunks
@@ -321,9 +331,9 @@ def test_residency_is_full_after_reading_and_low_after_dontneed(tmp_path):
         f.flush()
         os.fsync(f.fileno())
     path.read_bytes()
-    assert mio.resident_fraction(path) == 1.0
+    assert posix_io.resident_fraction(path) == 1.0
     drop_page_cache(path)
-    after = mio.resident_fraction(path)
+    after = posix_io.resident_fraction(path)
     if after == 1.0:
         pytest.skip("POSIX_FADV_DONTNEED does not evict pages here")
     assert after < 0.5
@@ -366,7 +376,7 @@ def test_file_shrinking_during_the_load_raises_format_error(pack, monkeypatch):
 
 def test_read_error_in_one_thread_stops_the_others_and_propagates(pack, monkeypatch):
     path, _ = pack
-    original = mio.pread_exact
+    original = posix_io.pread_exact
     calls = []
     lock = threading.Lock()
 
@@ -379,7 +389,7 @@ def test_read_error_in_one_thread_stops_the_others_and_propagates(pack, monkeypa
         time.sleep(0.01)
         original(fd, view, offset, p)
 
-    monkeypatch.setattr(mio, "pread_exact", flaky)
+    monkeypatch.setattr(posix_io, "pread_exact", flaky)
     total = len(plan_chunks(path.stat().st_size, ALIGN))
     with pytest.raises(PackReadError, match=re.escape(str(path))):
         read_pack(path, threads=4, chunk_bytes=ALIGN, direct_io=False, mapping="never")
@@ -393,7 +403,7 @@ def test_os_error_from_preadv_becomes_pack_read_error_naming_the_file(pack, monk
     def broken(*args):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(mio.os, "preadv", broken)
+    monkeypatch.setattr(posix_io.os, "preadv", broken)
     with pytest.raises(PackReadError, match=re.escape(str(path)) + ".*Input/output error") as info:
         read_pack(path, threads=2, direct_io=False, mapping="never")
     assert info.value.errno == errno.EIO
@@ -450,7 +460,7 @@ def test_staged_loads_return_buffers_to_the_pool_and_reuse_them(pack):
 def test_staged_error_releases_the_lease_after_pending_copies(pack, monkeypatch):
     path, _ = pack
     pool = host_pool()
-    original = mio.pread_exact
+    original = posix_io.pread_exact
     calls = []
 
     def flaky(fd, view, offset, p):
@@ -459,7 +469,7 @@ def test_staged_error_releases_the_lease_after_pending_copies(pack, monkeypatch)
             raise PackReadError(errno.EIO, f"{p}: boom")
         original(fd, view, offset, p)
 
-    monkeypatch.setattr(mio, "pread_exact", flaky)
+    monkeypatch.setattr(posix_io, "pread_exact", flaky)
     engine = HostEngine(max_delay=0.02)
     copies_pending_at_release = []
     give_back = pool._give_back
@@ -502,21 +512,6 @@ def test_concurrent_cuda_loads_share_the_pool_without_sharing_buffers(pack):
         t.join()
     for r in results:
         assert_bit_exact({k: v.cpu() for k, v in r.items()}, sd)
-
-
-@pytest.mark.parametrize(("setting", "expected"), [(None, False), ("0", False), ("1", True), ("true", True)])
-def test_hugepages_are_opt_in(monkeypatch, setting, expected):
-    if setting is None:
-        monkeypatch.delenv("MODEL_LOADER_HUGEPAGES", raising=False)
-    else:
-        monkeypatch.setenv("MODEL_LOADER_HUGEPAGES", setting)
-    assert host_read.use_hugepages() is expected
-
-
-def test_an_unknown_hugepages_setting_is_named(monkeypatch):
-    monkeypatch.setenv("MODEL_LOADER_HUGEPAGES", "sometimes")
-    with pytest.raises(ValueError, match="MODEL_LOADER_HUGEPAGES='sometimes'"):
-        host_read.use_hugepages()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Low-level file reading for the loader: exact ``preadv`` loops, O_DIRECT reads of aligned
-spans, page-cache residency (``mincore``) and ``posix_fadvise`` hints.
+spans, page-cache residency (``mincore``), ``posix_fadvise`` and ``madvise`` hints (libc through
+ctypes). Named ``posix_io``, not ``io``, so it never shadows the standard library's module.
 
 Everything here works on raw file descriptors and writable buffers, so the CPU and CUDA paths
 (and the torch-free host reads) share one implementation of "read these bytes or fail loudly".
@@ -12,7 +13,7 @@ import mmap
 import os
 from typing import TYPE_CHECKING
 
-from .errors import FlashPackFormatError
+from .errors import FlashPackFormatError, PackReadError
 
 if TYPE_CHECKING:  # torch is imported where used: host reads start before torch is loaded
     import torch
@@ -23,15 +24,13 @@ ALIGN = 4096
 PAGE = mmap.PAGESIZE
 
 
-class PackReadError(OSError):
-    """Reading a pack's bytes failed (I/O error); the message names the file and the offset."""
-
-
 def align_down(value: int, align: int = ALIGN) -> int:
+    """The largest multiple of ``align`` <= ``value``."""
     return value - value % align
 
 
 def align_up(value: int, align: int = ALIGN) -> int:
+    """The smallest multiple of ``align`` >= ``value``."""
     return value + (-value) % align
 
 
@@ -175,6 +174,7 @@ class Residency:
 
     @property
     def known(self) -> bool:
+        """Whether residency can be asked at all (False: every answer is 1.0)."""
         return self._addr is not None
 
     def fraction(self, offset: int, length: int) -> float:
