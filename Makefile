@@ -1,4 +1,4 @@
-# Two commands matter: `make serve` (the demo app on http://localhost:8080) and `make test`.
+# Two commands matter: `make serve` (the demo app on http://localhost:8080) and `make test` (ruff, then pytest).
 # Both create .venv on first use; pip runs again only when a requirements file changes.
 
 PYTHON ?= python3
@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 # Tests and the demo never reach the network: no Hub calls, no telemetry.
 OFFLINE := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 
-.PHONY: test serve bench bench-startup device-check venv clean
+.PHONY: test lint serve bench bench-startup device-check venv clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,12 @@ $(STAMP):
 	@touch $@
 	@sync  # write the install out now: the tests' fsyncs would otherwise wait for its writeback
 
-test: $(STAMP)
+test: lint
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff's findings fail the build (rules in pyproject.toml's [tool.ruff]).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 serve: $(STAMP)
 	@echo "Serving the demo app on http://localhost:$(PORT)  (Ctrl-C stops it)"
