@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+
 
 def host_tag() -> str:
     """This machine's name, safe inside a file name (no dots or separators)."""
-    name = socket.gethostname() or "host"
+    name = os.uname().nodename or "host"
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
 
 

@@ -80,11 +80,6 @@ def hash_file(path: str | os.PathLike[str], segments: bool = False) -> tuple[str
     return digest.hexdigest(), hasher.result() if hasher is not None else None
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file."""
-    return hash_file(path)[0]
-
-
 def _hash_all(root: Path, rel_paths: list[str], segments: bool = False) -> dict[str, tuple[str, Checksum | None]]:
     """sha256 (and, with ``segments``, each pack's checksum) of each file, largest first, on a thread pool."""
     if not rel_paths:

@@ -53,7 +53,6 @@ from .durable import (
     write_atomic,
 )
 from .errors import ConversionError, StoreError
-from .lock import BuildLock
 from .manifest import FORMAT_VERSION, VerificationError, check_warm, read_manifest, verify_converted
 from .sources import Prepared, Source, parse_source
 
@@ -223,6 +222,8 @@ class Store:
             if hit is not None:
                 return hit
         self._ensure_writable()
+        from .lock import BuildLock  # the cold path only: a warm start never imports filelock
+
         with BuildLock(self.lock_path(source, dtype_name), source.display, self.config.lock_timeout_s) as lock:
             if not refresh:  # another runner may have published while we waited for the lock
                 hit = self._warm(source, dtype_name, verify, report=False)  # said once already

@@ -2,6 +2,11 @@
 and ``conversion/convert.py``, each behind one small function, so a version bump is checked here
 and nowhere else. accelerate, huggingface_hub and safetensors are used through public APIs only.
 
+One more private hook lives outside this package because it is the app's: ``app.py`` overrides
+fal's ``App._add_extra_middlewares`` / ``_add_extra_routes`` (fal 1.83.0, the pin of
+``requirements-test.txt``), the only places fal lets an app add ASGI middleware and wrap its 422
+handler; ``tests/test_app_schema.py`` fails if they stop being called.
+
 Each hook below: what it does; the private API it uses; why there is no public way. Checked
 against the versions in :data:`CHECKED_VERSIONS`, the pins of ``requirements.txt``
 (``tests/test_private_api.py`` fails when a pin moves, so the hooks get checked again).

@@ -18,7 +18,6 @@ from conversion.sources import (
     UrlSource,
     directory_fingerprint,
     parse_source,
-    source_from_config,
 )
 from model_loader.diffusers_layout import parse_weight_name, read_model_index, select_files
 from model_loader.errors import DiffusersLayoutError
@@ -138,8 +137,8 @@ def test_text_that_is_no_source_is_an_error(text):
         parse_source(text)
 
 
-def test_source_from_config_table():
-    src = source_from_config({"source": "org/name", "revision": "main", "variant": "fp16", "subfolder": "pipe"})
+def test_subfolder_is_part_of_a_hub_source():
+    src = parse_source("org/name", revision="main", variant="fp16", subfolder="pipe")
     assert src == HubSource("org/name", "main", "fp16", "pipe")
 
 

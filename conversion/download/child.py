@@ -198,8 +198,7 @@ def _child_main() -> int:
     # the slow imports, before the stall clock starts
     if request.get("op") == "url":
         import fal.toolkit.utils.download_utils  # noqa: F401
-    import huggingface_hub._snapshot_download  # noqa: F401
-    import huggingface_hub.hf_api  # noqa: F401
+    from huggingface_hub import HfApi, snapshot_download  # noqa: F401
 
     from ..sources import HubSource, UrlSource
     from .hub import hub_snapshot

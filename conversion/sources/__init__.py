@@ -8,11 +8,11 @@ from .base import Prepared, Source, Workspace
 from .demo import DEMO_SOURCE, DemoSource
 from .hub import HubSource, is_commit
 from .local import LocalSource, directory_fingerprint, require_pipeline_dir, warn_broken_symlink
-from .parse import parse_source, source_from_config
+from .parse import parse_source
 from .url import DEFAULT_PIPELINE_CLASS, UrlSource, redact_url, url_hash
 
 __all__ = [
     "DEFAULT_PIPELINE_CLASS", "DEMO_SOURCE", "DemoSource", "HubSource", "LocalSource", "Prepared", "Source",
     "UrlSource", "Workspace", "directory_fingerprint", "is_commit", "parse_source", "redact_url",
-    "require_pipeline_dir", "source_from_config", "url_hash", "warn_broken_symlink",
+    "require_pipeline_dir", "url_hash", "warn_broken_symlink",
 ]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from model_loader.diffusers_layout import is_variant_name
@@ -18,7 +16,6 @@ from .local import LocalSource
 from .url import DEFAULT_PIPELINE_CLASS, UrlSource, redact_url
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_CONFIG_KEYS = ("revision", "variant", "subfolder", "pipeline_class", "config")
 
 
 def parse_source(
@@ -68,17 +65,6 @@ def parse_source(
         raise SourceError(f"{text}: revision given twice ({inline_rev!r} and {revision!r})")
     rev = revision or inline_rev or None
     return HubSource(repo, revision=rev, variant=variant, subfolder=_clean_subfolder(subfolder))
-
-
-def source_from_config(settings: Mapping[str, Any]) -> Source:
-    """A Source from a config table: ``source`` plus optional ``revision``, ``variant``,
-    ``subfolder``, ``pipeline_class`` and ``config`` keys (the ``[model]`` table of fal.toml)."""
-    if "source" not in settings:
-        raise SourceError("model settings need a 'source' (Hub repo id, https:// URL or directory)")
-    return parse_source(
-        str(settings["source"]),
-        **{k: (str(v) if v is not None else None) for k, v in settings.items() if k in _CONFIG_KEYS},
-    )
 
 
 def _clean_subfolder(subfolder: str | None) -> str | None:
