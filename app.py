@@ -4,8 +4,10 @@ This file is the ``fal.App`` and what its setup() needs from the store and the l
   - settings   fal.toml is loaded once here (``SETTINGS``), one profile chosen by APP_PROFILE
                (``demo`` = offline): fal builds the class from it (machine, scaling, requirements,
                the endpoint's request model). The models and loading live in serving.settings.
-  - the app    setup(): lookup (+ start reading) -> store (acquire + convert once) -> load -> warm up;
-               POST / generates images, GET|POST /health reports readiness and setup timings.
+  - the app    setup(): lookup (+ start reading) -> store (acquire + convert once) -> load -> warm up,
+               for the pipeline and the safety checker ([safety_checker], serving.safety) alike;
+               POST / generates images (flagged ones blacked out), GET|POST /health reports
+               readiness and setup timings.
   - helpers    of setup() and the endpoint: reads, devices, encoding.
 The public request/response models are serving.schema's (built from [serving]), the 413 body
 limit and short 422 answers serving.http's.
@@ -30,6 +32,7 @@ from fal.toolkit import Image
 from fastapi import FastAPI
 
 from serving.http import RequestBodyLimit, shorten_validation_answers
+from serving.safety import checker_source, load_safety_checker, screen
 from serving.schema import (
     MAX_SEED,
     HealthOutput,
@@ -53,7 +56,7 @@ LOCAL_PACKAGES = ["model_loader", "conversion", "serving"]
 # The one settings read at import: fal builds the class from it. The endpoint's request model
 # carries [serving]'s bounds, so it is built here too.
 SETTINGS = load_settings(SETTINGS_FILE)
-TextToImageInput = request_models(SETTINGS.serving).TextToImageInput
+TextToImageInput = request_models(SETTINGS.serving, SETTINGS.safety_checker.enabled).TextToImageInput
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
                 reads = start_reads(self.store_path, device)
             phase.detail = (f"{self.store_path}; {len(reads.names)} pack(s) reading in the background" if reads
                             else str(self.store_path) if self.store_path else "no store entry yet")
+            checker_reads = self._look_up_safety_checker(store)  # the same, for the checker's entry
 
         # 2-3. store: acquire + convert once; a warm start has nothing to do here.
         with self._phase("store") as phase:
@@ -119,6 +123,11 @@ class TextToImageApp(fal.App, name=APP_NAME):
                 phase.detail = str(self.store_path)
             else:
                 phase.detail = "warm: found in lookup"
+            if self.checker_source is not None and self.checker_path is None:
+                from conversion.store import ensure_converted
+
+                self.checker_path = Path(ensure_converted(self.checker_source, root=root, dtype=model.dtype))
+                phase.detail += f"; safety checker {self.checker_path}"
 
         # 4. load: finish the reads (each pack's checksum checked as its bytes pass) while the
         #    modules are built on the meta device; parameters become views of the packs' blocks.
@@ -132,6 +141,8 @@ class TextToImageApp(fal.App, name=APP_NAME):
             self.device = resolve_device(model.device)
             if reads is None:
                 reads = start_reads(self.store_path, self.device)
+            if checker_reads is None and self.checker_path is not None:
+                checker_reads = start_reads(self.checker_path, self.device)
             from model_loader import load_pipeline
 
             torch_dtype = getattr(torch, model.dtype)
@@ -148,6 +159,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
             finally:
                 reads = None  # the pipeline holds the blocks it uses; nothing else keeps them
             self.pipe.set_progress_bar_config(disable=True)
+            self.safety_checker = self._load_safety_checker(store, root, torch_dtype, checker_reads)
             size = sum(p.stat().st_size for p in self.store_path.glob("*/*.flashpack"))
             phase.rate(size, f"to {self.device}, checksums verified (import torch {imported_torch:.2f} s)")
 
@@ -158,31 +170,68 @@ class TextToImageApp(fal.App, name=APP_NAME):
             shapes = list(dict.fromkeys(serving.warmup_sizes))
             for name in shapes:
                 width, height = preset_size(name, serving)
-                self._generate("warm-up", "", width, height, serving.warmup_steps, serving.default_guidance_scale,
-                               seed=0)
+                picture = self._generate("warm-up", "", width, height, serving.warmup_steps,
+                                         serving.default_guidance_scale, seed=0)
+                screen([picture], self.safety_checker, enabled=True)  # the checker's first call too
             phase.detail = f"{len(shapes)} shape(s) x {serving.warmup_steps} step(s): {', '.join(shapes) or 'none'}"
 
         self.phase_seconds["total"] = round(time.perf_counter() - started, 3)
         log.info("setup: ready in %.2f s (profile %s, model %s, device %s)", self.phase_seconds["total"],
                  self.settings.profile, model.source, self.device)
 
-    def _rebuild(self, store: Any, root: Path, problem: str) -> Path:
-        """Move the damaged entry aside and build it again from the source, on this start."""
+    def _rebuild(self, store: Any, root: Path, problem: str, source: Any = None, damaged: Path | None = None) -> Path:
+        """Move the damaged entry (the pipeline's unless ``damaged``, of ``source``) aside and build
+        it again from the source, on this start."""
         from conversion.errors import ConversionError, StoreError
         from conversion.store import ensure_converted
 
-        damaged = self.store_path
+        source = source or self.source
+        damaged = damaged or self.store_path
         log.error("load: the store entry %s is damaged (%s); moving it aside and rebuilding it from the source",
                   damaged, problem)
         store.quarantine(damaged, problem)
         try:
-            return Path(ensure_converted(self.source, root=root, dtype=self.settings.model.dtype))
+            return Path(ensure_converted(source, root=root, dtype=self.settings.model.dtype))
         except ConversionError as exc:
             raise StoreError(
                 f"the store entry {damaged} was damaged ({problem}) and has been moved aside, but rebuilding it "
-                f"failed: {exc}. Make the source ({self.settings.model.source}) reachable; the next start "
-                "rebuilds it"
+                f"failed: {exc}. Make the source ({source.display}) reachable; the next start rebuilds it"
             ) from exc
+
+    def _look_up_safety_checker(self, store: Any) -> Any:
+        """Lookup for the checker (``[safety_checker]``): its warm entry, found offline and checked,
+        and its pack reads started when the device is known; None when no reads started."""
+        model = self.settings.model
+        self.checker_source, self.checker_path = checker_source(self.settings.safety_checker), None
+        if self.checker_source is None:
+            log.warning('safety checker: none ([safety_checker] source = "none"); images are served unchecked')
+            return None
+        from conversion.store import verify_mode
+
+        self.checker_path = store.warm(self.checker_source, model.dtype, verify_mode())
+        device = early_device(model.device) if self.checker_path is not None else None
+        reads = start_reads(self.checker_path, device) if device is not None else None
+        log.info("lookup: safety checker %s%s", self.checker_path or "has no store entry yet",
+                 "; its pack reading in the background" if reads else "")
+        return reads
+
+    def _load_safety_checker(self, store: Any, root: Path, torch_dtype: Any, reads: Any) -> Any:
+        """The checker from its store entry (None without one); a damaged entry is rebuilt on this
+        start, as the pipeline's is."""
+        from model_loader import ChecksumMismatchError
+
+        if self.checker_source is None:
+            return None
+        try:
+            return load_safety_checker(self.checker_path, self.device, torch_dtype, reads)
+        except Exception as exc:  # a damaged entry is rebuilt on this start; anything else is raised
+            reads.cancel()
+            problem = str(exc) if isinstance(exc, ChecksumMismatchError) else store_problem(self.checker_path)
+            if problem is None:
+                raise
+            self.checker_path = self._rebuild(store, root, problem, self.checker_source, self.checker_path)
+            return load_safety_checker(self.checker_path, self.device, torch_dtype,
+                                       start_reads(self.checker_path, self.device))
 
     @fal.endpoint("/")
     def text_to_image(self, input: TextToImageInput) -> TextToImageOutput:
@@ -198,13 +247,14 @@ class TextToImageApp(fal.App, name=APP_NAME):
                                input.guidance_scale, seed=image_seed)
                 for image_seed in image_seeds(seed, input.num_images)
             ]
+            pictures, has_nsfw_concepts = screen(pictures, self.safety_checker, input.enable_safety_checker)
         generated = time.perf_counter()
 
         inline = input.sync_mode or self.settings.serving.output == "data_uri"
         images = [encode_image(picture, input.output_format, inline) for picture in pictures]
         done = time.perf_counter()
         timings = {"queue": started - queued, "inference": generated - started, "encode": done - generated}
-        return TextToImageOutput(images=images, seed=seed, prompt=input.prompt,
+        return TextToImageOutput(images=images, seed=seed, prompt=input.prompt, has_nsfw_concepts=has_nsfw_concepts,
                                  timings={k: round(v, 4) for k, v in timings.items()})
 
     @fal.endpoint(
@@ -217,7 +267,9 @@ class TextToImageApp(fal.App, name=APP_NAME):
         if getattr(self, "pipe", None) is None:
             raise RuntimeError("setup() has not finished: no pipeline is loaded")
         return HealthOutput(status="ok", profile=self.settings.profile, model=self.settings.model.source,
-                            device=str(self.device), store=str(self.store_path), setup_seconds=self.phase_seconds)
+                            device=str(self.device), store=str(self.store_path),
+                            safety_checker=str(self.checker_path) if self.checker_path else None,
+                            setup_seconds=self.phase_seconds)
 
     def _generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                   guidance_scale: float, seed: int):

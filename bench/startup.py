@@ -175,11 +175,15 @@ def write_app_copy(app_dir: Path, source: Path) -> None:
         shutil.copytree(REPO / name, app_dir / name, ignore=shutil.ignore_patterns("__pycache__"))
     profile = f"""
 
-# Added by bench/startup.py: serve the benchmark model, no warm-up (so /health is setup alone).
+# Added by bench/startup.py: serve the benchmark model, no warm-up (so /health is setup alone), no
+# safety checker (the peers load none, and the benchmark machine is offline).
 [profiles.bench.model]
 source = "{source}"
 dtype = "float16"
 device = "auto"
+
+[profiles.bench.safety_checker]
+source = "none"
 
 [profiles.bench.serving]
 output = "data_uri"

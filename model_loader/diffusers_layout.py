@@ -188,3 +188,67 @@ def select_files(
         if picked is not None:
             chosen += [f"{prefix}{comp}/{n}" for n in picked.files]
     return sorted(set(chosen))
+
+
+# The safety checker of Stable Diffusion 1.x: a StableDiffusionSafetyChecker (a CLIP vision model
+# with concept embeddings) and the CLIPImageProcessor that prepares its input. On the Hub it is a
+# model repo of its own (config.json, weights and preprocessor_config.json side by side, as in
+# CompVis/stable-diffusion-safety-checker) or two folders of an SD 1.x pipeline repo. Converted, it
+# is a two-component directory in the pipeline layout, so the store and the loader take it as they
+# take a pipeline: safety_checker/ (config.json + model.flashpack), feature_extractor/, and a
+# model_index.json naming both classes as SD 1.x pipelines do.
+SAFETY_CHECKER = "safety_checker"
+FEATURE_EXTRACTOR = "feature_extractor"
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+SAFETY_CHECKER_CLASS = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+FEATURE_EXTRACTOR_CLASS = ["transformers", "CLIPImageProcessor"]
+
+
+def safety_checker_index() -> dict[str, Any]:
+    """The ``model_index.json`` of a safety checker directory: its two components, as SD 1.x
+    pipelines list them (``_class_name`` names the checker; it is no pipeline)."""
+    return {"_class_name": SAFETY_CHECKER_CLASS[1], SAFETY_CHECKER: list(SAFETY_CHECKER_CLASS),
+            FEATURE_EXTRACTOR: list(FEATURE_EXTRACTOR_CLASS)}
+
+
+def select_safety_checker_files(
+    files: Iterable[str], variant: str | None = None, subfolder: str | None = None, weights: bool = True
+) -> dict[str, list[str]]:
+    """The files of a repo listing (or a directory's relative paths) that make up a safety checker,
+    per component of its converted directory: ``safety_checker`` (``config.json`` and the weights
+    ``choose_weights`` picks) and ``feature_extractor`` (``preprocessor_config.json``).
+
+    They lie side by side in the (sub)folder's root, or in its ``safety_checker/`` and
+    ``feature_extractor/`` folders (an SD 1.x pipeline repo); DiffusersLayoutError when neither.
+    """
+    prefix = f"{subfolder}/" if subfolder else ""
+    by_dir: dict[str, list[str]] = {}
+    for path in files:
+        if not path.startswith(prefix):
+            continue
+        folder, _, name = path[len(prefix):].rpartition("/")
+        if "/" not in folder:
+            by_dir.setdefault(folder, []).append(name)
+    for model_dir, extractor_dir in (("", ""), (SAFETY_CHECKER, FEATURE_EXTRACTOR)):
+        if CONFIG_NAME in by_dir.get(model_dir, []) and PREPROCESSOR_CONFIG_NAME in by_dir.get(extractor_dir, []):
+            break
+    else:
+        where = subfolder or "the repo root"
+        raise DiffusersLayoutError(
+            f"{where} holds no safety checker: expected {CONFIG_NAME} + weights + {PREPROCESSOR_CONFIG_NAME} side "
+            f"by side (as in CompVis/stable-diffusion-safety-checker) or {SAFETY_CHECKER}/ + {FEATURE_EXTRACTOR}/ "
+            "(as in an SD 1.x pipeline repo)"
+        )
+    model = [CONFIG_NAME]
+    if weights:
+        picked = choose_weights(by_dir[model_dir], variant, SAFETY_CHECKER)
+        if picked is None:
+            raise DiffusersLayoutError(f"{(prefix + model_dir).rstrip('/') or 'the repo root'}: the safety checker has "
+                                       "no weight files")
+        model += picked.files
+
+    def full(folder: str, name: str) -> str:
+        return f"{prefix}{folder}/{name}" if folder else f"{prefix}{name}"
+
+    return {SAFETY_CHECKER: [full(model_dir, n) for n in model],
+            FEATURE_EXTRACTOR: [full(extractor_dir, PREPROCESSOR_CONFIG_NAME)]}

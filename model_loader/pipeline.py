@@ -64,16 +64,22 @@ def load_model(
     device: str | torch.device = "cpu",
     *,
     torch_dtype: torch.dtype | None = None,
+    reads: PackReads | None = None,
 ) -> torch.nn.Module:
     """Load one converted torch component (``config.json`` + ``model.flashpack``) onto ``device``.
 
     The class comes from the parent's ``model_index.json`` entry for this directory, else from
-    ``config.json`` (diffusers ``_class_name`` or transformers ``architectures``).
+    ``config.json`` (diffusers ``_class_name`` or transformers ``architectures``). ``reads``: pack
+    reads already running that include this component (named as its directory), as for
+    :func:`load_pipeline`; the model is built on the meta device while its pack is read.
     """
     comp = Path(component_dir)
     cls, config = model_class_and_config(_component_class(comp), comp)
     pack_path = _pack_path(comp)
     model = _empty_model(cls, config, pack_path, torch_dtype)
+    if reads is not None and comp.name in reads:
+        device = resolve_device(device)
+        return _fill(model, as_pack(reads.result(comp.name), device), device, torch_dtype, pack_path)
     return _fill(model, read_pack(pack_path, device), device, torch_dtype, pack_path)
 
 

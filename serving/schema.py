@@ -47,17 +47,18 @@ _built: dict[str, RequestModels] = {}
 _building = threading.Lock()
 
 
-def request_models(serving: ServingSettings) -> RequestModels:
+def request_models(serving: ServingSettings, safety_checker: bool = True) -> RequestModels:
     """The request models whose bounds, defaults and presets are ``serving``'s; the same classes
-    for equal settings, so an app and its tests share them."""
-    key = serving.model_dump_json()
+    for equal settings, so an app and its tests share them. ``safety_checker``: whether the app has
+    a checker (fal.toml's ``[safety_checker]`` is not ``"none"``), which the schema says."""
+    key = f"{serving.model_dump_json()} checker={safety_checker}"
     with _building:
         if key not in _built:
-            _built[key] = _build_request_models(serving)
+            _built[key] = _build_request_models(serving, safety_checker)
         return _built[key]
 
 
-def _build_request_models(serving: ServingSettings) -> RequestModels:
+def _build_request_models(serving: ServingSettings, safety_checker: bool) -> RequestModels:
     class ImageSize(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -171,6 +172,12 @@ def _build_request_models(serving: ServingSettings) -> RequestModels:
             "(larger response; the images are not stored).",
             examples=[False],
         )
+        enable_safety_checker: bool = Field(
+            default=True,
+            strict=True,
+            description=CHECKER_ON if safety_checker else CHECKER_NONE,
+            examples=[True],
+        )
 
         @field_validator("prompt")
         @classmethod
@@ -189,18 +196,30 @@ def _is_visible(ch: str) -> bool:
     return not ch.isspace() and unicodedata.category(ch)[0] != "C"
 
 
+# What enable_safety_checker means, with a checker and without one (fal.toml: [safety_checker] source = "none").
+CHECKER_ON = ("Run the safety checker on the images: an image it flags is replaced by a black image of the same "
+              "size, and has_nsfw_concepts says which. false: the images are returned unchecked.")
+CHECKER_NONE = ("This deployment has no safety checker ([safety_checker] source = \"none\"): images are never "
+                "checked, whatever this says, and has_nsfw_concepts is always false.")
+
+
 class TextToImageOutput(BaseModel):
     images: list[Image] = Field(
         description="The generated images.",
         examples=[[{"url": "https://v3.fal.media/files/elephant/lighthouse.jpeg", "width": 1024,
                     "height": 1024, "content_type": "image/jpeg"}]],
     )
+    has_nsfw_concepts: list[bool] = Field(
+        description="One per image, in order: whether the safety checker flagged it (and it was replaced by a "
+        "black image). All false when enable_safety_checker was false or the deployment has no checker.",
+        examples=[[False]],
+    )
     seed: int = Field(description="The seed of the first image (image i used seed + i).", examples=[42])
     prompt: str = Field(description="The prompt the images were generated from.",
                         examples=["a lighthouse on a cliff at sunset, oil painting"])
     timings: dict[str, float] = Field(
-        description="Seconds spent: waiting for the GPU (queue), generating (inference), encoding and "
-        "uploading (encode).",
+        description="Seconds spent: waiting for the GPU (queue), generating and safety-checking (inference), "
+        "encoding and uploading (encode).",
         examples=[{"queue": 0.0, "inference": 2.41, "encode": 0.12}],
     )
 
@@ -212,6 +231,11 @@ class HealthOutput(BaseModel):
     device: str = Field(description="Where the model runs.", examples=["cuda"])
     store: str = Field(description="The converted model directory loaded.",
                        examples=["/data/flashpack/stable-diffusion-xl-base-1.0"])
+    safety_checker: str | None = Field(
+        default=None,
+        description="The converted safety checker directory loaded; null when the deployment has none.",
+        examples=["/data/flashpack/safety-checker--CompVis--stable-diffusion-safety-checker-4f0c1e2d9a8b7c6d"],
+    )
     setup_seconds: dict[str, float] = Field(
         description="Duration of each setup phase: lookup, store, load, warmup, total.",
         examples=[{"lookup": 0.01, "store": 0.0, "load": 1.9, "warmup": 1.2, "total": 3.4}],

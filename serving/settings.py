@@ -2,8 +2,9 @@
 
 The top-level tables are the default profile; ``[profiles.<name>]`` overlays one of them, chosen by
 the ``profile`` argument or, when that is None, by $APP_PROFILE (read here and nowhere else, when
-:func:`load_settings` is called). Nothing is read at import. ``[model]`` is checked with
-conversion.sources' rules (stdlib only), so a source the store could not acquire fails here.
+:func:`load_settings` is called). Nothing is read at import. ``[model]`` and ``[safety_checker]``
+are checked with conversion.sources' rules (stdlib only), so a source the store could not acquire
+fails here.
 """
 
 import os
@@ -15,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from conversion.errors import SourceError
-from conversion.sources import DEMO_SOURCE, parse_source
+from conversion.sources import DEMO_SOURCE, parse_checker_source, parse_source
 
 # The environment variable that picks the profile when load_settings() is given none.
 PROFILE_ENV = "APP_PROFILE"
@@ -26,6 +27,8 @@ MAX_STEPS_LIMIT = 1000
 MAX_GUIDANCE_LIMIT = 100.0
 MAX_SIDE_LIMIT = 8192
 MAX_PROMPT_LIMIT = 100_000
+# [safety_checker] source that serves without a checker (said explicitly, never by omission).
+NO_CHECKER = "none"
 
 
 class SettingsError(ValueError):
@@ -96,6 +99,21 @@ class ModelSettings(_Strict):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
+class SafetyCheckerSettings(_Strict):
+    """The safety checker: a source the store acquires and converts once, like ``[model]``
+    (checked by :func:`load_settings`, see :func:`checker_problem`), on the model's device and
+    dtype; ``source = "none"`` serves without one."""
+
+    source: str = Field(min_length=1)
+    revision: str | None = Field(default=None, min_length=1)
+    subfolder: str | None = Field(default=None, min_length=1)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the app has a checker (``source`` is not ``"none"``)."""
+        return self.source != NO_CHECKER
+
+
 class ServingSettings(_Strict):
     """Bounds of one request; they become the public schema."""
 
@@ -141,6 +159,7 @@ class AppSettings(_Strict):
     profile: str
     deploy: DeploySettings
     model: ModelSettings
+    safety_checker: SafetyCheckerSettings
     serving: ServingSettings
 
 
@@ -156,15 +175,19 @@ def size_problem(width: int, height: int, serving: ServingSettings) -> str | Non
     return None
 
 
-_SECTIONS = ("deploy", "model", "serving")
+_SECTIONS = ("deploy", "model", "safety_checker", "serving")
+# Tables a profile replaces whole: a revision belongs to its source.
+_REPLACED_WHOLE = ("model", "safety_checker")
 _UNION_TAG = re.compile(r"^(str|int|list\[.*\]|function-.*)$")
 
 
 def load_settings(path: str | os.PathLike[str], profile: str | None = None) -> AppSettings:
     """Read and validate ``path``; ``profile`` (None: $APP_PROFILE) overlays ``[profiles.<name>]``.
 
-    Tables merge key by key, except ``[model]``, which a profile replaces whole. Any problem raises
-    :class:`SettingsError` naming the file, the profile and the key.
+    Tables merge key by key, except ``[model]`` and ``[safety_checker]``, which a profile replaces
+    whole. ``[safety_checker]`` is required: the app serves without a checker only when it says
+    ``source = "none"``. Any problem raises :class:`SettingsError` naming the file, the profile and
+    the key.
     """
     path = Path(path)
     profile = (os.environ.get(PROFILE_ENV, "") if profile is None else profile).strip() or "default"
@@ -194,7 +217,13 @@ def load_settings(path: str | os.PathLike[str], profile: str | None = None) -> A
             if not isinstance(overlay, dict):
                 raise SettingsError(f"{path}: {where} must be a table")
             base = merged.get(section, {})
-            merged[section] = overlay if section == "model" else _deep_merge(base, overlay)
+            merged[section] = overlay if section in _REPLACED_WHOLE else _deep_merge(base, overlay)
+    if "safety_checker" not in merged:
+        raise SettingsError(
+            f"{path} (profile {profile!r}): safety_checker: required table is missing; name the checker's source "
+            f"(e.g. source = \"CompVis/stable-diffusion-safety-checker\"), or source = \"{NO_CHECKER}\" to serve "
+            "without one"
+        )
 
     try:
         settings = AppSettings(profile=profile, **merged)
@@ -205,6 +234,10 @@ def load_settings(path: str | os.PathLike[str], profile: str | None = None) -> A
     if problem is not None:
         key, message = problem
         raise SettingsError(f"{path} (profile {profile!r}): model.{key}: {message}")
+    problem = checker_problem(settings.safety_checker)
+    if problem is not None:
+        key, message = problem
+        raise SettingsError(f"{path} (profile {profile!r}): safety_checker.{key}: {message}")
     return settings
 
 
@@ -224,6 +257,25 @@ def model_problem(model: ModelSettings) -> tuple[str, str] | None:
     for key, extra in checks:
         try:
             parse_source(model.source, **extra)
+        except SourceError as exc:
+            return key, str(exc)
+    return None
+
+
+def checker_problem(checker: SafetyCheckerSettings) -> tuple[str, str] | None:
+    """The ``[safety_checker]`` key that cannot be served and why, by conversion.sources' rules;
+    None if fine. Checked as :func:`model_problem` checks ``[model]``: ``source`` alone, then with
+    ``subfolder``, then with ``revision`` too."""
+    if not checker.enabled:
+        for key in ("revision", "subfolder"):
+            if getattr(checker, key) is not None:
+                return key, f"source {NO_CHECKER!r} (no safety checker) has no {key}; remove {key}"
+        return None
+    checks = [("source", {}), ("subfolder", {"subfolder": checker.subfolder}),
+              ("revision", {"subfolder": checker.subfolder, "revision": checker.revision})]
+    for key, extra in checks:
+        try:
+            parse_checker_source(checker.source, **extra)
         except SourceError as exc:
             return key, str(exc)
     return None

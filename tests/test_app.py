@@ -13,13 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image as PILImage
 from starlette.testclient import TestClient
 
+from conversion.demo import make_demo_safety_checker
 from conversion.manifest import read_manifest
 from serving.schema import MAX_SEED
-from serving.settings import ModelSettings
+from serving.settings import ModelSettings, SafetyCheckerSettings
 
 SMALL = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "output_format": "png"}
 MANIFEST = "flashpack_manifest.json"
@@ -96,11 +98,20 @@ def test_demo_app_serves_the_demo_source_from_the_store_and_keeps_no_generated_c
     assert read_manifest(store)["source"]["kind"] == "demo"
     assert sorted(p.name for p in served.root.iterdir()) == ["flashpack"]
 
+
+def test_demo_app_loads_the_demo_safety_checker_from_its_own_store_entry(served):
+    checker = Path(served.client.get("/health").json()["safety_checker"])
+    assert checker.parent == served.root / "flashpack"
+    assert read_manifest(checker)["source"]["kind"] == "demo-safety-checker"
+    assert (checker / "safety_checker" / "model.flashpack").is_file()
+    assert type(served.app.safety_checker.model).__name__ == "StableDiffusionSafetyChecker"
+
 def test_second_start_finds_the_store_and_converts_nothing(served, caplog):
     store = Path(served.client.get("/health").json()["store"])
     manifest_mtime = (store / MANIFEST).stat().st_mtime_ns
     entries = sorted(p.name for p in store.parent.iterdir())
     second = served.module.TextToImageApp(_allow_init=True)
+    checker = served.client.get("/health").json()["safety_checker"]
     with (
         _Env(APP_DATA_ROOT=str(served.root)),
         caplog.at_level("INFO"),
@@ -108,12 +119,14 @@ def test_second_start_finds_the_store_and_converts_nothing(served, caplog):
     ):
         health = client.get("/health").json()
         response = client.post("/", json={"prompt": "a cat on a horse", **SMALL, "seed": 3})
-    assert health["store"] == str(store)
+    assert health["store"] == str(store) and health["safety_checker"] == checker
     assert (store / MANIFEST).stat().st_mtime_ns == manifest_mtime
     assert sorted(p.name for p in store.parent.iterdir()) == entries
     assert [r.name for r in caplog.records if r.name in ("conversion.convert", "conversion.download")] == []
     assert any(r.name == "conversion.store" and "no network" in r.getMessage() for r in caplog.records)
     assert any(r.name == "app" and "reading in the background" in r.getMessage() for r in caplog.records)
+    assert any(r.name == "app" and r.getMessage() == f"lookup: safety checker {checker}; its pack reading in the "
+               "background" for r in caplog.records)
     assert image_bytes(response.json()["images"][0]) == image_bytes(generate(served, seed=3)["images"][0])
 
 
@@ -123,6 +136,28 @@ def _flip_byte(path: Path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _start_and_check(served, caplog) -> tuple[dict, bytes]:
+    with caplog.at_level("INFO"), TestClient(served.module.TextToImageApp(_allow_init=True)._build_app()) as client:
+        response = client.post("/", json={"prompt": "a cat on a horse", **SMALL, "seed": 3})
+        assert response.status_code == 200 and response.json()["has_nsfw_concepts"] == [False]
+        return client.get("/health").json(), image_bytes(response.json()["images"][0])
+
+
+def test_a_corrupt_checker_pack_is_caught_while_loading_and_rebuilt_on_the_same_start(served, tmp_path, caplog):
+    with _Env(APP_DATA_ROOT=str(tmp_path / "data")):
+        health, clean = _start_and_check(served, caplog)
+        checker = Path(health["safety_checker"])
+        _flip_byte(checker / "safety_checker" / "model.flashpack", 0)  # payload: the size and footer stay valid
+        caplog.clear()
+        rebuilt, image = _start_and_check(served, caplog)
+    assert rebuilt["safety_checker"] == str(checker) and rebuilt["store"] == health["store"] and image == clean
+    damaged = [r.getMessage() for r in caplog.records if r.name == "app" and "is damaged" in r.getMessage()]
+    assert len(damaged) == 1 and f"{checker}/safety_checker/model.flashpack: bytes 0-" in damaged[0]
+    assert "checksum" in damaged[0]
+    converted = [r.getMessage() for r in caplog.records if r.name == "conversion.convert"]
+    assert converted and all("unet" not in m for m in converted)  # the checker was rebuilt, not the pipeline
 
 
 def _start_and_generate(served, caplog) -> tuple[Path, bytes]:
@@ -195,8 +230,8 @@ def test_setup_fails_naming_a_missing_model_source(served, tmp_path, caplog):
 
 def test_response_follows_fal_conventions(served):
     body = generate(served, seed=11)
-    assert set(body) == {"images", "seed", "prompt", "timings"}
-    assert body["seed"] == 11 and body["prompt"] == "a cat on a horse"
+    assert set(body) == {"images", "seed", "prompt", "has_nsfw_concepts", "timings"}
+    assert body["seed"] == 11 and body["prompt"] == "a cat on a horse" and body["has_nsfw_concepts"] == [False]
     image = body["images"][0]
     assert (image["width"], image["height"], image["content_type"]) == (64, 64, "image/png")
     assert image["url"].startswith("data:image/png;base64,")  # the demo profile never uploads
@@ -240,6 +275,71 @@ def test_image_i_of_a_request_is_image_0_of_seed_plus_i(served):
 def test_negative_prompt_changes_the_image(served):
     plain, negative = generate(served, seed=9), generate(served, seed=9, negative_prompt="blurry")
     assert image_bytes(plain["images"][0]) != image_bytes(negative["images"][0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The safety checker
+
+
+@pytest.fixture(scope="module")
+def flagging(served, tmp_path_factory):
+    """The demo app with a test-only checker that flags every image (the demo checker built with
+    flag level 0, as a local checker directory), on the demo app's data root."""
+    module = served.module
+    checker_dir = make_demo_safety_checker(tmp_path_factory.mktemp("checker") / "flags-everything", flag_level=0)
+
+    class FlaggingApp(module.TextToImageApp):
+        pass
+
+    FlaggingApp.settings = module.TextToImageApp.settings.model_copy(
+        update={"safety_checker": SafetyCheckerSettings(source=str(checker_dir))})
+    with TestClient(FlaggingApp(_allow_init=True)._build_app()) as client:
+        yield SimpleNamespace(client=client, checker_dir=checker_dir)
+
+
+def test_the_demo_checker_flags_none_of_the_demo_images(served):
+    assert generate(served, seed=21, num_images=3)["has_nsfw_concepts"] == [False, False, False]
+
+
+def test_flagged_images_are_replaced_by_black_images_of_their_size(flagging):
+    response = flagging.client.post("/", json={"prompt": "a cat on a horse", **SMALL, "seed": 21, "num_images": 2,
+                                               "image_size": {"width": 64, "height": 48}})
+    body = response.json()
+    assert response.status_code == 200 and body["has_nsfw_concepts"] == [True, True]
+    for image in body["images"]:
+        assert (image["width"], image["height"]) == (64, 48)
+        assert np.array_equal(np.asarray(pixels(image)), np.zeros((48, 64, 3), dtype=np.uint8))
+
+
+def test_enable_safety_checker_false_returns_the_images_unchecked(served, flagging):
+    body = {"prompt": "a cat on a horse", **SMALL, "seed": 21, "num_images": 2, "enable_safety_checker": False}
+    unchecked = flagging.client.post("/", json=body).json()
+    assert unchecked["has_nsfw_concepts"] == [False, False]
+    demo = generate(served, seed=21, num_images=2)
+    assert [image_bytes(im) for im in unchecked["images"]] == [image_bytes(im) for im in demo["images"]]
+
+
+def test_the_checker_of_the_settings_comes_from_the_store_as_a_local_checker_entry(served, flagging):
+    entry = Path(flagging.client.get("/health").json()["safety_checker"])
+    assert entry.parent == served.root / "flashpack"
+    source = read_manifest(entry)["source"]
+    assert (source["kind"], source["ref"]) == ("local-safety-checker", str(flagging.checker_dir))
+
+
+def test_a_deployment_without_a_checker_says_so_and_flags_nothing(served, caplog):
+    module = served.module
+
+    class UncheckedApp(module.TextToImageApp):
+        pass
+
+    UncheckedApp.settings = module.TextToImageApp.settings.model_copy(
+        update={"safety_checker": SafetyCheckerSettings(source="none")})
+    with caplog.at_level("INFO"), TestClient(UncheckedApp(_allow_init=True)._build_app()) as client:
+        health = client.get("/health").json()
+        body = client.post("/", json={"prompt": "a cat", **SMALL, "seed": 4, "num_images": 2}).json()
+    assert health["safety_checker"] is None and body["has_nsfw_concepts"] == [False, False]
+    assert any(r.name == "app" and r.levelname == "WARNING" and "safety checker: none" in r.getMessage()
+               for r in caplog.records)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,6 +420,9 @@ BAD_INPUTS = [
     ("sync_mode", {"sync_mode": "maybe"}, "valid boolean"),
     ("sync_mode", {"sync_mode": "yes"}, "valid boolean"),
     ("sync_mode", {"sync_mode": 1}, "valid boolean"),
+    ("enable_safety_checker", {"enable_safety_checker": "false"}, "valid boolean"),
+    ("enable_safety_checker", {"enable_safety_checker": 0}, "valid boolean"),
+    ("enable_safety_checker", {"enable_safety_checker": None}, "valid boolean"),
     ("steps", {"steps": 4}, "Extra inputs"),
 ]
 

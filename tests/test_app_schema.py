@@ -86,6 +86,17 @@ def test_the_apps_openapi_carries_the_demo_bounds(app_module):
     assert schemas["TextToImageInput"]["additionalProperties"] is False
 
 
+def test_the_apps_openapi_has_the_safety_checker_switch_and_the_per_image_verdicts(app_module):
+    schemas = openapi(app_module)["components"]["schemas"]
+    switch = schemas["TextToImageInput"]["properties"]["enable_safety_checker"]
+    assert (switch["type"], switch["default"]) == ("boolean", True)
+    assert switch["description"].startswith("Run the safety checker on the images: an image it flags is replaced by "
+                                            "a black image of the same size")
+    verdicts = schemas["TextToImageOutput"]["properties"]["has_nsfw_concepts"]
+    assert verdicts["type"] == "array" and verdicts["items"] == {"type": "boolean"}
+    assert "has_nsfw_concepts" in schemas["TextToImageOutput"]["required"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Property-based sweep: nothing the schema allows or forbids makes the server answer 5xx
 
@@ -108,6 +119,7 @@ def stub_asgi_app(app_module):
         def setup(self):
             self.pipe, self._lock, self.device = NoisePipe(), threading.Lock(), "cpu"
             self.store_path, self.phase_seconds = Path("stub"), {}
+            self.safety_checker, self.checker_path = None, None
             self._store_checked, self._store_problem = threading.Event(), None
             self._store_checked.set()
 

@@ -122,6 +122,17 @@ def test_invalid_input_is_422_and_the_server_keeps_serving(server, field, change
     assert post(server, seed=7).status_code == 200
 
 
+def test_safety_checker_verdicts_over_http_one_per_image_and_the_switch_is_a_strict_boolean(server):
+    checked, unchecked = post(server, seed=5, num_images=2), post(server, seed=5, num_images=2,
+                                                                enable_safety_checker=False)
+    assert checked.json()["has_nsfw_concepts"] == unchecked.json()["has_nsfw_concepts"] == [False, False]
+    assert image_bytes(checked) == image_bytes(unchecked)  # the demo checker passes the demo's images
+    refused = post(server, enable_safety_checker="no")
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "enable_safety_checker"]
+    health = httpx.get(f"{server['url']}/health", timeout=10).json()
+    assert Path(health["safety_checker"]).parent == server["root"] / "flashpack"
+
+
 def test_body_over_max_request_bytes_is_413_over_http_and_the_server_keeps_serving(server):
     response = httpx.post(f"{server['url']}/", content=b"x" * (1024 * 1024 + 1),
                           headers={"content-type": "application/json"}, timeout=60)

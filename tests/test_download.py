@@ -24,9 +24,9 @@ from conversion.download import (
 )
 from conversion.download import url as url_download
 from conversion.errors import AuthError, DownloadError, DownloadStalledError, SourceError
-from conversion.sources import parse_source
+from conversion.sources import parse_checker_source, parse_source
 from tests.hub_server import HubRepo, HubServer, decoy_files, use_hub
-from tests.tiny_models import make_tiny_sd
+from tests.tiny_models import make_tiny_checker_repo, make_tiny_sd, make_tiny_sd_with_safety_checker
 
 TOKEN = "hf_loopbackTOKEN_0123456789abcdef"
 FAST = DownloadPolicy(stall_timeout_s=1.5, attempts=3, max_workers=8, poll_s=0.1, preread_workers=4)
@@ -45,10 +45,14 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repos(tiny_sd) -> list[HubRepo]:
+def repos(tiny_sd, tmp_path_factory) -> list[HubRepo]:
+    checker = make_tiny_checker_repo(tmp_path_factory.mktemp("checker") / "repo")
+    sd_with_checker = make_tiny_sd_with_safety_checker(tmp_path_factory.mktemp("sd-checker") / "repo")
     return [
         HubRepo.from_dir("org/tiny-sd", tiny_sd, extra=decoy_files(tiny_sd)),
         HubRepo.from_dir("org/private-sd", tiny_sd, private=True),
+        HubRepo.from_dir("org/tiny-checker", checker, extra={".gitattributes": b"*.bin filter=lfs\n"}),
+        HubRepo.from_dir("org/tiny-sd-with-checker", sd_with_checker),
     ]
 
 
@@ -99,6 +103,32 @@ def test_cached_snapshot_of_a_known_commit_makes_no_request(hub, tmp_path):
     again = fetch_hub(parse_source("org/tiny-sd"), tmp_path, first.identity, FAST)
     assert again.path == first.path
     assert hub.count() == 0
+
+
+def test_checker_repo_snapshot_downloads_its_config_weights_and_preprocessor_config_only(hub, tmp_path):
+    snap = fetch_hub(parse_checker_source("org/tiny-checker"), tmp_path, None, FAST)
+    checker_files = {"config.json", "pytorch_model.bin", "preprocessor_config.json"}
+    assert set(snap.files) == hub.downloaded() == checker_files  # no README, no .gitattributes
+    assert (snap.path / "pytorch_model.bin").is_file()
+
+
+def test_checker_of_an_sd_pipeline_repo_downloads_its_two_folders_and_nothing_of_the_pipeline(hub, tmp_path):
+    snap = fetch_hub(parse_checker_source("org/tiny-sd-with-checker"), tmp_path, None, FAST)
+    assert set(snap.files) == hub.downloaded() == {
+        "safety_checker/config.json", "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json"}
+
+
+def test_cached_checker_snapshot_of_a_known_commit_makes_no_request(hub, tmp_path):
+    first = fetch_hub(parse_checker_source("org/tiny-checker"), tmp_path, None, FAST)
+    hub.reset_counts()
+    again = fetch_hub(parse_checker_source("org/tiny-checker"), tmp_path, first.identity, FAST)
+    assert (again.path, again.files) == (first.path, first.files)
+    assert hub.count() == 0
+
+
+def test_a_pipeline_repo_without_checker_folders_is_a_source_error_saying_what_a_checker_is(hub, tmp_path):
+    with pytest.raises(SourceError, match=r"org/tiny-sd: the repo root holds no safety checker: expected config.json"):
+        fetch_hub(parse_checker_source("org/tiny-sd"), tmp_path, None, FAST)
 
 
 def test_private_repo_without_token_is_an_auth_error_naming_hf_token(hub, tmp_path):

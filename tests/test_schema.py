@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serving.schema import MAX_SEED, HealthOutput, TextToImageOutput, image_seeds, request_models, requested_size
+from serving.schema import (
+    CHECKER_NONE,
+    CHECKER_ON,
+    MAX_SEED,
+    HealthOutput,
+    TextToImageOutput,
+    image_seeds,
+    request_models,
+    requested_size,
+)
 from serving.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +64,21 @@ def test_equal_settings_share_one_set_of_models_and_other_settings_get_their_own
     same = load_settings(REPO / "fal.toml", profile="demo").serving
     assert request_models(same) is request_models(DEMO)
     assert request_models(DEFAULT).TextToImageInput is not request_models(DEMO).TextToImageInput
+
+
+def test_enable_safety_checker_defaults_to_true_and_its_description_says_whether_there_is_a_checker():
+    with_checker, without = request_models(DEMO).TextToImageInput, request_models(DEMO, safety_checker=False).TextToImageInput
+    assert with_checker is not without and request_models(DEMO, safety_checker=True).TextToImageInput is with_checker
+    assert with_checker.model_fields["enable_safety_checker"].description == CHECKER_ON
+    assert without.model_fields["enable_safety_checker"].description == CHECKER_NONE
+    assert "has_nsfw_concepts is always false" in CHECKER_NONE
+    assert with_checker(prompt="a cat").enable_safety_checker is True
+
+
+@pytest.mark.parametrize("value", ["true", 1, 0, None])
+def test_enable_safety_checker_takes_a_json_boolean_only(value):
+    with pytest.raises(ValidationError, match="valid boolean"):
+        request_models(DEMO).TextToImageInput(prompt="a cat", enable_safety_checker=value)
 
 
 def test_a_schema_built_for_changed_settings_enforces_them():

@@ -50,6 +50,17 @@ def test_default_profile_serves_pinned_sdxl():
     assert settings.serving.presets.square_hd.width == 1024
 
 
+def test_default_profile_checks_images_with_the_hub_checker_pinned_to_a_commit():
+    checker = load_settings(REPO / "fal.toml", profile="").safety_checker
+    assert checker.enabled and checker.source == "CompVis/stable-diffusion-safety-checker"
+    assert checker.revision == "cb41f3a270d63d454d385fc2e4f571c487c253c5" and checker.subfolder is None
+
+
+def test_demo_profile_replaces_the_safety_checker_whole_with_the_demo_checker():
+    checker = load_settings(REPO / "fal.toml", profile="demo").safety_checker
+    assert (checker.source, checker.revision, checker.subfolder) == ("demo", None, None)
+
+
 def test_demo_profile_replaces_model_and_shrinks_presets():
     settings = load_settings(REPO / "fal.toml", profile="demo")
     assert settings.model.source == "demo"
@@ -123,7 +134,7 @@ def test_bad_device_is_named(tmp_path):
 def with_model(lines: str) -> str:
     """fal.toml with its default [model] table replaced by ``lines``."""
     start = FAL_TOML.index("[model]\n")
-    end = FAL_TOML.index("\n[serving]\n")
+    end = FAL_TOML.index("\n[", start + 1)
     return FAL_TOML[:start] + f"[model]\n{lines}\n" + FAL_TOML[end:]
 
 
@@ -153,6 +164,56 @@ def test_unusable_model_source_is_refused_when_settings_load_naming_the_key(tmp_
 def test_existing_local_directory_is_a_valid_model_source(tmp_path):
     path = settings_file(tmp_path, with_model(f'source = "{tmp_path}"'))
     assert load_settings(path, profile="").model.source == str(tmp_path)
+
+
+def with_checker(lines: str | None) -> str:
+    """fal.toml with its default [safety_checker] table replaced by ``lines`` (None: removed)."""
+    start = FAL_TOML.index("[safety_checker]\n")
+    end = FAL_TOML.index("\n[", start + 1)
+    return FAL_TOML[:start] + (f"[safety_checker]\n{lines}\n" if lines is not None else "") + FAL_TOML[end:]
+
+
+def test_a_missing_safety_checker_table_is_refused_saying_how_to_serve_without_one(tmp_path):
+    path = settings_file(tmp_path, with_checker(None))
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, profile="")
+    assert str(err.value) == (
+        f"{path} (profile 'default'): safety_checker: required table is missing; name the checker's source "
+        '(e.g. source = "CompVis/stable-diffusion-safety-checker"), or source = "none" to serve without one')
+
+
+def test_safety_checker_source_none_serves_without_a_checker(tmp_path):
+    checker = load_settings(settings_file(tmp_path, with_checker('source = "none"')), profile="").safety_checker
+    assert checker.source == "none" and not checker.enabled
+
+
+def test_a_local_checker_directory_is_a_valid_checker_source(tmp_path):
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        (tmp_path / name).write_text("{}")
+    path = settings_file(tmp_path, with_checker(f'source = "{tmp_path}"'))
+    assert load_settings(path, profile="").safety_checker.source == str(tmp_path)
+
+
+BAD_CHECKERS = [
+    ('source = "none"\nrevision = "main"', "safety_checker.revision: source 'none' (no safety checker) has no revision"),
+    ('source = "none"\nsubfolder = "x"', "safety_checker.subfolder: source 'none' (no safety checker) has no subfolder"),
+    ('source = "https://example.com/checker.safetensors"',
+     "safety_checker.source: https://example.com/checker.safetensors: a safety checker is a Hub repo or a directory"),
+    ('source = "/no/such/checker"', "safety_checker.source: /no/such/checker: no such directory"),
+    ('source = "demo"\nrevision = "main"', "safety_checker.revision: the demo safety checker takes no revision"),
+    ('source = "org/checker"\nsubfolder = "../x"', "safety_checker.subfolder: subfolder '../x' must be a relative"),
+    ('source = "org/checker@v1"\nrevision = "v2"', "safety_checker.revision: org/checker@v1: revision given twice"),
+    ('source = ""', "safety_checker.source: String should have at least 1 character"),
+    ('source = "org/checker"\nvariant = "fp16"', "safety_checker.variant: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("lines", "message"), BAD_CHECKERS, ids=[f"checker-{i}" for i in range(len(BAD_CHECKERS))])
+def test_unusable_safety_checker_is_refused_when_settings_load_naming_the_key(tmp_path, lines, message):
+    path = settings_file(tmp_path, with_checker(lines))
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, profile="")
+    assert str(err.value).startswith(f"{path} (profile 'default'): {message}")
 
 
 @pytest.mark.parametrize(

@@ -12,14 +12,23 @@ import pytest
 
 from conversion.errors import SourceError
 from conversion.sources import (
+    DemoCheckerSource,
     DemoSource,
+    HubCheckerSource,
     HubSource,
+    LocalCheckerSource,
     LocalSource,
     UrlSource,
     directory_fingerprint,
+    parse_checker_source,
     parse_source,
 )
-from model_loader.diffusers_layout import parse_weight_name, read_model_index, select_files
+from model_loader.diffusers_layout import (
+    parse_weight_name,
+    read_model_index,
+    select_files,
+    select_safety_checker_files,
+)
 from model_loader.errors import DiffusersLayoutError
 
 SD_INDEX = {
@@ -229,6 +238,91 @@ def test_subfolder_selects_inside_it_only():
 
 def test_config_only_selection_skips_every_weight():
     assert select_files(SD_REPO, SD_INDEX, weights=False) == SIDE_FILES
+
+
+# ---------------------------------------------------------------------------------------------
+# the safety checker's sources and files
+
+# The file list of CompVis/stable-diffusion-safety-checker at its pinned commit (fal.toml).
+CHECKER_REPO = [".gitattributes", "README.md", "config.json", "preprocessor_config.json", "pytorch_model.bin"]
+
+
+def checker_dir(path, files=("config.json", "model.safetensors", "preprocessor_config.json")):
+    path.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text("{}")
+    return path
+
+
+def test_checker_demo_is_the_embedded_demo_checker_with_a_fixed_offline_identity():
+    class NoRefs:
+        def read_ref(self, source):
+            raise AssertionError("the demo checker needs no ref file")
+
+    assert parse_checker_source("demo") == DemoCheckerSource()
+    assert DemoCheckerSource().offline_identity(NoRefs()) == "demo-safety-checker-v1"
+
+
+def test_checker_repo_id_is_a_hub_checker_source_with_its_revision_and_subfolder():
+    assert parse_checker_source("CompVis/stable-diffusion-safety-checker", revision="abc") == HubCheckerSource(
+        "CompVis/stable-diffusion-safety-checker", "abc")
+    assert parse_checker_source("org/sd-1@v2", subfolder="pipe") == HubCheckerSource("org/sd-1", "v2", None, "pipe")
+
+
+def test_checker_directory_is_a_local_checker_source(tmp_path):
+    assert parse_checker_source(str(checker_dir(tmp_path / "c"))) == LocalCheckerSource(str(tmp_path / "c"))
+
+
+def test_checker_directory_without_a_checker_is_refused_saying_what_it_should_hold(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(SourceError, match=r"holds no safety checker: expected config.json \+ weights \+ "
+                                          r"preprocessor_config.json side by side .* or safety_checker/ \+ "
+                                          r"feature_extractor/"):
+        parse_checker_source(str(tmp_path))
+
+
+@pytest.mark.parametrize(("text", "revision", "subfolder", "message"), [
+    ("https://h/checker.safetensors", None, None, "a safety checker is a Hub repo or a directory, not a URL"),
+    ("demo", "main", None, "the demo safety checker takes no revision or subfolder"),
+    ("org/x", None, "../up", "relative folder"),
+    ("just-a-name", None, None, "neither a Hub repo id"),
+    ("", None, None, "safety checker source is empty"),
+])
+def test_text_that_is_no_checker_source_is_an_error_saying_why(text, revision, subfolder, message):
+    with pytest.raises(SourceError, match=re.escape(message)):
+        parse_checker_source(text, revision=revision, subfolder=subfolder)
+
+
+def test_checker_kinds_key_their_store_entries_apart_from_the_pipeline_kinds(tmp_path):
+    assert HubCheckerSource("org/sd").key_fields()["kind"] == "hub-safety-checker"
+    assert HubCheckerSource("org/sd").key_fields() == {**HubSource("org/sd").key_fields(), "kind": "hub-safety-checker"}
+    assert LocalCheckerSource(str(tmp_path)).key_fields()["kind"] == "local-safety-checker"
+    assert DemoCheckerSource().key_fields()["kind"] == "demo-safety-checker"
+
+
+def test_checker_repo_files_are_its_config_weights_and_preprocessor_config():
+    assert select_safety_checker_files(CHECKER_REPO) == {
+        "safety_checker": ["config.json", "pytorch_model.bin"], "feature_extractor": ["preprocessor_config.json"]}
+    with_safetensors = select_safety_checker_files([*CHECKER_REPO, "model.safetensors"])
+    assert with_safetensors["safety_checker"] == ["config.json", "model.safetensors"]
+
+
+def test_checker_files_of_an_sd_pipeline_repo_are_its_two_folders_only():
+    assert select_safety_checker_files(SD_REPO) == {
+        "safety_checker": ["safety_checker/config.json", "safety_checker/model.safetensors"],
+        "feature_extractor": ["feature_extractor/preprocessor_config.json"]}
+
+
+def test_checker_files_in_a_subfolder_and_without_weights():
+    files = ["config.json", *(f"sc/{name}" for name in CHECKER_REPO)]
+    assert select_safety_checker_files(files, subfolder="sc", weights=False) == {
+        "safety_checker": ["sc/config.json"], "feature_extractor": ["sc/preprocessor_config.json"]}
+
+
+def test_a_checker_without_weights_is_an_error_naming_where():
+    with pytest.raises(DiffusersLayoutError, match="safety_checker: the safety checker has no weight files"):
+        select_safety_checker_files(["safety_checker/config.json", "feature_extractor/preprocessor_config.json"])
 
 
 # ---------------------------------------------------------------------------------------------

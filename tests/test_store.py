@@ -28,11 +28,11 @@ from conversion.download import url as url_download
 from conversion.durable import host_tag, temp_path
 from conversion.errors import DiskFullError, SourceError
 from conversion.manifest import VerificationError, read_manifest, verify_converted
-from conversion.sources import Prepared, parse_source
+from conversion.sources import DemoCheckerSource, Prepared, parse_checker_source, parse_source
 from conversion.store import STORE_DIRNAME, Store, convert_source, ensure_converted, resolve_root
 from model_loader import read_layout
 from tests.hub_server import HubRepo, HubServer, use_hub
-from tests.tiny_models import make_tiny_sd
+from tests.tiny_models import make_tiny_checker_repo, make_tiny_sd, make_tiny_sd_with_safety_checker
 
 FORK = multiprocessing.get_context("fork")
 
@@ -433,6 +433,104 @@ def test_demo_source_is_generated_in_scratch_converted_and_found_offline_after(t
     assert read_manifest(path)["source"] == {**read_manifest(path)["source"], "kind": "demo", "ref": "demo", "seed": 0}
     assert entries(tmp_path) == [path.name]  # the generated pipeline was scratch
     assert Store(tmp_path).warm(parse_source("demo")) == path
+
+
+# ---------------------------------------------------------------------------------------------
+# The safety checker: one more source through the same store, as a two-component directory
+
+CHECKER_ENTRY = ["feature_extractor/preprocessor_config.json", "flashpack_manifest.json", "model_index.json",
+                 "safety_checker/config.json", "safety_checker/model.flashpack"]
+CHECKER_INDEX = {"_class_name": "StableDiffusionSafetyChecker",
+                 "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 "feature_extractor": ["transformers", "CLIPImageProcessor"]}
+
+
+@pytest.fixture(scope="module")
+def checker_repo(tmp_path_factory) -> Path:
+    return make_tiny_checker_repo(tmp_path_factory.mktemp("checker") / "repo")
+
+
+def no_conversion(*args, **kwargs):
+    raise AssertionError("converted again")
+
+
+def checker_verdicts(path: Path) -> list[bool]:
+    """What the checker loaded from ``path`` says of a white and a mid-gray image."""
+    from PIL import Image
+
+    from serving.safety import load_safety_checker
+
+    images = [Image.new("RGB", (64, 64), (level,) * 3) for level in (255, 128)]
+    return load_safety_checker(path, "cpu").flags(images)
+
+
+def test_demo_checker_is_generated_in_scratch_converted_once_and_found_offline_after(tmp_path, monkeypatch):
+    path = ensure_converted(DemoCheckerSource(), root=tmp_path, dtype="float32")
+    assert sorted(files_of(path)) == CHECKER_ENTRY
+    assert json.loads((path / "model_index.json").read_text()) == CHECKER_INDEX
+    assert read_manifest(path)["source"]["kind"] == "demo-safety-checker"
+    assert entries(tmp_path) == [path.name]  # the generated checker was scratch
+    monkeypatch.setattr(conversion.convert, "convert_pipeline", no_conversion)
+    assert Store(tmp_path).warm(DemoCheckerSource(), "float32") == path
+    assert ensure_converted(DemoCheckerSource(), root=tmp_path, dtype="float32") == path
+    assert checker_verdicts(path) == [True, False]
+
+
+def test_hub_checker_repo_is_fetched_converted_from_its_bin_weights_and_loads_as_the_same_checker(
+    checker_repo, tmp_path, monkeypatch
+):
+    with HubServer([HubRepo.from_dir("org/tiny-checker", checker_repo)]) as server:
+        use_hub(monkeypatch, server, tmp_path / "hf-home")
+        path = ensure_converted(parse_checker_source("org/tiny-checker"), root=tmp_path, dtype="float32")
+        server.reset_counts()
+        monkeypatch.setattr(conversion.convert, "convert_pipeline", no_conversion)
+        assert ensure_converted(parse_checker_source("org/tiny-checker"), root=tmp_path, dtype="float32") == path
+        assert server.count() == 0  # the branch's commit is in the store's ref file: found offline
+    assert sorted(files_of(path)) == CHECKER_ENTRY
+    assert read_manifest(path)["source"]["kind"] == "hub-safety-checker"
+    assert entries(tmp_path) == [path.name]
+    assert checker_verdicts(path) == [True, False]
+
+
+def test_the_checker_of_an_sd_pipeline_repo_is_an_entry_of_its_own_beside_the_pipeline(tmp_path, monkeypatch):
+    repo = make_tiny_sd_with_safety_checker(tmp_path / "sd")
+    with HubServer([HubRepo.from_dir("org/sd", repo)]) as server:
+        use_hub(monkeypatch, server, tmp_path / "hf-home")
+        pipeline = ensure_converted(parse_source("org/sd"), root=tmp_path / "volume")
+        checker = ensure_converted(parse_checker_source("org/sd"), root=tmp_path / "volume")
+    assert checker != pipeline and checker.parent == pipeline.parent
+    assert sorted(files_of(checker)) == CHECKER_ENTRY
+    assert (pipeline / "unet" / "model.flashpack").is_file()
+    assert files_of(checker)["safety_checker/model.flashpack"] == files_of(pipeline)["safety_checker/model.flashpack"]
+
+
+def test_a_damaged_checker_entry_fails_its_warm_check_and_is_rebuilt_from_its_source(tmp_path, caplog):
+    path = ensure_converted(DemoCheckerSource(), root=tmp_path, dtype="float32")
+    good = files_of(path)
+    config = path / "feature_extractor" / "preprocessor_config.json"
+    config.write_text(config.read_text().replace("32", "33"))
+    caplog.set_level(logging.WARNING, logger="conversion.store")
+    assert Store(tmp_path).warm(DemoCheckerSource(), "float32") is None
+    assert "preprocessor_config.json: sha256 mismatch" in caplog.text
+    assert ensure_converted(DemoCheckerSource(), root=tmp_path, dtype="float32") == path
+    assert files_of(path) == {**good, "flashpack_manifest.json": files_of(path)["flashpack_manifest.json"]}
+    assert entries(tmp_path) == [path.name]
+
+
+def test_local_checker_directory_is_converted_once_and_again_when_it_changes(checker_repo, tmp_path, monkeypatch):
+    src = tmp_path / "checker"
+    shutil.copytree(checker_repo, src)
+    calls = []
+    real = conversion.convert.convert_pipeline
+    monkeypatch.setattr(conversion.convert, "convert_pipeline", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = ensure_converted(parse_checker_source(str(src)), root=tmp_path / "volume")
+    assert ensure_converted(parse_checker_source(str(src)), root=tmp_path / "volume") == first
+    assert len(calls) == 1 and read_manifest(first)["source"]["kind"] == "local-safety-checker"
+    (src / "preprocessor_config.json").write_text((src / "preprocessor_config.json").read_text().replace("32", "40"))
+    second = ensure_converted(parse_checker_source(str(src)), root=tmp_path / "volume")
+    assert second != first and len(calls) == 2
+    assert '"shortest_edge": 40' in (second / "feature_extractor" / "preprocessor_config.json").read_text()
+    assert [p.name for p in src.iterdir() if p.is_symlink()] == []  # the source is read, never touched
 
 
 def test_convert_source_into_a_new_directory(local_src, tmp_path):

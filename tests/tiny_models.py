@@ -167,3 +167,24 @@ def tiny_gpt2(seed: int = 0):
         bos_token_id=0, eos_token_id=0,
     )
     return GPT2LMHeadModel(config).eval()
+
+
+def make_tiny_checker_repo(dst: str | os.PathLike[str], flag_level: int = 235, weights: str = "bin") -> Path:
+    """The demo safety checker laid out as the Hub's CompVis/stable-diffusion-safety-checker is at
+    its pinned commit: ``config.json``, ``pytorch_model.bin`` (``weights="bin"``: with that
+    checkpoint's older key names, ``vision_model.vision_model.*``; or ``model.safetensors``) and
+    ``preprocessor_config.json`` side by side, plus a README."""
+    from conversion.demo import demo_safety_checker
+
+    dst = Path(dst)
+    checker, extractor = demo_safety_checker(flag_level)
+    checker.config.save_pretrained(dst)
+    if weights == "bin":
+        legacy = {("vision_model." + k if k.startswith("vision_model.") else k): v
+                  for k, v in checker.state_dict().items()}
+        torch.save(legacy, dst / "pytorch_model.bin")
+    else:
+        checker.save_pretrained(dst)
+    extractor.save_pretrained(dst)
+    (dst / "README.md").write_text("a tiny safety checker\n")
+    return dst

@@ -1,6 +1,7 @@
 """Weights onto the persistent volume: Hub snapshots and single-file URLs, restarted when stalled.
 
-- ``hub.py``: a Hub repo's pipeline files into the Hub cache (offline first, the Hub only when needed)
+- ``hub.py``: a Hub repo's pipeline (or safety checker) files into the Hub cache (offline first, the
+  Hub only when needed)
 - ``url.py``: a single-file checkpoint through fal's ``download_model_weights`` layout
 - ``child.py``: network downloads run in a watched child process, killed and restarted when
   their bytes on disk stop growing (the only way to stop a download stuck in a socket read or

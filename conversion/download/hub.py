@@ -1,4 +1,5 @@
-"""A Hub repo's pipeline files in the Hugging Face cache on the volume, verified.
+"""A Hub repo's pipeline files (or a safety checker's: the source's ``select`` decides) in the
+Hugging Face cache on the volume, verified.
 
 The cache first with ``local_files_only`` (no network; fal's "speed up model files check"), the
 Hub only when something is missing, and then in the watched child (``child.py``).
@@ -12,7 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from model_loader.diffusers_layout import MODEL_INDEX_NAME, select_files
 from model_loader.errors import DiffusersLayoutError
 
 from ..config import ConversionConfig
@@ -58,8 +58,8 @@ def fetch_hub(
             log.info("cache: %s @ %s found in %s (no network)", source.display, snap.identity[:12], cache_dir)
         except LocalEntryNotFoundError:
             result = run_child(
-                {"op": "hub", "source": asdict(source), "cache_dir": str(cache_dir), "commit": commit,
-                 "max_workers": policy.max_workers, "weights": weights, "refresh": refresh and commit is None},
+                {"op": "hub", "kind": source.kind, "source": asdict(source), "cache_dir": str(cache_dir),
+                 "commit": commit, "max_workers": policy.max_workers, "weights": weights, "refresh": refresh and commit is None},
                 probe=lambda: dir_state(blobs),
                 cleanup=lambda: remove_stale_partials(blobs, policy),
                 what=f"download {source.display}",
@@ -133,11 +133,11 @@ def _escape(paths: Iterable[str]) -> list[str]:
     return [glob.escape(p) for p in paths]
 
 
-def _select(source: HubSource, repo_files: list[str], index_path: str | Path, weights: bool) -> list[str]:
+def _select(source: HubSource, repo_files: list[str], index_path: str | Path | None, weights: bool) -> list[str]:
     from model_loader.diffusers_layout import read_model_index
 
     try:
-        return select_files(repo_files, read_model_index(index_path), source.variant, source.subfolder, weights)
+        return source.select(repo_files, read_model_index(index_path) if index_path is not None else None, weights)
     except DiffusersLayoutError as exc:
         raise SourceError(f"{source.display}: {exc}") from None
 
@@ -146,9 +146,9 @@ def _local_snapshot(source: HubSource, cache_dir: Path, commit: str, weights: bo
     from huggingface_hub import get_cached_repo_tree, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
 
-    prefix = f"{source.subfolder}/" if source.subfolder else ""
-    index = cache_dir / _repo_folder(source.repo) / "snapshots" / commit / f"{prefix}{MODEL_INDEX_NAME}"
-    if not index.is_file():
+    index_file = source.index_file()
+    index = cache_dir / _repo_folder(source.repo) / "snapshots" / commit / index_file if index_file else None
+    if index is not None and not index.is_file():
         raise LocalEntryNotFoundError(f"{index} is not cached")
     try:
         tree = get_cached_repo_tree(source.repo, revision=commit, cache_dir=cache_dir)
@@ -175,15 +175,15 @@ def _download_snapshot(source: HubSource, cache_dir: Path, max_workers: int, com
     commit = info.sha
     if not commit or not is_commit(commit):
         raise DownloadError(f"{source.display}: the Hub returned no commit for revision {rev!r}")
-    prefix = f"{source.subfolder}/" if source.subfolder else ""
     repo_files = [s.rfilename for s in info.siblings or []]
-    if f"{prefix}{MODEL_INDEX_NAME}" not in repo_files:
+    index_file = source.index_file()
+    if index_file is not None and index_file not in repo_files:
         raise SourceError(
-            f"repo {source.repo} has no {prefix}{MODEL_INDEX_NAME}: it is not a diffusers pipeline "
+            f"repo {source.repo} has no {index_file}: it is not a diffusers pipeline "
             "(for a single-file checkpoint give the https:// URL of the file)"
         )
-    index = hf_hub_download(source.repo, f"{prefix}{MODEL_INDEX_NAME}", revision=commit, cache_dir=cache_dir,
-                            token=token)
+    index = (hf_hub_download(source.repo, index_file, revision=commit, cache_dir=cache_dir, token=token)
+             if index_file is not None else None)
     on_phase("listed")
     files = _select(source, repo_files, index, weights)
     path = snapshot_download(source.repo, revision=commit, cache_dir=cache_dir, allow_patterns=_escape(files),

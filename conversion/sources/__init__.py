@@ -1,5 +1,6 @@
-"""Model sources: each kind (Hub repo, single-file URL, local directory, the demo) is one small
-strategy object that knows its identity, its offline lookup, its slug and how to fetch it.
+"""Model sources: each kind (Hub repo, single-file URL, local directory, the demo, and the safety
+checker's Hub, local and demo kinds) is one small strategy object that knows its identity, its
+offline lookup, its slug and how to fetch it.
 
 A new source kind: a module here with a ``Source`` subclass, and a line in ``parse.py``.
 """
@@ -8,11 +9,19 @@ from .base import Prepared, Source, Workspace
 from .demo import DEMO_SOURCE, DemoSource
 from .hub import HubSource, is_commit
 from .local import LocalSource, directory_fingerprint, require_pipeline_dir, warn_broken_symlink
-from .parse import parse_source
+from .parse import parse_checker_source, parse_source
+from .safety_checker import (
+    DEMO_CHECKER_SOURCE,
+    DemoCheckerSource,
+    HubCheckerSource,
+    LocalCheckerSource,
+    present_safety_checker,
+)
 from .url import DEFAULT_PIPELINE_CLASS, UrlSource, redact_url, url_hash
 
 __all__ = [
-    "DEFAULT_PIPELINE_CLASS", "DEMO_SOURCE", "DemoSource", "HubSource", "LocalSource", "Prepared", "Source",
-    "UrlSource", "Workspace", "directory_fingerprint", "is_commit", "parse_source", "redact_url",
-    "require_pipeline_dir", "url_hash", "warn_broken_symlink",
+    "DEFAULT_PIPELINE_CLASS", "DEMO_CHECKER_SOURCE", "DEMO_SOURCE", "DemoCheckerSource", "DemoSource",
+    "HubCheckerSource", "HubSource", "LocalCheckerSource", "LocalSource", "Prepared", "Source", "UrlSource",
+    "Workspace", "directory_fingerprint", "is_commit", "parse_checker_source", "parse_source",
+    "present_safety_checker", "redact_url", "require_pipeline_dir", "url_hash", "warn_broken_symlink",
 ]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from model_loader.diffusers_layout import MODEL_INDEX_NAME, select_files
 
 from .base import Prepared, Source, Workspace
 
@@ -43,6 +45,16 @@ class HubSource(Source):
 
     def offline_identity(self, workspace: Workspace) -> str | None:
         return self.revision if is_commit(self.revision) else workspace.read_ref(self)
+
+    def index_file(self) -> str | None:
+        """The repo file whose contents decide which files to fetch (``model_index.json``); None
+        when the repo's file listing alone decides."""
+        return f"{self.subfolder}/{MODEL_INDEX_NAME}" if self.subfolder else MODEL_INDEX_NAME
+
+    def select(self, repo_files: list[str], index: dict[str, Any] | None, weights: bool) -> list[str]:
+        """The repo files to fetch (``index`` is :meth:`index_file` parsed): the pipeline's side
+        files and, with ``weights``, one set of weights per component."""
+        return select_files(repo_files, index or {}, self.variant, self.subfolder, weights)
 
     def prepare(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> Prepared:
         from ..download import fetch_hub

@@ -13,6 +13,7 @@ from .base import Source
 from .demo import DEMO_SOURCE, DemoSource
 from .hub import HubSource
 from .local import LocalSource
+from .safety_checker import DEMO_CHECKER_SOURCE, DemoCheckerSource, HubCheckerSource, LocalCheckerSource
 from .url import DEFAULT_PIPELINE_CLASS, UrlSource, redact_url
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -65,6 +66,33 @@ def parse_source(
         raise SourceError(f"{text}: revision given twice ({inline_rev!r} and {revision!r})")
     rev = revision or inline_rev or None
     return HubSource(repo, revision=rev, variant=variant, subfolder=_clean_subfolder(subfolder))
+
+
+def parse_checker_source(text: str, revision: str | None = None, subfolder: str | None = None) -> Source:
+    """Parse the safety checker's source as given in fal.toml's ``[safety_checker]``.
+
+    ``demo`` is the embedded demo checker; otherwise the rules of :func:`parse_source`: ``org/name``
+    (optionally ``org/name@revision``) is a Hub repo holding a checker (a checker repo such as
+    ``CompVis/stable-diffusion-safety-checker``, or an SD 1.x pipeline repo), an existing directory
+    (or anything starting with ``/``, ``.`` or ``~``) a local one laid out the same way, checked
+    here. ``subfolder`` is where in the repo or directory the checker is. URLs are refused.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise SourceError("safety checker source is empty: give a Hub repo id (org/name), a directory or 'demo'")
+    text = text.strip()
+    if text == DEMO_CHECKER_SOURCE:
+        if revision or subfolder:
+            raise SourceError("the demo safety checker takes no revision or subfolder")
+        return DemoCheckerSource()
+    if urlsplit(text).scheme:
+        raise SourceError(f"{redact_url(text)}: a safety checker is a Hub repo or a directory, not a URL")
+    source = parse_source(text, revision=revision, subfolder=subfolder)
+    if isinstance(source, LocalSource):
+        checker = LocalCheckerSource(source.path, subfolder=source.subfolder)
+        checker.pipeline_dir()  # a directory without a checker is refused now, not at the first start
+        return checker
+    assert isinstance(source, HubSource), source
+    return HubCheckerSource(source.repo, revision=source.revision, subfolder=source.subfolder)
 
 
 def _clean_subfolder(subfolder: str | None) -> str | None:
