@@ -8,6 +8,8 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 REQS := requirements.txt requirements-test.txt
 STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
 PORT ?= 8080
+# fal's metrics server moves with the app's port (8080 -> 9090, fal's default; 8081 -> 9091), so two servers never collide.
+METRICS_PORT ?= $(shell expr $(PORT) + 1010)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -34,12 +36,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 serve: $(STAMP)
-	@echo "Serving the demo app on http://localhost:$(PORT)  (Ctrl-C stops it)"
+	@echo "Serving the demo app on http://localhost:$(PORT), metrics on :$(METRICS_PORT)  (Ctrl-C stops it)"
 	@echo "Once 'setup' has finished, try:"
 	@echo "  curl -s -X POST http://localhost:$(PORT)/ -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"prompt\": \"a lighthouse on a cliff at sunset\"}'"
 	APP_PROFILE=demo APP_DATA_ROOT=$(CURDIR)/.data $(OFFLINE) \
-		$(VENV)/bin/fal run --local --exposed-port $(PORT) flashpack-t2i
+		$(VENV)/bin/fal run --local --exposed-port $(PORT) --exposed-metrics-port $(METRICS_PORT) flashpack-t2i
 
 bench: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(OFFLINE) $(PY) bench/loader.py $(BENCH_ARGS)

@@ -15,8 +15,9 @@ limit and short 422 answers serving.http's.
 Run it: ``make serve`` (demo, offline), ``fal run flashpack-t2i`` (a fal runner),
 ``fal deploy flashpack-t2i``. Heavy libraries (torch, diffusers, most of conversion, model_loader)
 are imported inside setup(): importing this file stays cheap, and the pack reads start before them.
-At the top only serving is imported (pydantic, fal.toolkit, and conversion.sources, stdlib, which
-serving.settings uses to check [model] when the settings load).
+At the top only serving is imported (pydantic, fal.toolkit, and the stdlib-only conversion.sources,
+which serving.settings uses to check [model] when the settings load, and conversion.durable, which
+serving.compile writes inductor's cache with).
 """
 
 import glob
@@ -31,7 +32,10 @@ import fal
 from fal.toolkit import Image
 from fastapi import FastAPI
 
+from serving.billing import BillableUnits
+from serving.compile import compile_denoiser
 from serving.http import RequestBodyLimit, shorten_validation_answers
+from serving.ports import check_ports_free, serve_ports
 from serving.safety import checker_source, load_safety_checker, screen
 from serving.schema import (
     MAX_SEED,
@@ -76,11 +80,18 @@ class TextToImageApp(fal.App, name=APP_NAME):
     app_auth = SETTINGS.deploy.auth
     requirements = read_requirements(REQUIREMENTS_FILE)
     app_files = LOCAL_PACKAGES
+    secrets = ["HF_TOKEN"]  # what the app reads (gated Hub repos); only the secrets listed reach the runner
     settings = SETTINGS
+
+    async def serve(self, **kwargs: Any) -> None:
+        """fal's server, once its two ports are known to be free: fal binds them only after setup()."""
+        check_ports_free(serve_ports(super().serve, kwargs))
+        await super().serve(**kwargs)
 
     def _add_extra_middlewares(self, app: FastAPI) -> None:
         super()._add_extra_middlewares(app)
-        app.add_middleware(RequestBodyLimit, max_bytes=self.settings.serving.max_request_bytes)  # outermost
+        app.add_middleware(RequestBodyLimit, max_bytes=self.settings.serving.max_request_bytes)
+        app.add_middleware(BillableUnits)  # outermost: it sees every answer, the body limit's 413 too
 
     def _add_extra_routes(self, app: FastAPI) -> None:
         super()._add_extra_routes(app)
@@ -163,7 +174,9 @@ class TextToImageApp(fal.App, name=APP_NAME):
             size = sum(p.stat().st_size for p in self.store_path.glob("*/*.flashpack"))
             phase.rate(size, f"to {self.device}, checksums verified (import torch {imported_torch:.2f} s)")
 
-        # 5. warm up: run every served shape once, so no request pays first-call costs.
+        # 5. warm up: run every served shape once, so no request pays first-call costs. With [compile]
+        #    on, this compiles the denoiser for those shapes, or finds them in inductor's cache.
+        compiled = compile_denoiser(self.pipe, self.settings, root=root, store_path=self.store_path, device=self.device)
         self._lock = threading.Lock()
         serving = self.settings.serving
         with self._phase("warmup") as phase:
@@ -174,6 +187,8 @@ class TextToImageApp(fal.App, name=APP_NAME):
                                          serving.default_guidance_scale, seed=0)
                 screen([picture], self.safety_checker, enabled=True)  # the checker's first call too
             phase.detail = f"{len(shapes)} shape(s) x {serving.warmup_steps} step(s): {', '.join(shapes) or 'none'}"
+        if compiled is not None:
+            compiled.publish()  # inductor's cache back to the volume, if the warm-up compiled anything
 
         self.phase_seconds["total"] = round(time.perf_counter() - started, 3)
         log.info("setup: ready in %.2f s (profile %s, model %s, device %s)", self.phase_seconds["total"],
@@ -376,8 +391,8 @@ def encode_image(picture: Any, output_format: str, inline: bool) -> Image:
 
 
 def _configure_logging() -> None:
-    """Show the INFO phase lines of app / conversion / model_loader when nothing else configured logging."""
+    """Show the INFO phase lines of app / conversion / model_loader / serving when nothing else configured logging."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for name in ("app", "conversion", "model_loader"):
+    for name in ("app", "conversion", "model_loader", "serving"):
         logging.getLogger(name).setLevel(logging.INFO)

@@ -153,6 +153,14 @@ class ServingSettings(_Strict):
         return self
 
 
+class CompileSettings(_Strict):
+    """torch.compile of the denoiser (opt-in): inductor's mode and whether shapes stay static."""
+
+    enabled: bool = False
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    dynamic: bool = False
+
+
 class AppSettings(_Strict):
     """One profile of fal.toml, validated: everything the app is built from."""
 
@@ -161,6 +169,7 @@ class AppSettings(_Strict):
     model: ModelSettings
     safety_checker: SafetyCheckerSettings
     serving: ServingSettings
+    compile: CompileSettings = CompileSettings()
 
 
 def size_problem(width: int, height: int, serving: ServingSettings) -> str | None:
@@ -175,7 +184,7 @@ def size_problem(width: int, height: int, serving: ServingSettings) -> str | Non
     return None
 
 
-_SECTIONS = ("deploy", "model", "safety_checker", "serving")
+_SECTIONS = ("deploy", "model", "safety_checker", "serving", "compile")
 # Tables a profile replaces whole: a revision belongs to its source.
 _REPLACED_WHOLE = ("model", "safety_checker")
 _UNION_TAG = re.compile(r"^(str|int|list\[.*\]|function-.*)$")
@@ -230,10 +239,10 @@ def load_settings(path: str | os.PathLike[str], profile: str | None = None) -> A
     except ValidationError as exc:
         problems = "; ".join(_describe(error) for error in exc.errors())
         raise SettingsError(f"{path} (profile {profile!r}): {problems}") from None
-    problem = model_problem(settings.model)
+    problem = model_problem(settings.model) or compile_problem(settings)
     if problem is not None:
         key, message = problem
-        raise SettingsError(f"{path} (profile {profile!r}): model.{key}: {message}")
+        raise SettingsError(f"{path} (profile {profile!r}): {key}: {message}")
     problem = checker_problem(settings.safety_checker)
     if problem is not None:
         key, message = problem
@@ -242,7 +251,8 @@ def load_settings(path: str | os.PathLike[str], profile: str | None = None) -> A
 
 
 def model_problem(model: ModelSettings) -> tuple[str, str] | None:
-    """The ``[model]`` key that cannot be served and why, by conversion.sources' rules; None if fine.
+    """The ``[model]`` key (``model.source``, ...) that cannot be served and why, by conversion.sources'
+    rules; None if fine.
 
     ``source`` is checked alone, then with ``variant``, then with ``revision`` too, so the key
     named is the one that breaks it. A local directory must exist where the settings are loaded.
@@ -250,7 +260,7 @@ def model_problem(model: ModelSettings) -> tuple[str, str] | None:
     if model.source == DEMO_SOURCE:
         for key in ("revision", "variant"):
             if getattr(model, key) is not None:
-                return key, f"the {DEMO_SOURCE!r} source has no {key}s; remove {key}"
+                return f"model.{key}", f"the {DEMO_SOURCE!r} source has no {key}s; remove {key}"
         return None
     checks = [("source", {}), ("variant", {"variant": model.variant}),
               ("revision", {"variant": model.variant, "revision": model.revision})]
@@ -258,7 +268,16 @@ def model_problem(model: ModelSettings) -> tuple[str, str] | None:
         try:
             parse_source(model.source, **extra)
         except SourceError as exc:
-            return key, str(exc)
+            return f"model.{key}", str(exc)
+    return None
+
+
+def compile_problem(settings: AppSettings) -> tuple[str, str] | None:
+    """Why ``[compile]`` cannot work with the rest of the profile (None if it can): the warm-up is
+    where the served shapes compile, so compiling needs at least one warm-up size."""
+    if settings.compile.enabled and not settings.serving.warmup_sizes:
+        return ("compile.enabled", "compiling needs at least one serving.warmup_sizes entry: the warm-up is "
+                "where the served shapes compile (otherwise the first request would wait for the compiler)")
     return None
 
 

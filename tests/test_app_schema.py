@@ -1,7 +1,8 @@
-"""app.py without a model: the class fal builds from fal.toml, the pyproject registration, the
-public OpenAPI, the request limits through fal's own app, and a property-based sweep of that schema
-(schemathesis) against a stand-in pipeline. (fal.toml itself: test_settings.py; the schema built
-for any profile: test_schema.py; the HTTP helpers alone: test_http.py.)"""
+"""app.py without a model: the class fal builds from fal.toml (its secrets too), the pyproject
+registration, the public OpenAPI, the request limits and billable units through fal's own app, and a
+property-based sweep of that schema (schemathesis) against a stand-in pipeline. (fal.toml itself:
+test_settings.py; the schema built for any profile: test_schema.py; the HTTP helpers alone:
+test_http.py; billing alone: test_billing.py.)"""
 
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ def test_app_class_takes_its_settings_from_fal_toml(app_module):
     assert app_cls.app_files == ["model_loader", "conversion", "serving"]
     assert "torch==2.13.0" in app_cls.requirements
     assert app_cls.host_kwargs["health_check_config"].path == "/health"
+
+
+def test_the_app_declares_the_secret_it_reads_so_fal_exposes_only_that_one(app_module):
+    from conversion.config import ENV_VARS
+
+    assert app_module.TextToImageApp.secrets == ["HF_TOKEN"]
+    assert app_module.TextToImageApp.host_kwargs["secrets"] == ["HF_TOKEN"]  # what fal sends with the app
+    assert "HF_TOKEN" in {var.name for var in ENV_VARS}  # and what conversion reads
 
 
 def test_every_local_package_app_py_imports_travels_with_it_and_is_packaged(app_module):
@@ -164,6 +173,23 @@ def test_streamed_body_over_the_limit_without_content_length_is_413(stub_client)
 def test_body_within_the_limit_is_served(stub_client):
     response = stub_client.post("/", json={"prompt": "a cat", "negative_prompt": "x" * 400, **SMALL})
     assert response.status_code == 200, response.text
+
+
+def test_an_answer_is_billed_one_unit_per_started_megapixel_of_each_image(stub_client):
+    response = stub_client.post("/", json={"prompt": "a cat", **SMALL, "num_images": 3})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-fal-billable-units"] == "3"  # 3 images of 64x64, each under a megapixel
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [({"prompt": "a cat", **SMALL, "num_images": 9}, 422), ({"prompt": "x" * LIMIT}, 413)],
+    ids=["invalid", "too-large"],
+)
+def test_a_refused_request_is_billed_zero(stub_client, body, status):
+    response = stub_client.post("/", json=body)
+    assert response.status_code == status
+    assert response.headers.get_list("x-fal-billable-units") == ["0"]
 
 
 def test_422_echoes_only_a_short_prefix_of_a_long_input(stub_client):

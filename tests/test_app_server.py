@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fal_client
 import httpx
 import pytest
 
@@ -148,3 +149,41 @@ def test_eight_concurrent_requests_all_succeed_and_match_sequential(server):
         responses = list(pool.map(lambda seed: post(server, seed=seed), seeds))
     assert [r.status_code for r in responses] == [200] * 8
     assert [image_bytes(r) for r in responses] == sequential
+
+
+def test_each_answer_is_billed_its_images_and_a_refused_request_nothing_over_http(server):
+    assert post(server, seed=5, num_images=2).headers["x-fal-billable-units"] == "2"  # 64x64: one unit each
+    assert post(server, num_images=5).headers["x-fal-billable-units"] == "0"  # 422
+    too_large = httpx.post(f"{server['url']}/", content=b"x" * (1024 * 1024 + 1),
+                           headers={"content-type": "application/json"}, timeout=60)
+    assert too_large.status_code == 413 and too_large.headers["x-fal-billable-units"] == "0"
+
+
+@pytest.fixture
+def local_fal_client(server, monkeypatch) -> fal_client.SyncClient:
+    """fal-client's synchronous client, aimed at the local server. fal-client 1.0.3 builds run()'s
+    URL as ``RUN_URL_FORMAT + application`` (+ ``"/" + path``), with ``RUN_URL_FORMAT =
+    "https://{FAL_RUN_HOST}/"`` fixed when it is imported; the local server speaks plain HTTP and
+    serves the app at "/", so the prefix itself is the server's URL (no trailing slash, so that
+    ``path="/stream"`` stays one slash) and the application is "". No key is checked locally."""
+    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", server["url"])
+    return fal_client.SyncClient(key="local-server-checks-no-key")
+
+
+def test_fal_clients_synchronous_run_gets_the_same_image_as_plain_http(server, local_fal_client):
+    result = local_fal_client.run("", arguments={"prompt": "a cat on a horse", **SMALL, "seed": 42})
+    assert result["seed"] == 42 and result["prompt"] == "a cat on a horse"
+    [image] = result["images"]
+    assert (image["width"], image["height"], image["content_type"]) == (64, 64, "image/png")
+    assert [base64.b64decode(image["url"].partition(",")[2])] == image_bytes(post(server, seed=42))
+
+
+def test_fal_clients_run_reaches_other_paths_of_the_app(local_fal_client):
+    assert local_fal_client.run("", arguments={}, method="GET", path="health")["status"] == "ok"
+
+
+def test_fal_clients_run_raises_the_servers_422_naming_the_field(local_fal_client):
+    with pytest.raises(fal_client.FalClientHTTPError) as info:
+        local_fal_client.run("", arguments={"prompt": "a cat", **SMALL, "num_images": 5})
+    assert info.value.status_code == 422
+    assert '"num_images"' in info.value.response.text

@@ -16,9 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 FAL_TOML = (REPO / "fal.toml").read_text()
 
 
-def test_importing_serving_reads_no_settings_and_no_environment(tmp_path):
+def test_importing_serving_reads_no_settings_and_no_environment_and_no_torch(tmp_path):
     env = {**os.environ, "APP_PROFILE": "no-such-profile", "PYTHONPATH": str(REPO)}
-    code = "import serving, serving.settings, serving.schema, serving.http"
+    code = ("import sys, serving, serving.settings, serving.schema, serving.http, serving.billing, serving.compile, "
+            "serving.ports; assert 'torch' not in sys.modules, 'serving imported torch'")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
