@@ -6,11 +6,14 @@ This file is the ``fal.App`` and what its setup() needs from the store and the l
                the endpoint's request model). The models and loading live in serving.settings.
   - the app    setup(): lookup (+ start reading) -> store (acquire + convert once) -> load -> warm up,
                for the pipeline and the safety checker ([safety_checker], serving.safety) alike;
-               POST / generates images (flagged ones blacked out), GET|POST /health reports
-               readiness and setup timings.
+               POST / generates images (one pipeline call for all of them; flagged ones blacked out),
+               POST /stream the same with server-sent progress events and previews, POST /cancel and
+               /stream/cancel are fal's cancellation calls; GET|POST /health reports readiness and
+               setup timings.
   - helpers    of setup() and the endpoint: reads, devices, encoding.
 The public request/response models are serving.schema's (built from [serving]), the 413 body
-limit and short 422 answers serving.http's.
+limit and short 422 answers serving.http's; generating is serving.generate's, stopping a request
+serving.cancel's, the event stream and its previews serving.stream's and serving.preview's.
 
 Run it: ``make serve`` (demo, offline), ``fal run flashpack-t2i`` (a fal runner),
 ``fal deploy flashpack-t2i``. Heavy libraries (torch, diffusers, most of conversion, model_loader)
@@ -24,18 +27,34 @@ import glob
 import logging
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from secrets import randbelow
 from typing import Any
 
+import anyio
 import fal
+from fal.exceptions import RequestCancelledException
 from fal.toolkit import Image
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.responses import StreamingResponse
 
-from serving.billing import BillableUnits
+from serving.billing import BillableUnits, image_units
+from serving.cancel import (
+    REQUEST_ENDED,
+    CancelFlag,
+    CancelOutput,
+    InFlight,
+    cancel_on_disconnect,
+    cancel_request,
+    request_id_of,
+)
 from serving.compile import compile_denoiser
+from serving.generate import GenerationCancelled, GenerationParams, Step, generate, run_generation
 from serving.http import RequestBodyLimit, shorten_validation_answers
 from serving.ports import check_ports_free, serve_ports
+from serving.preview import projection_for
 from serving.safety import checker_source, load_safety_checker, screen
 from serving.schema import (
     MAX_SEED,
@@ -47,6 +66,7 @@ from serving.schema import (
     requested_size,
 )
 from serving.settings import SettingsError, load_settings, read_requirements
+from serving.stream import document_stream, event_stream
 
 log = logging.getLogger("app")
 
@@ -98,6 +118,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
         # The last hook of fal's _build_app, after it registered its 422 handler: wrap that handler
         # so it keeps fal's format and headers but echoes only short inputs.
         shorten_validation_answers(app)
+        document_stream(app, "/stream", TextToImageOutput)
 
     def setup(self) -> None:
         _configure_logging()
@@ -178,14 +199,16 @@ class TextToImageApp(fal.App, name=APP_NAME):
         #    on, this compiles the denoiser for those shapes, or finds them in inductor's cache.
         compiled = compile_denoiser(self.pipe, self.settings, root=root, store_path=self.store_path, device=self.device)
         self._lock = threading.Lock()
+        self._in_flight = InFlight()
+        self._preview = projection_for(self.pipe)
         serving = self.settings.serving
         with self._phase("warmup") as phase:
             shapes = list(dict.fromkeys(serving.warmup_sizes))
             for name in shapes:
                 width, height = preset_size(name, serving)
-                picture = self._generate("warm-up", "", width, height, serving.warmup_steps,
-                                         serving.default_guidance_scale, seed=0)
-                screen([picture], self.safety_checker, enabled=True)  # the checker's first call too
+                pictures = generate(self.pipe, GenerationParams("warm-up", "", width, height, serving.warmup_steps,
+                                                                serving.default_guidance_scale, seeds=(0,)))
+                screen(pictures, self.safety_checker, enabled=True)  # the checker's first call too
             phase.detail = f"{len(shapes)} shape(s) x {serving.warmup_steps} step(s): {', '.join(shapes) or 'none'}"
         if compiled is not None:
             compiled.publish()  # inductor's cache back to the volume, if the warm-up compiled anything
@@ -249,28 +272,39 @@ class TextToImageApp(fal.App, name=APP_NAME):
                                        start_reads(self.checker_path, self.device))
 
     @fal.endpoint("/")
-    def text_to_image(self, input: TextToImageInput) -> TextToImageOutput:
-        """Generate ``num_images`` images for ``prompt``."""
+    async def text_to_image(self, input: TextToImageInput, request: Request) -> TextToImageOutput:
+        """Generate ``num_images`` images for ``prompt`` (one pipeline call). A client that disconnects,
+        or fal's ``POST /cancel``, stops the generation at its next denoising step."""
+        seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
+        with self._in_flight.register(request_id_of(request.headers)) as (request_id, flag):
+            async with cancel_on_disconnect(request, flag):
+                try:  # abandoned if this task is cancelled: the flag (below) stops the thread at its next step
+                    return await anyio.to_thread.run_sync(self._text_to_image, input, seed, request_id, flag, None,
+                                                          abandon_on_cancel=True)
+                except GenerationCancelled as exc:
+                    raise RequestCancelledException(str(exc)) from exc
+                finally:
+                    flag.cancel(REQUEST_ENDED)  # a no-op once the generation is over
+
+    @fal.endpoint("/stream")
+    async def stream(self, input: TextToImageInput, request: Request) -> StreamingResponse:
+        """POST / with progress, as server-sent events: a ``progress`` event per denoising step (with a
+        small preview of each image), then a ``result`` event with what POST / returns. A client that
+        disconnects, or fal's ``POST /stream/cancel``, stops the generation at its next step."""
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
         width, height = requested_size(input.image_size, self.settings.serving)
+        units = image_units(width, height) * input.num_images
+        return event_stream(request, self._in_flight, partial(self._text_to_image, input, seed), self._preview, units)
 
-        queued = time.perf_counter()
-        with self._lock:  # one pipeline call at a time: diffusers pipelines keep per-call state
-            started = time.perf_counter()
-            pictures = [
-                self._generate(input.prompt, input.negative_prompt, width, height, input.num_inference_steps,
-                               input.guidance_scale, seed=image_seed)
-                for image_seed in image_seeds(seed, input.num_images)
-            ]
-            pictures, has_nsfw_concepts = screen(pictures, self.safety_checker, input.enable_safety_checker)
-        generated = time.perf_counter()
+    @fal.endpoint("/cancel")
+    def cancel(self, request: Request) -> CancelOutput:
+        """fal's cancellation of a POST / request (same ``x-fal-request-id``): it stops at its next step."""
+        return cancel_request(self._in_flight, request)
 
-        inline = input.sync_mode or self.settings.serving.output == "data_uri"
-        images = [encode_image(picture, input.output_format, inline) for picture in pictures]
-        done = time.perf_counter()
-        timings = {"queue": started - queued, "inference": generated - started, "encode": done - generated}
-        return TextToImageOutput(images=images, seed=seed, prompt=input.prompt, has_nsfw_concepts=has_nsfw_concepts,
-                                 timings={k: round(v, 4) for k, v in timings.items()})
+    @fal.endpoint("/stream/cancel")
+    def cancel_stream(self, request: Request) -> CancelOutput:
+        """fal's cancellation of a POST /stream request (same ``x-fal-request-id``)."""
+        return cancel_request(self._in_flight, request)
 
     @fal.endpoint(
         "/health",
@@ -286,25 +320,25 @@ class TextToImageApp(fal.App, name=APP_NAME):
                             safety_checker=str(self.checker_path) if self.checker_path else None,
                             setup_seconds=self.phase_seconds)
 
-    def _generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                  guidance_scale: float, seed: int):
-        """One image from one seed. A fresh CPU generator per image: the same seed gives the same noise
-        on every device, and no request touches another's random state."""
-        import torch
-
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        result = self.pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt or None,
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            num_images_per_prompt=1,
-            output_type="pil",
-        )
-        return result.images[0]
+    def _text_to_image(self, input: Any, seed: int, request_id: str, flag: CancelFlag,
+                       on_step: Callable[[Step], None] | None) -> TextToImageOutput:
+        """What POST / returns (and POST /stream's last event): all images in one pipeline call, under
+        the pipeline lock, then encoded. Runs in a worker thread."""
+        width, height = requested_size(input.image_size, self.settings.serving)
+        params = GenerationParams(input.prompt, input.negative_prompt, width, height, input.num_inference_steps,
+                                  input.guidance_scale, seeds=tuple(image_seeds(seed, input.num_images)))
+        pictures, timings = run_generation(self.pipe, self._lock, params, request=request_id, flag=flag,
+                                           on_step=on_step)
+        checking = time.perf_counter()
+        with self._lock:  # the checker runs on the pipeline's device too: one model call at a time
+            pictures, has_nsfw_concepts = screen(pictures, self.safety_checker, input.enable_safety_checker)
+        timings["safety"] = time.perf_counter() - checking
+        encoding = time.perf_counter()
+        inline = input.sync_mode or self.settings.serving.output == "data_uri"
+        images = [encode_image(picture, input.output_format, inline) for picture in pictures]
+        timings["encode"] = time.perf_counter() - encoding
+        return TextToImageOutput(images=images, seed=seed, prompt=input.prompt, has_nsfw_concepts=has_nsfw_concepts,
+                                 timings={k: round(v, 4) for k, v in timings.items()})
 
     def _phase(self, name: str) -> "_Phase":
         return _Phase(name, self.phase_seconds)

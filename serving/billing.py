@@ -13,7 +13,8 @@ images or undercharge large ones. A 1024x1024 image is 1 unit, 1024x1536 is 2, 1
 (their ``width`` and ``height``) of a successful JSON answer, so it needs no line in an endpoint.
 A 4xx answer (413, 422, 499, ...) is billed ``0`` unless it carries its own header; a 5xx is never
 charged by fal. Answers that stream (``text/event-stream``) are passed on untouched: such an
-endpoint knows its images before it starts and sets the header itself with :func:`billable_units`.
+endpoint sets the header itself from what it was asked for (:func:`image_units` x ``num_images``:
+its headers leave before any image exists).
 Units matter to callers of a ``shared`` app; the owner of a private app pays for runner time.
 """
 

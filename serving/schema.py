@@ -218,9 +218,9 @@ class TextToImageOutput(BaseModel):
     prompt: str = Field(description="The prompt the images were generated from.",
                         examples=["a lighthouse on a cliff at sunset, oil painting"])
     timings: dict[str, float] = Field(
-        description="Seconds spent: waiting for the GPU (queue), generating and safety-checking (inference), "
-        "encoding and uploading (encode).",
-        examples=[{"queue": 0.0, "inference": 2.41, "encode": 0.12}],
+        description="Seconds spent: waiting for the GPU (queue), generating (inference), running the safety "
+        "checker (safety), encoding and uploading (encode).",
+        examples=[{"queue": 0.0, "inference": 2.41, "safety": 0.05, "encode": 0.12}],
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from serving.cancel import InFlight
 from serving.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,8 @@ def openapi(app_module) -> dict:
     return app_module.TextToImageApp(_allow_init=True).openapi()
 
 
-@pytest.mark.parametrize("model", ["TextToImageInput", "TextToImageOutput", "ImageSize", "HealthOutput"])
+@pytest.mark.parametrize("model", ["TextToImageInput", "TextToImageOutput", "ImageSize", "HealthOutput",
+                                   "StreamProgress", "StreamError", "CancelOutput"])
 def test_every_public_field_of_the_apps_openapi_has_a_description_and_an_example(app_module, model):
     properties = openapi(app_module)["components"]["schemas"][model]["properties"]
     undocumented = [name for name, prop in properties.items() if not prop.get("description")]
@@ -106,6 +108,28 @@ def test_the_apps_openapi_has_the_safety_checker_switch_and_the_per_image_verdic
     assert "has_nsfw_concepts" in schemas["TextToImageOutput"]["required"]
 
 
+def test_the_openapi_documents_the_stream_as_server_sent_events_of_progress_result_and_error(app_module):
+    spec = openapi(app_module)
+    response = spec["paths"]["/stream"]["post"]["responses"]["200"]
+    events = response["content"]["text/event-stream"]
+    assert events["itemSchema"]["properties"]["event"]["enum"] == ["progress", "result", "error"]
+    assert events["itemSchema"]["properties"]["data"]["contentSchema"]["oneOf"] == [
+        {"$ref": "#/components/schemas/StreamProgress"}, {"$ref": "#/components/schemas/TextToImageOutput"},
+        {"$ref": "#/components/schemas/StreamError"}]
+    assert events["example"].startswith("event: progress\ndata: {") and "\n\nevent: result\ndata: {" in events["example"]
+    assert spec["paths"]["/stream"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TextToImageInput"}
+    assert set(spec["components"]["schemas"]["StreamProgress"]["required"]) == {"step", "total_steps", "previews"}
+
+
+def test_the_openapi_has_fals_cancel_paths_for_both_generating_endpoints(app_module):
+    paths = openapi(app_module)["paths"]
+    assert {"/", "/cancel", "/stream", "/stream/cancel"} <= set(paths)
+    for path in ("/cancel", "/stream/cancel"):
+        schema = paths[path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/CancelOutput"}
+
+
 # --------------------------------------------------------------------------------------------------
 # Property-based sweep: nothing the schema allows or forbids makes the server answer 5xx
 
@@ -115,10 +139,13 @@ class NoisePipe:
 
     calls = 0
 
-    def __call__(self, *, width, height, generator, **_):
+    def __call__(self, *, width, height, generator, num_inference_steps, callback_on_step_end, **_):
         NoisePipe.calls += 1
-        rng = np.random.default_rng(generator.initial_seed())
-        return SimpleNamespace(images=[PILImage.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))])
+        for index in range(num_inference_steps):
+            callback_on_step_end(self, index, index, {"latents": None})
+        rngs = [np.random.default_rng(g.initial_seed()) for g in generator]
+        return SimpleNamespace(images=[PILImage.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+                                       for rng in rngs])
 
 
 def stub_asgi_app(app_module):
@@ -127,6 +154,7 @@ def stub_asgi_app(app_module):
     class StubApp(app_module.TextToImageApp):
         def setup(self):
             self.pipe, self._lock, self.device = NoisePipe(), threading.Lock(), "cpu"
+            self._in_flight, self._preview = InFlight(), None
             self.store_path, self.phase_seconds = Path("stub"), {}
             self.safety_checker, self.checker_path = None, None
             self._store_checked, self._store_problem = threading.Event(), None
@@ -229,6 +257,7 @@ def test_schema_sweep_finds_no_server_errors(app_module):
     unexplained: list[str] = []
     started = time.perf_counter()
     runs = [("/", "POST", GenerationMode.POSITIVE, 60), ("/", "POST", GenerationMode.NEGATIVE, 60),
+            ("/stream", "POST", GenerationMode.POSITIVE, 15), ("/stream", "POST", GenerationMode.NEGATIVE, 15),
             ("/health", "POST", GenerationMode.POSITIVE, 3), ("/health", "GET", GenerationMode.POSITIVE, 3)]
     for path, method, mode, examples in runs:
         @given(case=schema[path][method].as_strategy(generation_mode=mode))

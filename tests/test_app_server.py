@@ -4,6 +4,7 @@ ports, offline and without fal credentials, called over HTTP."""
 from __future__ import annotations
 
 import base64
+import io
 import os
 import signal
 import socket
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import fal_client
 import httpx
+import numpy as np
 import pytest
+from PIL import Image as PILImage
 
 REPO = Path(__file__).resolve().parents[1]
 FAL = Path(sys.executable).with_name("fal")
@@ -105,9 +108,15 @@ def test_same_seed_same_bytes_and_other_seed_other_bytes_over_http(server):
     assert first.json()["seed"] == 42
 
 
-def test_image_i_is_image_0_of_seed_plus_i_over_http(server):
-    batch = image_bytes(post(server, seed=0, num_images=2))
-    assert batch == [image_bytes(post(server, seed=0))[0], image_bytes(post(server, seed=1))[0]]
+def test_image_i_is_image_0_of_seed_plus_i_within_one_level_over_http(server):
+    batch = image_bytes(post(server, seed=0, num_images=2))  # one batched pipeline call: README's tolerance
+    singles = [image_bytes(post(server, seed=0))[0], image_bytes(post(server, seed=1))[0]]
+    for image, single in zip(batch, singles, strict=True):
+        assert np.abs(levels(image) - levels(single)).max() <= 1
+
+
+def levels(png: bytes) -> np.ndarray:
+    return np.asarray(PILImage.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
 @pytest.mark.parametrize(

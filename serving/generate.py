@@ -1,0 +1,132 @@
+"""A request's images from one pipeline call, stoppable at every denoising step.
+
+**Batched.** All ``num_images`` images go through the pipeline together (``num_images_per_prompt``)
+with one CPU ``torch.Generator`` per image, image i seeded ``seed + i`` (``serving.schema.image_seeds``).
+diffusers draws each image's initial noise from its own generator, so image i starts from exactly
+the noise a single-image request with that seed starts from. What may differ is the arithmetic of
+the batched UNet and VAE kernels (another blocking or reduction order), in the last bits of a float:
+README, "Calling the deployed endpoint", gives the tolerance and tests/test_app.py checks it.
+
+**Stoppable.** diffusers calls ``callback_on_step_end`` after every denoising step; ours reports the
+step (for POST /stream's progress events) and raises :class:`GenerationCancelled` once the request's
+:class:`~serving.cancel.CancelFlag` is set. Raising rather than setting ``pipe._interrupt``: an
+interrupted diffusers pipeline skips the remaining steps but still decodes the VAE and returns a
+half-denoised image; an exception stops at once, and the next call starts from fresh per-call state
+(``set_timesteps`` resets the scheduler's step index).
+
+torch is imported inside the functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from serving.cancel import CancelFlag, acquire_unless_cancelled
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one pipeline call is asked for; ``seeds`` has one seed per image."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished denoising step: ``done`` of ``total``, and the latents after it
+    (a tensor ``(num_images, channels, height / f, width / f)``, f the VAE's scale factor)."""
+
+    done: int
+    total: int
+    latents: Any
+
+
+class GenerationCancelled(Exception):
+    """The generation stopped at a step boundary because its request was cancelled."""
+
+    def __init__(self, steps_done: int, total_steps: int, reason: str) -> None:
+        self.steps_done, self.total_steps, self.reason = steps_done, total_steps, reason
+        super().__init__(f"cancelled after {steps_done} of {total_steps} steps ({reason})")
+
+
+def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = None,
+             on_step: Callable[[Step], None] | None = None) -> list[Any]:
+    """The PIL images of ``params``, one pipeline call for all of them; raises
+    :class:`GenerationCancelled` at the first step boundary after ``flag`` is set."""
+    import torch
+
+    if flag is not None and flag.is_set():
+        raise GenerationCancelled(0, params.steps, flag.reason or "cancelled")
+    # CPU generators: the same seed gives the same noise on every device.
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in params.seeds]
+
+    def step_end(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        total = getattr(pipeline, "num_timesteps", None) or params.steps
+        if flag is not None and flag.is_set():
+            raise GenerationCancelled(index + 1, total, flag.reason or "cancelled")
+        if on_step is not None:
+            on_step(Step(done=index + 1, total=total, latents=tensors["latents"]))
+        return {}
+
+    result = pipe(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt or None,
+        width=params.width,
+        height=params.height,
+        num_inference_steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        generator=generators,
+        num_images_per_prompt=len(params.seeds),
+        output_type="pil",
+        callback_on_step_end=step_end,
+        callback_on_step_end_tensor_inputs=["latents"],
+    )
+    return list(result.images)
+
+
+def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *, request: str,
+                   flag: CancelFlag | None = None, on_step: Callable[[Step], None] | None = None,
+                   ) -> tuple[list[Any], dict[str, float]]:
+    """:func:`generate` for one request under the pipeline ``lock`` (one call at a time: diffusers
+    pipelines keep per-call state), with one log line when it starts and one when it ends.
+
+    Returns the images and the seconds spent waiting for the lock (``queue``) and generating
+    (``inference``). The lock is released however the call ends (done, cancelled, failed).
+    """
+    queued = time.perf_counter()
+    shape = f"{params.steps} step(s) x {len(params.seeds)} image(s) at {params.width}x{params.height}"
+    if not acquire_unless_cancelled(lock, flag):
+        reason = flag.reason if flag is not None and flag.reason else "cancelled"
+        log.info("generate[%s]: cancelled after 0 of %d steps, while waiting for the pipeline (%s)",
+                 request, params.steps, reason)
+        raise GenerationCancelled(0, params.steps, reason)
+    try:
+        started = time.perf_counter()
+        log.info("generate[%s]: started, %s (waited %.2f s for the pipeline)", request, shape, started - queued)
+        try:
+            pictures = generate(pipe, params, flag=flag, on_step=on_step)
+        except GenerationCancelled as exc:
+            log.info("generate[%s]: %s, in %.2f s", request, exc, time.perf_counter() - started)
+            raise
+        except Exception as exc:
+            log.error("generate[%s]: failed after %.2f s: %s: %s", request, time.perf_counter() - started,
+                      type(exc).__name__, exc)
+            raise
+        finished = time.perf_counter()
+        log.info("generate[%s]: done, %s in %.2f s", request, shape, finished - started)
+    finally:
+        lock.release()
+    return pictures, {"queue": started - queued, "inference": finished - started}
