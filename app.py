@@ -65,7 +65,7 @@ from serving.schema import (
     request_models,
     requested_size,
 )
-from serving.settings import SettingsError, load_settings, read_requirements
+from serving.settings import SettingsError, load_settings, model_source, read_requirements
 from serving.stream import document_stream, event_stream
 
 log = logging.getLogger("app")
@@ -135,9 +135,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
         #    torch, diffusers and transformers import. No network, no torch.
         reads = None
         with self._phase("lookup") as phase:
-            from conversion.sources import parse_source
-
-            self.source = parse_source(model.source, revision=model.revision, variant=model.variant)
+            self.source = model_source(model)
             self.store_path = store.warm(self.source, model.dtype, verify_mode())
             device = early_device(model.device) if self.store_path is not None else None
             if device is not None:

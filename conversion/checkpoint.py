@@ -68,3 +68,108 @@ def checkpoint_problem(path: Path) -> str | None:
         if f.read(2) == b"PK" and not zipfile.is_zipfile(path):
             return "zip (.ckpt) file without its central directory"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Which pipeline a single-file checkpoint is for, from its tensor names (and two shapes) alone
+
+STABLE_DIFFUSION = "StableDiffusionPipeline"
+STABLE_DIFFUSION_XL = "StableDiffusionXLPipeline"
+FLUX = "FluxPipeline"
+DETECTED_CLASSES = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, FLUX)
+
+# Where each component's weights lie in the original single-file layouts, by key prefix (the
+# prefixes diffusers' converters strip: single_file_utils.LDM_UNET_KEY, LDM_VAE_KEYS,
+# LDM_CLIP_PREFIX_TO_REMOVE, convert_open_clip_checkpoint's prefixes, is_t5_in_single_file, and
+# convert_flux_transformer_checkpoint_to_diffusers). The denoiser comes first.
+COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
+    STABLE_DIFFUSION: {
+        "unet": ("model.diffusion_model.",),
+        "vae": ("first_stage_model.",),
+        "text_encoder": ("cond_stage_model.transformer.",),
+    },
+    STABLE_DIFFUSION_XL: {
+        "unet": ("model.diffusion_model.",),
+        "vae": ("first_stage_model.",),
+        "text_encoder": ("conditioner.embedders.0.transformer.",),
+        "text_encoder_2": ("conditioner.embedders.1.model.",),
+    },
+    FLUX: {  # Black Forest Labs' files hold the transformer alone (ComfyUI's add model.diffusion_model.)
+        "transformer": ("double_blocks.", "model.diffusion_model.double_blocks."),
+        "vae": ("vae.",),
+        "text_encoder": ("text_encoders.clip_l.",),
+        "text_encoder_2": ("text_encoders.t5xxl.",),
+    },
+}
+
+
+class NotDetected(ValueError):
+    """The checkpoint's tensor names do not say which supported pipeline it is for."""
+
+
+def tensor_shapes(path: str | os.PathLike[str]) -> dict[str, list[int]] | None:
+    """Every tensor's name and shape from a safetensors header (nothing else is read); None when
+    the file is not safetensors (a pickled ``.ckpt`` cannot be listed without unpickling it)."""
+    parsed = safetensors_header(path)
+    if parsed is None:
+        return None
+    return {name: list(info.get("shape") or []) for name, info in parsed[1].items()
+            if name != "__metadata__" and isinstance(info, dict)}
+
+
+def detect_pipeline_class(shapes: dict[str, list[int]]) -> tuple[str, str]:
+    """(pipeline class, what the checkpoint is) for a checkpoint's tensor names and shapes.
+
+    The rules of diffusers' ``single_file_utils.infer_diffusers_model_type`` (and its
+    ``CHECKPOINT_KEY_NAMES``), in its order, for the families served here: SD 1.x (``v1``), SDXL
+    base (``xl_base``) and Flux.1 (``flux-dev``, ``flux-schnell``); the families it tells apart
+    from them (inpainting, SD 2.x, Playground v2.5, the SDXL refiner, Flux Fill/Depth, Chroma,
+    Flux.2) are named and refused. They are written on key prefixes rather than called because
+    diffusers' keys name fixed depths (``resblocks.9``, ``output_blocks.11``) that only full-size
+    checkpoints have, and because it calls anything it does not know ``v1``. Raises
+    :class:`NotDetected` saying what the checkpoint looks like.
+    """
+    names = set(shapes)
+
+    def has(*prefixes: str) -> bool:
+        return any(name.startswith(prefixes) for name in names)
+
+    def shape(*keys: str) -> list[int]:
+        return next((shapes[k] for k in keys if k in shapes), [])
+
+    unet_in = shape("model.diffusion_model.input_blocks.0.0.weight")
+    if len(unet_in) > 1 and unet_in[1] in (8, 9):
+        raise NotDetected("an inpainting or InstructPix2Pix checkpoint (its UNet takes "
+                          f"{unet_in[1]} input channels), not a text-to-image one")
+    if has("cond_stage_model.model."):
+        raise NotDetected("a Stable Diffusion 2.x checkpoint (an OpenCLIP text encoder under cond_stage_model.model.)")
+    if "edm_mean" in names:
+        raise NotDetected("a Playground v2.5 checkpoint (it needs an EDM scheduler)")
+    if has("model.diffusion_model.") and has("conditioner.embedders.1.model."):
+        return STABLE_DIFFUSION_XL, "SDXL base"
+    if has("conditioner.embedders.0.model."):
+        raise NotDetected("an SDXL refiner checkpoint (an image-to-image model)")
+    if has("single_stream_modulation.", "model.diffusion_model.single_stream_modulation."):
+        raise NotDetected("a Flux.2 checkpoint")
+    if has("distilled_guidance_layer.", "model.diffusion_model.distilled_guidance_layer."):
+        raise NotDetected("a Chroma checkpoint")
+    if {"double_blocks.0.img_attn.norm.key_norm.scale",
+            "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale"} & names:
+        img_in = shape("img_in.weight", "model.diffusion_model.img_in.weight")
+        if len(img_in) > 1 and img_in[1] in (128, 384):
+            raise NotDetected(f"a Flux.1 {'Fill' if img_in[1] == 384 else 'Depth'} checkpoint, not a text-to-image one")
+        guided = has("guidance_in.", "model.diffusion_model.guidance_in.")
+        return FLUX, "Flux.1 dev" if guided else "Flux.1 schnell"
+    if has("model.diffusion_model.input_blocks.") and has("cond_stage_model.transformer."):
+        return STABLE_DIFFUSION, "SD 1.x"
+    sample = ", ".join(repr(n) for n in sorted(names)[:3])
+    raise NotDetected(f"no supported family's tensor names ({len(names)} tensors, e.g. {sample or 'none'})")
+
+
+def missing_components(pipeline_class: str, names: set[str] | dict[str, Any]) -> list[str] | None:
+    """The components of ``pipeline_class`` whose weights the checkpoint does not hold, by the
+    key prefixes of :data:`COMPONENT_PREFIXES`; None for a class not listed there."""
+    table = COMPONENT_PREFIXES.get(pipeline_class)
+    if table is None:
+        return None
+    return [c for c, prefixes in table.items() if not any(n.startswith(prefixes) for n in names)]

@@ -82,6 +82,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if src_dir.is_dir() and args.dst is not None:
         if args.revision is not None:
             raise UsageError("--revision applies to Hub repo ids, not local directories")
+        if args.pipeline_class is not None or args.config is not None:
+            raise UsageError("--pipeline-class and --config apply to single-file checkpoints, not local directories")
         dst = Path(args.dst)
         _refuse_source_as_destination([src_dir], dst)
         source = _local_source_info(src_dir)
@@ -96,7 +98,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise ConversionError(
                 f"converting {args.src!r} needs conversion.store, which is not available ({exc})"
             ) from exc
-        extra = {k: v for k, v in (("revision", args.revision), ("variant", args.variant)) if v}
+        extra = {k: v for k, v in (("revision", args.revision), ("variant", args.variant),
+                                   ("pipeline_class", args.pipeline_class), ("config", args.config)) if v}
         dst = Path(args.dst) if args.dst is not None else None
         out = convert_source(args.src, dst=dst, dtype=args.dtype, **extra)
     print(out)
@@ -401,11 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a pipeline (local dir, Hub repo id or URL)",
         description="Convert a diffusers pipeline to a converted directory (FlashPack per component + manifest). A local directory with DST is converted beside DST and renamed into place; anything else goes through the store (DST omitted: into the store on $APP_DATA_ROOT).",
     )
-    p.add_argument("src", metavar="SRC", help="local pipeline directory, Hub repo id (org/name) or https:// URL")
+    p.add_argument("src", metavar="SRC", help="local pipeline directory, Hub repo id (org/name), Hub file "
+                   "(org/name/file.safetensors) or https:// URL")
     p.add_argument("dst", nargs="?", default=None, metavar="DST", help="directory to create (must not exist)")
     p.add_argument("--dtype", type=parse_target_dtype, default=None, help=dtype_help)
     p.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16 (*.fp16.safetensors)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit hash)")
+    p.add_argument("--pipeline-class", default=None, metavar="CLASS",
+                   help="a single file's diffusers pipeline, e.g. StableDiffusionXLPipeline (default: detected from its tensor names)")
+    p.add_argument("--config", default=None, metavar="DIR_OR_REPO",
+                   help="a single file's configs: a local diffusers directory or a Hub repo id (default: diffusers fetches them from the Hub)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(

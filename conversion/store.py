@@ -115,9 +115,11 @@ def convert_source(
     variant: str | None = None,
     root: str | os.PathLike[str] | None = None,
     refresh: bool = False,
+    pipeline_class: str | None = None,
+    config: str | None = None,
 ) -> Path:
     """``python -m conversion convert``: into the store (``dst`` None) or into a new ``dst``."""
-    source = parse_source(src, revision=revision, variant=variant)
+    source = parse_source(src, revision=revision, variant=variant, pipeline_class=pipeline_class, config=config)
     store = Store(resolve_root(root))
     if dst is None:
         return store.ensure(source, dtype, verify=store.config.store_verify, refresh=refresh)

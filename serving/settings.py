@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from conversion.errors import SourceError
-from conversion.sources import DEMO_SOURCE, parse_checker_source, parse_source
+from conversion.sources import DEMO_SOURCE, Source, parse_checker_source, parse_source
 
 # The environment variable that picks the profile when load_settings() is given none.
 PROFILE_ENV = "APP_PROFILE"
@@ -95,6 +95,11 @@ class ModelSettings(_Strict):
     source: str = Field(min_length=1)
     revision: str | None = Field(default=None, min_length=1)
     variant: str | None = Field(default=None, min_length=1)
+    subfolder: str | None = Field(default=None, min_length=1)  # where in a Hub repo (or directory) the pipeline is
+    # Single-file checkpoints (a URL or a Hub file) only: the pipeline (None: detected from the
+    # checkpoint's tensor names) and where its configs are (a local diffusers directory or a Hub repo).
+    pipeline_class: Literal["StableDiffusionPipeline", "StableDiffusionXLPipeline", "FluxPipeline"] | None = None
+    config: str | None = Field(default=None, min_length=1)
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -254,22 +259,36 @@ def model_problem(model: ModelSettings) -> tuple[str, str] | None:
     """The ``[model]`` key (``model.source``, ...) that cannot be served and why, by conversion.sources'
     rules; None if fine.
 
-    ``source`` is checked alone, then with ``variant``, then with ``revision`` too, so the key
-    named is the one that breaks it. A local directory must exist where the settings are loaded.
+    ``source`` is checked alone, then with ``variant``, ``revision``, ``subfolder``,
+    ``pipeline_class`` and ``config`` added one at a time, so the key named is the one that breaks
+    it. A local directory (source or config) must exist where the settings are loaded.
     """
     if model.source == DEMO_SOURCE:
-        for key in ("revision", "variant"):
+        for key in _SOURCE_KEYS:
             if getattr(model, key) is not None:
-                return f"model.{key}", f"the {DEMO_SOURCE!r} source has no {key}s; remove {key}"
+                plural = key + ("es" if key.endswith("s") else "s")
+                return f"model.{key}", f"the {DEMO_SOURCE!r} source has no {plural}; remove {key}"
         return None
-    checks = [("source", {}), ("variant", {"variant": model.variant}),
-              ("revision", {"variant": model.variant, "revision": model.revision})]
-    for key, extra in checks:
+    given: dict[str, str | None] = {}
+    for key in ("source", *_SOURCE_KEYS):
+        if key != "source":
+            given[key] = getattr(model, key)
+            if given[key] is None:
+                continue
         try:
-            parse_source(model.source, **extra)
+            parse_source(model.source, **given)
         except SourceError as exc:
             return f"model.{key}", str(exc)
     return None
+
+
+# The [model] keys that parse_source takes besides the source, in the order they are checked.
+_SOURCE_KEYS = ("variant", "revision", "subfolder", "pipeline_class", "config")
+
+
+def model_source(model: ModelSettings) -> Source:
+    """The source ``[model]`` names, with every key of it that the store's source takes."""
+    return parse_source(model.source, **{key: getattr(model, key) for key in _SOURCE_KEYS})
 
 
 def compile_problem(settings: AppSettings) -> tuple[str, str] | None:

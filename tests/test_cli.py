@@ -471,6 +471,17 @@ def test_convert_a_directory_without_model_index_says_exactly_that(tmp_path, fak
     assert fake_convert.calls == []
 
 
+def test_convert_passes_a_single_files_pipeline_class_and_config_to_the_store(monkeypatch, tmp_path, capsys):
+    import conversion.store
+
+    calls = []
+    monkeypatch.setattr(conversion.store, "convert_source", lambda src, **kw: calls.append((src, kw)) or tmp_path)
+    assert cli.main(["convert", "org/base/model.safetensors", "--pipeline-class", "FluxPipeline",
+                     "--config", "org/base", "--revision", "main"]) == 0
+    assert calls == [("org/base/model.safetensors", {"dst": None, "dtype": None, "revision": "main",
+                                                     "pipeline_class": "FluxPipeline", "config": "org/base"})]
+
+
 def test_convert_local_dir_with_revision_is_usage_error(tmp_path, fake_convert, capsys):
     assert cli.main(["convert", str(tmp_path), str(tmp_path / "dst"), "--revision", "main"]) == 2
     assert capsys.readouterr().err == "error: --revision applies to Hub repo ids, not local directories\n"

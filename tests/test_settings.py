@@ -151,6 +151,25 @@ BAD_MODELS = [
     ('source = "org/model"\nvariant = "fp16!"', "model.variant: variant 'fp16!' is not a weight variant name"),
     ('source = "org/model@v1"\nrevision = "v2"', "model.revision: org/model@v1: revision given twice ('v1' and 'v2')"),
     ('source = "demo"\nrevision = "main"', "model.revision: the 'demo' source has no revisions"),
+    ('source = "demo"\nconfig = "org/base"', "model.config: the 'demo' source has no configs; remove config"),
+    ('source = "org/model"\npipeline_class = "FluxPipeline"',
+     "model.pipeline_class: org/model: pipeline_class and config apply to single-file checkpoints"),
+    ('source = "org/model"\nconfig = "org/base"',
+     "model.config: org/model: pipeline_class and config apply to single-file checkpoints"),
+    ('source = "https://example.com/model.safetensors"\nsubfolder = "unet"',
+     "model.subfolder: https://example.com/model.safetensors: revision, variant and subfolder apply to Hub repos"),
+    ('source = "org/model/model.safetensors"\nsubfolder = "unet"',
+     "model.subfolder: org/model/model.safetensors: variant and subfolder apply to Hub repos, not to a single file"),
+    ('source = "org/model/model.safetensors"\nvariant = "fp16"',
+     "model.variant: org/model/model.safetensors: variant and subfolder apply to Hub repos, not to a single file"),
+    ('source = "org/model/model.safetensors"\npipeline_class = "NoSuchPipeline"',
+     "model.pipeline_class: Input should be 'StableDiffusionPipeline', 'StableDiffusionXLPipeline' or 'FluxPipeline'"),
+    ('source = "org/model/model.safetensors"\nconfig = "/no/such/config"',
+     "model.config: config '/no/such/config': no such directory"),
+    ('source = "org/model/model.safetensors"\nconfig = "https://example.com/configs"',
+     "model.config: config 'https://example.com/configs' must be a local diffusers directory or a Hub repo id"),
+    ('source = "org/model/../x.safetensors"',
+     "model.source: org/model/../x.safetensors: '../x.safetensors' is not a checkpoint file in the repo"),
 ]
 
 
@@ -160,6 +179,36 @@ def test_unusable_model_source_is_refused_when_settings_load_naming_the_key(tmp_
     with pytest.raises(SettingsError) as err:
         load_settings(path, profile="")
     assert str(err.value).startswith(f"{path} (profile 'default'): {message}")
+
+
+def test_a_hub_file_with_its_pipeline_class_and_config_is_the_source_the_app_converts(tmp_path):
+    from conversion.sources import HubFileSource
+    from serving.settings import model_source
+
+    lines = ('source = "org/base/sd_xl_base_1.0.safetensors"\nrevision = "main"\n'
+             'pipeline_class = "StableDiffusionXLPipeline"\nconfig = "org/base"\ndtype = "float16"')
+    model = load_settings(settings_file(tmp_path, with_model(lines)), profile="").model
+    assert model_source(model) == HubFileSource("org/base", "sd_xl_base_1.0.safetensors", revision="main",
+                                                pipeline_class="StableDiffusionXLPipeline", config="org/base")
+
+
+def test_a_local_config_directory_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    from serving.settings import model_source
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    lines = 'source = "https://example.com/model.safetensors"\nconfig = "./base"'
+    model = load_settings(settings_file(tmp_path, with_model(lines)), profile="").model
+    assert model_source(model).config == str(tmp_path / "base")
+
+
+def test_subfolder_of_a_hub_repo_reaches_its_source(tmp_path):
+    from conversion.sources import HubSource
+    from serving.settings import model_source
+
+    model = load_settings(settings_file(tmp_path, with_model('source = "org/model"\nsubfolder = "pipe"')), profile="").model
+    assert model_source(model) == HubSource("org/model", subfolder="pipe")
 
 
 def test_existing_local_directory_is_a_valid_model_source(tmp_path):

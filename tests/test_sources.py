@@ -15,6 +15,8 @@ from conversion.sources import (
     DemoCheckerSource,
     DemoSource,
     HubCheckerSource,
+    HubConfigSource,
+    HubFileSource,
     HubSource,
     LocalCheckerSource,
     LocalSource,
@@ -84,9 +86,76 @@ def test_conflicting_revisions_are_rejected():
         parse_source("org/name@dev", revision="main")
 
 
-def test_https_url_is_a_single_file_source_with_default_pipeline_class():
+def test_https_url_is_a_single_file_source_whose_pipeline_class_is_left_to_detection():
     src = parse_source("https://example.com/models/x.safetensors?token=abc")
-    assert src == UrlSource(src.url, pipeline_class="StableDiffusionPipeline")
+    assert src == UrlSource("https://example.com/models/x.safetensors?token=abc", pipeline_class=None, config=None)
+
+
+def test_hub_file_path_is_a_single_file_source_of_that_repo():
+    assert parse_source("org/name/unet/x.safetensors", revision="v1", pipeline_class="FluxPipeline") == HubFileSource(
+        "org/name", "unet/x.safetensors", revision="v1", pipeline_class="FluxPipeline")
+    assert parse_source("org/name@v2/x.sft") == HubFileSource("org/name", "x.sft", revision="v2")
+
+
+def test_blob_page_url_of_a_hub_file_is_that_hub_file_at_its_revision():
+    src = parse_source("https://huggingface.co/org/name/blob/main/sub/x.safetensors", config="org/base")
+    assert src == HubFileSource("org/name", "sub/x.safetensors", revision="main", config="org/base")
+
+
+def test_resolve_url_of_a_hub_file_is_downloaded_as_a_url():
+    url = "https://huggingface.co/org/name/resolve/main/x.safetensors"
+    assert parse_source(url) == UrlSource(url)
+
+
+def test_hub_file_is_keyed_by_its_repo_and_path_and_a_commit_revision_is_its_identity():
+    commit = "a" * 40
+
+    class NoRefs:
+        def read_ref(self, source):
+            raise AssertionError("a commit needs no ref file")
+
+    src = HubFileSource("org/name", "x.safetensors", revision=commit, config="org/base")
+    assert src.key_fields() == {"kind": "hub-file", "ref": "org/name/x.safetensors", "variant": None,
+                                "subfolder": None, "pipeline_class": None, "config": "org/base"}
+    assert src.offline_identity(NoRefs()) == commit and not src.records_ref()
+    assert HubFileSource("org/name", "x.safetensors", revision="main").records_ref()
+
+
+@pytest.mark.parametrize("text", ["org/name", "."])
+@pytest.mark.parametrize("key", ["pipeline_class", "config"])
+def test_pipeline_class_and_config_are_refused_for_a_hub_repo_or_a_directory(text, key):
+    with pytest.raises(SourceError, match="pipeline_class and config apply to single-file checkpoints"):
+        parse_source(text, **{key: "StableDiffusionPipeline" if key == "pipeline_class" else "org/base"})
+
+
+def test_a_config_directory_must_be_a_diffusers_pipeline(tmp_path):
+    with pytest.raises(SourceError, match=re.escape(f"{tmp_path}: no model_index.json")):
+        parse_source("https://example.com/x.safetensors", config=str(tmp_path))
+
+
+def test_a_safety_checker_cannot_be_a_single_file():
+    with pytest.raises(SourceError, match=re.escape(
+            "org/name/x.safetensors: a safety checker is a Hub repo or a directory, not a single file")):
+        parse_checker_source("org/name/x.safetensors")
+
+
+FLUX_REPO = [
+    "model_index.json", "flux1-dev.safetensors", "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/model.safetensors",
+    "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+]
+FLUX_INDEX = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+              "text_encoder": ["transformers", "CLIPTextModel"], "transformer": ["diffusers", "FluxTransformer2DModel"],
+              "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def test_a_config_repo_gives_its_configs_and_the_weights_of_what_the_checkpoint_lacks_only():
+    configs = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+               "transformer/config.json", "vae/config.json"]
+    assert HubConfigSource("org/flux").select(FLUX_REPO, FLUX_INDEX, weights=True) == configs
+    assert HubConfigSource("org/flux", weights_of=["vae", "text_encoder"]).select(FLUX_REPO, FLUX_INDEX, True) == sorted(
+        [*configs, "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"])
 
 
 def test_url_description_drops_the_query_string():
@@ -132,7 +201,8 @@ def test_store_key_fields_of_each_kind_are_what_earlier_stores_were_keyed_by(tmp
     """Entries built before sources became strategy objects keep their keys (no rebuild)."""
     assert HubSource("org/name", "main", "fp16").key_fields() == {
         "kind": "hub", "ref": "org/name", "variant": "fp16", "subfolder": None, "pipeline_class": None, "config": None}
-    assert UrlSource("https://h/x.safetensors?sig=1").key_fields() == {
+    # A URL's class was StableDiffusionPipeline by default then; saying so keeps its entry's key.
+    assert UrlSource("https://h/x.safetensors?sig=1", pipeline_class="StableDiffusionPipeline").key_fields() == {
         "kind": "url", "ref": hashlib.sha256(b"https://h/x.safetensors?sig=1").hexdigest(), "variant": None,
         "subfolder": None, "pipeline_class": "StableDiffusionPipeline", "config": None}
     assert LocalSource(str(tmp_path)).key_fields() == {

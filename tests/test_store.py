@@ -32,6 +32,7 @@ from conversion.sources import DemoCheckerSource, Prepared, parse_checker_source
 from conversion.store import STORE_DIRNAME, Store, convert_source, ensure_converted, resolve_root
 from model_loader import read_layout
 from tests.hub_server import HubRepo, HubServer, use_hub
+from tests.single_files import ldm_checkpoint
 from tests.tiny_models import make_tiny_checker_repo, make_tiny_sd, make_tiny_sd_with_safety_checker
 
 FORK = multiprocessing.get_context("fork")
@@ -590,30 +591,6 @@ def test_single_file_url_is_converted_offline_with_a_local_config(tiny_sd, tmp_p
     assert ensure_converted(source, root=tmp_path / "volume") == path
 
 
-_RESNET_NAMES = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
-                 ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
-
-
-def ldm_checkpoint(pipeline_dir: Path) -> dict[str, torch.Tensor]:
-    """The tiny SD pipeline as an original (LDM) single-file checkpoint: the inverse of diffusers'
-    convert_ldm_unet/vae/clip_checkpoint, for this architecture (the test checks the round trip)."""
-    from safetensors.torch import load_file
-
-    ucfg = json.loads((pipeline_dir / "unet" / "config.json").read_text())
-    vcfg = json.loads((pipeline_dir / "vae" / "config.json").read_text())
-    up_attn = [t.startswith("CrossAttn") for t in ucfg["up_block_types"]]
-    out: dict[str, torch.Tensor] = {}
-    for k, v in load_file(pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors").items():
-        out["model.diffusion_model." + _ldm_unet_key(k, ucfg["layers_per_block"], up_attn)] = v
-    for k, v in load_file(pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors").items():
-        if ".mid_block.attentions." in k and k.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
-        out["first_stage_model." + _ldm_vae_key(k, len(vcfg["up_block_types"]))] = v
-    for k, v in load_file(pipeline_dir / "text_encoder" / "model.safetensors").items():
-        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
-    return out
-
-
 def test_unknown_pipeline_class_fails_before_any_download(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded despite a bad pipeline_class")
@@ -623,55 +600,3 @@ def test_unknown_pipeline_class_fails_before_any_download(tmp_path, monkeypatch)
     source = parse_source("https://example.com/model.safetensors", pipeline_class="NoSuchPipeline")
     with pytest.raises(SourceError, match="pipeline_class 'NoSuchPipeline' is not a diffusers pipeline"):
         ensure_converted(source, root=tmp_path)
-
-
-def _ldm_resnet(rest: str) -> str:
-    for new, old in _RESNET_NAMES:
-        if rest.startswith(new + "."):
-            return old + rest[len(new):]
-    raise KeyError(rest)
-
-
-def _ldm_unet_key(key: str, layers: int, up_attn: list[bool]) -> str:
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    head, _, leaf = key.rpartition(".")
-    if head in fixed:
-        return f"{fixed[head]}.{leaf}"
-    per = layers + 1
-    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.*)", key):
-        b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "resnets":
-            return f"input_blocks.{1 + b * per + i}.0.{_ldm_resnet(rest)}"
-        if kind == "attentions":
-            return f"input_blocks.{1 + b * per + i}.1.{rest}"
-        return f"input_blocks.{1 + b * per + layers}.0.op.{rest.removeprefix('conv.')}"
-    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        return f"middle_block.{2 * int(m[2])}.{_ldm_resnet(m[3])}" if m[1] == "resnets" else f"middle_block.1.{m[3]}"
-    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.*)", key):
-        b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "resnets":
-            return f"output_blocks.{b * per + i}.0.{_ldm_resnet(rest)}"
-        if kind == "attentions":
-            return f"output_blocks.{b * per + i}.1.{rest}"
-        return f"output_blocks.{b * per + layers}.{2 if up_attn[b] else 1}.{rest}"
-    raise KeyError(key)
-
-
-def _ldm_vae_key(key: str, n_up: int) -> str:
-    head, _, leaf = key.rpartition(".")
-    if head in ("encoder.conv_norm_out", "decoder.conv_norm_out"):
-        return f"{head.split('.')[0]}.norm_out.{leaf}"
-    key = key.replace("conv_shortcut", "nin_shortcut")
-    if m := re.match(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        if m[2] == "resnets":
-            return f"{m[1]}.mid.block_{int(m[3]) + 1}.{m[4]}"
-        name, leaf = m[4].rsplit(".", 1)
-        short = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[name]
-        return f"{m[1]}.mid.attn_1.{short}.{leaf}"
-    if m := re.match(r"encoder\.down_blocks\.(\d+)\.(?:resnets\.(\d+)|downsamplers\.0)\.(.*)", key):
-        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}" if m[2] else f"encoder.down.{m[1]}.downsample.{m[3]}"
-    if m := re.match(r"decoder\.up_blocks\.(\d+)\.(?:resnets\.(\d+)|upsamplers\.0)\.(.*)", key):
-        i = n_up - 1 - int(m[1])
-        return f"decoder.up.{i}.block.{m[2]}.{m[3]}" if m[2] else f"decoder.up.{i}.upsample.{m[3]}"
-    return key

@@ -52,8 +52,12 @@ def make_tiny_sd_with_safety_checker(dst: str | os.PathLike[str], seed: int = 0)
     return dst
 
 
-def tiny_sdxl_pipeline(seed: int = 0, force_zeros_for_empty_prompt: bool = False):
-    """A tiny StableDiffusionXLPipeline in memory (CLIPTextModel + CLIPTextModelWithProjection)."""
+def tiny_sdxl_pipeline(seed: int = 0, force_zeros_for_empty_prompt: bool = False, text_encoder_2_width: int = 32):
+    """A tiny StableDiffusionXLPipeline in memory (CLIPTextModel + CLIPTextModelWithProjection).
+
+    ``text_encoder_2_width`` is the second encoder's hidden size: a single-file SDXL checkpoint
+    needs it to differ from the first's (32), as in SDXL (768 and 1280), for diffusers to tell the
+    two encoders apart by shape."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -73,12 +77,12 @@ def tiny_sdxl_pipeline(seed: int = 0, force_zeros_for_empty_prompt: bool = False
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled text (32)
-        cross_attention_dim=64,  # 32 + 32 from the two text encoders
+        cross_attention_dim=32 + text_encoder_2_width,  # the two text encoders' hidden states side by side
         norm_num_groups=8,
     )
     vae = tiny_vae()
     text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer, hidden_size=text_encoder_2_width))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
         timestep_spacing="leading",
@@ -95,10 +99,10 @@ def tiny_sdxl_pipeline(seed: int = 0, force_zeros_for_empty_prompt: bool = False
     )
 
 
-def make_tiny_sdxl(dst: str | os.PathLike[str], seed: int = 0) -> Path:
+def make_tiny_sdxl(dst: str | os.PathLike[str], seed: int = 0, text_encoder_2_width: int = 32) -> Path:
     """A tiny StableDiffusionXLPipeline source directory (``force_zeros_for_empty_prompt=False``,
     the opposite of the default, so tests can see pipeline config kwargs survive)."""
-    tiny_sdxl_pipeline(seed).save_pretrained(dst, safe_serialization=True)
+    tiny_sdxl_pipeline(seed, text_encoder_2_width=text_encoder_2_width).save_pretrained(dst, safe_serialization=True)
     return Path(dst)
 
 
@@ -125,8 +129,9 @@ def tiny_t5_encoder(tokenizer, seed: int = 0):
     return T5EncoderModel(config)
 
 
-def make_tiny_flux(dst: str | os.PathLike[str], seed: int = 0) -> Path:
-    """A tiny FluxPipeline source directory (transformer, CLIP + T5 text encoders)."""
+def make_tiny_flux(dst: str | os.PathLike[str], seed: int = 0, guidance_embeds: bool = False) -> Path:
+    """A tiny FluxPipeline source directory (transformer, CLIP + T5 text encoders); with
+    ``guidance_embeds`` its transformer takes a guidance scale, as FLUX.1 dev's does (schnell's does not)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -136,6 +141,7 @@ def make_tiny_flux(dst: str | os.PathLike[str], seed: int = 0) -> Path:
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
     )
     text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
     text_encoder_2 = tiny_t5_encoder(tokenizer_2, seed)

@@ -200,13 +200,14 @@ def _child_main() -> int:
         import fal.toolkit.utils.download_utils  # noqa: F401
     from huggingface_hub import HfApi, snapshot_download  # noqa: F401
 
-    from ..sources import HubCheckerSource, HubSource, UrlSource
+    from ..sources import HubCheckerSource, HubConfigSource, HubFileSource, HubSource, UrlSource
     from .hub import hub_snapshot
     from .url import download_url
 
     report = PhaseReporter(request.get("status_path"))
     report("started")
-    kinds: dict[str, type[Source]] = {cls.kind: cls for cls in (HubSource, HubCheckerSource, UrlSource)}
+    kinds: dict[str, type[Source]] = {
+        cls.kind: cls for cls in (HubSource, HubCheckerSource, HubConfigSource, HubFileSource, UrlSource)}
     source = kinds[request.get("kind", request["op"])](**request["source"])
     config = ConversionConfig.from_env()
     try:

@@ -18,11 +18,15 @@ from model_loader.errors import DiffusersLayoutError
 from ..config import ConversionConfig
 from ..errors import DownloadError, SourceError
 from ..sources.hub import HubSource, is_commit
+from ..sources.hub_file import HubFileSource
 from .child import dir_state, remove_stale_partials, run_child
 from .policy import DownloadPolicy, hub_cache_dir
 from .preread import preread
 
 log = logging.getLogger("conversion.download")
+
+# What is fetched from the Hub: a repo's pipeline (or checker, or configs) files, or one file.
+HubFetchable = HubSource | HubFileSource
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class Snapshot:
 
 
 def fetch_hub(
-    source: HubSource,
+    source: HubFetchable,
     root: Path,
     commit: str | None,
     policy: DownloadPolicy,
@@ -83,7 +87,7 @@ def fetch_hub(
 
 
 def hub_snapshot(
-    source: HubSource,
+    source: HubFetchable,
     cache_dir: Path,
     commit: str | None = None,
     local_only: bool = False,
@@ -133,7 +137,7 @@ def _escape(paths: Iterable[str]) -> list[str]:
     return [glob.escape(p) for p in paths]
 
 
-def _select(source: HubSource, repo_files: list[str], index_path: str | Path | None, weights: bool) -> list[str]:
+def _select(source: HubFetchable, repo_files: list[str], index_path: str | Path | None, weights: bool) -> list[str]:
     from model_loader.diffusers_layout import read_model_index
 
     try:
@@ -142,7 +146,7 @@ def _select(source: HubSource, repo_files: list[str], index_path: str | Path | N
         raise SourceError(f"{source.display}: {exc}") from None
 
 
-def _local_snapshot(source: HubSource, cache_dir: Path, commit: str, weights: bool) -> Snapshot:
+def _local_snapshot(source: HubFetchable, cache_dir: Path, commit: str, weights: bool) -> Snapshot:
     from huggingface_hub import get_cached_repo_tree, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
 
@@ -160,12 +164,12 @@ def _local_snapshot(source: HubSource, cache_dir: Path, commit: str, weights: bo
     return _snapshot(Path(path), commit, files, source)
 
 
-def _snapshot(root: Path, identity: str, files: Sequence[str], source: HubSource) -> Snapshot:
+def _snapshot(root: Path, identity: str, files: Sequence[str], source: HubFetchable) -> Snapshot:
     path = root / source.subfolder if source.subfolder else root
     return Snapshot(path=path, identity=identity, files=tuple(files), root=root)
 
 
-def _download_snapshot(source: HubSource, cache_dir: Path, max_workers: int, commit: str | None, weights: bool,
+def _download_snapshot(source: HubFetchable, cache_dir: Path, max_workers: int, commit: str | None, weights: bool,
                        token: str | None, on_phase: Callable[[str], None]) -> Snapshot:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
@@ -180,7 +184,7 @@ def _download_snapshot(source: HubSource, cache_dir: Path, max_workers: int, com
     if index_file is not None and index_file not in repo_files:
         raise SourceError(
             f"repo {source.repo} has no {index_file}: it is not a diffusers pipeline "
-            "(for a single-file checkpoint give the https:// URL of the file)"
+            "(for a single-file checkpoint give the file: org/name/file.safetensors)"
         )
     index = (hf_hub_download(source.repo, index_file, revision=commit, cache_dir=cache_dir, token=token)
              if index_file is not None else None)

@@ -1,6 +1,6 @@
-"""Model sources: each kind (Hub repo, single-file URL, local directory, the demo, and the safety
-checker's Hub, local and demo kinds) is one small strategy object that knows its identity, its
-offline lookup, its slug and how to fetch it.
+"""Model sources: each kind (Hub repo, single-file URL, single file in a Hub repo, local directory,
+the demo, and the safety checker's Hub, local and demo kinds) is one small strategy object that
+knows its identity, its offline lookup, its slug and how to fetch it.
 
 A new source kind: a module here with a ``Source`` subclass, and a line in ``parse.py``.
 """
@@ -8,6 +8,7 @@ A new source kind: a module here with a ``Source`` subclass, and a line in ``par
 from .base import Prepared, Source, Workspace
 from .demo import DEMO_SOURCE, DemoSource
 from .hub import HubSource, is_commit
+from .hub_file import HubFileSource
 from .local import LocalSource, directory_fingerprint, require_pipeline_dir, warn_broken_symlink
 from .parse import parse_checker_source, parse_source
 from .safety_checker import (
@@ -17,11 +18,13 @@ from .safety_checker import (
     LocalCheckerSource,
     present_safety_checker,
 )
-from .url import DEFAULT_PIPELINE_CLASS, UrlSource, redact_url, url_hash
+from .single_file import HubConfigSource, SingleFileSource
+from .url import UrlSource, redact_url, url_hash
 
 __all__ = [
-    "DEFAULT_PIPELINE_CLASS", "DEMO_CHECKER_SOURCE", "DEMO_SOURCE", "DemoCheckerSource", "DemoSource",
-    "HubCheckerSource", "HubSource", "LocalCheckerSource", "LocalSource", "Prepared", "Source", "UrlSource",
+    "DEMO_CHECKER_SOURCE", "DEMO_SOURCE", "DemoCheckerSource", "DemoSource", "HubCheckerSource",
+    "HubConfigSource", "HubFileSource", "HubSource", "LocalCheckerSource", "LocalSource", "Prepared",
+    "SingleFileSource", "Source", "UrlSource",
     "Workspace", "directory_fingerprint", "is_commit", "parse_checker_source", "parse_source",
     "present_safety_checker", "redact_url", "require_pipeline_dir", "url_hash", "warn_broken_symlink",
 ]

@@ -12,9 +12,10 @@ from ..errors import SourceError
 from .base import Source
 from .demo import DEMO_SOURCE, DemoSource
 from .hub import HubSource
-from .local import LocalSource
+from .hub_file import CHECKPOINT_SUFFIXES, HubFileSource
+from .local import LocalSource, require_pipeline_dir
 from .safety_checker import DEMO_CHECKER_SOURCE, DemoCheckerSource, HubCheckerSource, LocalCheckerSource
-from .url import DEFAULT_PIPELINE_CLASS, UrlSource, redact_url
+from .url import UrlSource, redact_url
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -31,8 +32,12 @@ def parse_source(
     """Parse a source as given in fal.toml or on the CLI.
 
     ``demo`` is the embedded demo model, ``org/name`` (optionally ``org/name@revision``) a Hub
-    repo, ``https://...`` (or ``data:``) a single-file checkpoint, and an existing directory (or
-    anything starting with ``/``, ``.`` or ``~``) a local pipeline directory.
+    repo, ``org/name/path/file.safetensors`` (or ``.sft``, ``.ckpt``; or its
+    ``https://huggingface.co/org/name/blob/<revision>/<path>`` page) a single-file checkpoint in a
+    Hub repo, ``https://...`` (or ``data:``) a single-file checkpoint at a URL, and an existing
+    directory (or anything starting with ``/``, ``.`` or ``~``) a local pipeline directory.
+    ``pipeline_class`` and ``config`` apply to single-file checkpoints only (a local ``config``
+    directory is checked here and recorded by its absolute path).
     """
     if not isinstance(text, str) or not text.strip():
         raise SourceError("model source is empty: give a Hub repo id (org/name), an https:// URL or a directory")
@@ -42,14 +47,22 @@ def parse_source(
     if text == DEMO_SOURCE:
         if revision or variant or subfolder:
             raise SourceError("the demo source takes no revision, variant or subfolder")
+        if pipeline_class or config:
+            raise SourceError("the demo source takes no pipeline_class or config")
         return DemoSource()
-    scheme = urlsplit(text).scheme.lower()
-    if scheme in ("https", "data"):
-        if revision or variant or subfolder:
-            raise SourceError(f"{redact_url(text)}: revision, variant and subfolder apply to Hub repos, not URLs")
-        return UrlSource(text, pipeline_class=pipeline_class or DEFAULT_PIPELINE_CLASS, config=config)
-    if scheme in ("http", "ftp", "file", "s3", "gs"):
-        raise SourceError(f"{redact_url(text)}: only https:// URLs are supported for single-file checkpoints")
+    single_file = _single_file(text, revision, variant, subfolder)
+    if single_file is not None:
+        repo, filename, rev = single_file
+        cfg = _clean_config(config)
+        if repo is None:
+            return UrlSource(text, pipeline_class=pipeline_class or None, config=cfg)
+        return HubFileSource(repo, filename, revision=rev, pipeline_class=pipeline_class or None, config=cfg)
+    if pipeline_class or config:
+        raise SourceError(
+            f"{text}: pipeline_class and config apply to single-file checkpoints (an https:// URL or a Hub file "
+            "such as org/name/model.safetensors), not to a Hub repo or a directory: a diffusers pipeline names "
+            "its own class and holds its configs"
+        )
     path = Path(text).expanduser()
     if path.is_dir() or text.startswith(("/", ".", "~")):
         if not path.is_dir():
@@ -57,6 +70,11 @@ def parse_source(
         if revision or variant:
             raise SourceError(f"{text}: revision and variant apply to Hub repos, not local directories")
         return LocalSource(str(path.resolve()), subfolder=_clean_subfolder(subfolder))
+    repo, rev = _repo_and_revision(text, revision)
+    return HubSource(repo, revision=rev, variant=variant, subfolder=_clean_subfolder(subfolder))
+
+
+def _repo_and_revision(text: str, revision: str | None) -> tuple[str, str | None]:
     repo, _, inline_rev = text.partition("@")
     if not _REPO_ID.match(repo) or ".." in repo:
         raise SourceError(
@@ -64,8 +82,67 @@ def parse_source(
         )
     if inline_rev and revision and inline_rev != revision:
         raise SourceError(f"{text}: revision given twice ({inline_rev!r} and {revision!r})")
-    rev = revision or inline_rev or None
-    return HubSource(repo, revision=rev, variant=variant, subfolder=_clean_subfolder(subfolder))
+    return repo, revision or inline_rev or None
+
+
+_HUB_HOSTS = ("huggingface.co", "hf.co", "www.huggingface.co")
+
+
+def _single_file(text: str, revision: str | None, variant: str | None,
+                 subfolder: str | None) -> tuple[str | None, str, str | None] | None:
+    """(repo, file, revision) of a Hub file, (None, url, None) of a URL, or None when ``text``
+    names no single file; what a single file cannot take is refused."""
+    scheme = urlsplit(text).scheme.lower()
+    if scheme in ("http", "ftp", "file", "s3", "gs"):
+        raise SourceError(f"{redact_url(text)}: only https:// URLs are supported for single-file checkpoints")
+    if scheme in ("https", "data"):
+        parts = urlsplit(text)
+        bits = parts.path.strip("/").split("/")
+        if (scheme == "https" and (parts.hostname or "").lower() in _HUB_HOSTS and len(bits) >= 5
+                and bits[2] == "blob" and not parts.query):
+            # A Hub file's page (what from_single_file users write): the file is fetched from the Hub
+            # cache, keyed by commit. resolve/ URLs are files: they are downloaded as URLs.
+            if revision and revision != bits[3]:
+                raise SourceError(f"{redact_url(text)}: revision given twice ({bits[3]!r} and {revision!r})")
+            repo_text, filename, revision = f"{bits[0]}/{bits[1]}", "/".join(bits[4:]), bits[3]
+        else:
+            if revision or variant or subfolder:
+                raise SourceError(f"{redact_url(text)}: revision, variant and subfolder apply to Hub repos, not URLs")
+            return None, text, None
+    elif text.lower().endswith(CHECKPOINT_SUFFIXES) and text.count("/") >= 2 and not text.startswith(("/", ".", "~")):
+        org, name, filename = text.split("/", 2)
+        repo_text = f"{org}/{name}"
+    else:
+        return None
+    repo, rev = _repo_and_revision(repo_text, revision)
+    if any(p in ("", ".", "..") for p in filename.split("/")) or not filename.lower().endswith(CHECKPOINT_SUFFIXES):
+        raise SourceError(f"{text}: {filename!r} is not a checkpoint file in the repo "
+                          f"(a relative path ending with {', '.join(CHECKPOINT_SUFFIXES)})")
+    if variant or subfolder:
+        raise SourceError(f"{text}: variant and subfolder apply to Hub repos, not to a single file "
+                          "(put the folder in the file's path)")
+    return repo, filename, rev
+
+
+def _clean_config(config: str | None) -> str | None:
+    """``config`` checked: an existing diffusers directory (as its absolute path) or a Hub repo id."""
+    if not config:
+        return None
+    config = config.strip()
+    path = Path(config).expanduser()
+    if path.is_dir() or config.startswith(("/", ".", "~")):
+        if not path.is_dir():
+            raise SourceError(f"config {config!r}: no such directory (a local config must be a diffusers pipeline directory)")
+        return str(require_pipeline_dir(path).resolve())
+    if urlsplit(config).scheme:
+        raise SourceError(f"config {redact_url(config)!r} must be a local diffusers directory or a Hub repo id (org/name)")
+    try:
+        _repo_and_revision(config, None)
+    except SourceError:
+        raise SourceError(
+            f"config {config!r} must be a local diffusers directory or a Hub repo id (org/name[@revision])"
+        ) from None
+    return config
 
 
 def parse_checker_source(text: str, revision: str | None = None, subfolder: str | None = None) -> Source:
@@ -87,6 +164,8 @@ def parse_checker_source(text: str, revision: str | None = None, subfolder: str 
     if urlsplit(text).scheme:
         raise SourceError(f"{redact_url(text)}: a safety checker is a Hub repo or a directory, not a URL")
     source = parse_source(text, revision=revision, subfolder=subfolder)
+    if isinstance(source, HubFileSource):
+        raise SourceError(f"{text}: a safety checker is a Hub repo or a directory, not a single file")
     if isinstance(source, LocalSource):
         checker = LocalCheckerSource(source.path, subfolder=source.subfolder)
         checker.pipeline_dir()  # a directory without a checker is refused now, not at the first start
