@@ -213,7 +213,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
 
         self.phase_seconds["total"] = round(time.perf_counter() - started, 3)
         log.info("setup: ready in %.2f s (profile %s, model %s, device %s)", self.phase_seconds["total"],
-                 self.settings.profile, model.source, self.device)
+                 self.settings.profile, self.source.display, self.device)
 
     def _rebuild(self, store: Any, root: Path, problem: str, source: Any = None, damaged: Path | None = None) -> Path:
         """Move the damaged entry (the pipeline's unless ``damaged``, of ``source``) aside and build
@@ -313,7 +313,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
         """Readiness and setup timings (fal also serves this method on GET /health)."""
         if getattr(self, "pipe", None) is None:
             raise RuntimeError("setup() has not finished: no pipeline is loaded")
-        return HealthOutput(status="ok", profile=self.settings.profile, model=self.settings.model.source,
+        return HealthOutput(status="ok", profile=self.settings.profile, model=self.source.display,
                             device=str(self.device), store=str(self.store_path),
                             safety_checker=str(self.checker_path) if self.checker_path else None,
                             setup_seconds=self.phase_seconds)

@@ -156,6 +156,7 @@ def stub_asgi_app(app_module):
             self.pipe, self._lock, self.device = NoisePipe(), threading.Lock(), "cpu"
             self._in_flight, self._preview = InFlight(), None
             self.store_path, self.phase_seconds = Path("stub"), {}
+            self.source = app_module.model_source(self.settings.model)
             self.safety_checker, self.checker_path = None, None
             self._store_checked, self._store_problem = threading.Event(), None
             self._store_checked.set()
