@@ -13,7 +13,8 @@ This file is the ``fal.App`` and what its setup() needs from the store and the l
   - helpers    of setup() and the endpoint: reads, devices, encoding.
 The public request/response models are serving.schema's (built from [serving]), the 413 body
 limit and short 422 answers serving.http's; generating is serving.generate's, stopping a request
-serving.cancel's, the event stream and its previews serving.stream's and serving.preview's.
+serving.cancel's, the event stream and its previews serving.stream's and serving.preview's, a
+request's `loras` (and [[model.loras]], fused before packing) serving.lora's.
 
 Run it: ``make serve`` (demo, offline), ``fal run flashpack-t2i`` (a fal runner),
 ``fal deploy flashpack-t2i``. Heavy libraries (torch, diffusers, most of conversion, model_loader)
@@ -53,6 +54,7 @@ from serving.cancel import (
 from serving.compile import compile_denoiser
 from serving.generate import GenerationCancelled, GenerationParams, Step, generate, run_generation
 from serving.http import RequestBodyLimit, shorten_validation_answers
+from serving.lora import LoraLibrary, RequestLoras, fuse_model_loras
 from serving.ports import check_ports_free, serve_ports
 from serving.preview import projection_for
 from serving.safety import checker_source, load_safety_checker, screen
@@ -80,7 +82,7 @@ LOCAL_PACKAGES = ["model_loader", "conversion", "serving"]
 # The one settings read at import: fal builds the class from it. The endpoint's request model
 # carries [serving]'s bounds, so it is built here too.
 SETTINGS = load_settings(SETTINGS_FILE)
-TextToImageInput = request_models(SETTINGS.serving, SETTINGS.safety_checker.enabled).TextToImageInput
+TextToImageInput = request_models(SETTINGS.serving, SETTINGS.safety_checker.enabled, SETTINGS.lora).TextToImageInput
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,7 +137,8 @@ class TextToImageApp(fal.App, name=APP_NAME):
         #    torch, diffusers and transformers import. No network, no torch.
         reads = None
         with self._phase("lookup") as phase:
-            self.source = model_source(model)
+            # [[model.loras]]: fused before packing, so they are part of the store key
+            self.source = fuse_model_loras(model_source(model), model)
             self.store_path = store.warm(self.source, model.dtype, verify_mode())
             device = early_device(model.device) if self.store_path is not None else None
             if device is not None:
@@ -189,6 +192,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
             finally:
                 reads = None  # the pipeline holds the blocks it uses; nothing else keeps them
             self.pipe.set_progress_bar_config(disable=True)
+            self._loras = LoraLibrary.for_pipeline(self.pipe, self.settings.lora, root)  # a request's `loras`
             self.safety_checker = self._load_safety_checker(store, root, torch_dtype, checker_reads)
             size = sum(p.stat().st_size for p in self.store_path.glob("*/*.flashpack"))
             phase.rate(size, f"to {self.device}, checksums verified (import torch {imported_torch:.2f} s)")
@@ -274,11 +278,12 @@ class TextToImageApp(fal.App, name=APP_NAME):
         """Generate ``num_images`` images for ``prompt`` (one pipeline call). A client that disconnects,
         or fal's ``POST /cancel``, stops the generation at its next denoising step."""
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
+        loras = await anyio.to_thread.run_sync(self._loras.resolve, input.loras, abandon_on_cancel=True)  # or a 422
         with self._in_flight.register(request_id_of(request.headers)) as (request_id, flag):
             async with cancel_on_disconnect(request, flag):
                 try:  # abandoned if this task is cancelled: the flag (below) stops the thread at its next step
-                    return await anyio.to_thread.run_sync(self._text_to_image, input, seed, request_id, flag, None,
-                                                          abandon_on_cancel=True)
+                    return await anyio.to_thread.run_sync(self._text_to_image, input, seed, loras, request_id, flag,
+                                                          None, abandon_on_cancel=True)
                 except GenerationCancelled as exc:
                     raise RequestCancelledException(str(exc)) from exc
                 finally:
@@ -290,9 +295,11 @@ class TextToImageApp(fal.App, name=APP_NAME):
         small preview of each image), then a ``result`` event with what POST / returns. A client that
         disconnects, or fal's ``POST /stream/cancel``, stops the generation at its next step."""
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
+        loras = await anyio.to_thread.run_sync(self._loras.resolve, input.loras, abandon_on_cancel=True)  # 422 first
         width, height = requested_size(input.image_size, self.settings.serving)
         units = image_units(width, height) * input.num_images
-        return event_stream(request, self._in_flight, partial(self._text_to_image, input, seed), self._preview, units)
+        return event_stream(request, self._in_flight, partial(self._text_to_image, input, seed, loras), self._preview,
+                            units)
 
     @fal.endpoint("/cancel")
     def cancel(self, request: Request) -> CancelOutput:
@@ -318,15 +325,15 @@ class TextToImageApp(fal.App, name=APP_NAME):
                             safety_checker=str(self.checker_path) if self.checker_path else None,
                             setup_seconds=self.phase_seconds)
 
-    def _text_to_image(self, input: Any, seed: int, request_id: str, flag: CancelFlag,
+    def _text_to_image(self, input: Any, seed: int, loras: RequestLoras, request_id: str, flag: CancelFlag,
                        on_step: Callable[[Step], None] | None) -> TextToImageOutput:
         """What POST / returns (and POST /stream's last event): all images in one pipeline call, under
-        the pipeline lock, then encoded. Runs in a worker thread."""
+        the pipeline lock (with the request's LoRAs, removed after it), then encoded. Runs in a worker thread."""
         width, height = requested_size(input.image_size, self.settings.serving)
         params = GenerationParams(input.prompt, input.negative_prompt, width, height, input.num_inference_steps,
                                   input.guidance_scale, seeds=tuple(image_seeds(seed, input.num_images)))
         pictures, timings = run_generation(self.pipe, self._lock, params, request=request_id, flag=flag,
-                                           on_step=on_step)
+                                           on_step=on_step, loras=loras)
         checking = time.perf_counter()
         with self._lock:  # the checker runs on the pipeline's device too: one model call at a time
             pictures, has_nsfw_concepts = screen(pictures, self.safety_checker, input.enable_safety_checker)

@@ -19,6 +19,15 @@ class AuthError(SourceError):
     """The source needs a Hugging Face token that is missing or was refused (never shows the token)."""
 
 
+class TooLargeError(SourceError):
+    """A file to fetch is larger than the limit set for it (a LoRA over ``[lora] max_file_mb``)."""
+
+
+class LoraError(SourceError):
+    """A LoRA file is not one this model can take: not safetensors, not a LoRA, or made for another
+    architecture (its layers name modules the model lacks, or do not fit their shapes)."""
+
+
 class DownloadError(ConversionError):
     """Fetching weights failed (network, server or local cache problem); the message says which."""
 

@@ -1,5 +1,5 @@
-"""Every use of a private or internal API of torch, transformers and diffusers by ``model_loader``
-and ``conversion/convert.py``, each behind one small function, so a version bump is checked here
+"""Every use of a private or internal API of torch, transformers and diffusers by ``model_loader``,
+``conversion/convert.py`` and ``conversion/lora.py``, each behind one small function, so a version bump is checked here
 and nowhere else. accelerate, huggingface_hub and safetensors are used through public APIs only.
 
 One more private hook lives outside this package because it is the app's: ``app.py`` overrides
@@ -50,12 +50,22 @@ diffusers 0.42.1
   Uses ``diffusers.pipelines.pipeline_loading_utils._maybe_remap_transformers_class``.
 - ``set_diffusers_name_or_path``: record where a model or pipeline was loaded from. Uses
   ``register_to_config(_name_or_path=...)``, as ``from_pretrained`` does.
+- ``lora_loadable_components``: the components ``load_lora_weights`` puts LoRA layers into
+  (``unet``, ``text_encoder``, ...). Uses the LoRA loader mixins' ``_lora_loadable_modules``, the
+  list ``load_lora_weights``, ``fuse_lora`` and ``unload_lora_weights`` walk; no public accessor.
+- ``lora_metadata_for_dicts``: let ``load_lora_weights`` use a LoRA file's adapter metadata for
+  its state dict in memory. Shadows the pipeline's ``lora_state_dict`` (which ``load_lora_weights``
+  calls with ``return_lora_metadata=True`` in every LoRA loader mixin) on the instance for one
+  call. diffusers reads ``lora_adapter_metadata`` (``LoraConfig``'s ``r``, ``lora_alpha``, ...)
+  only from a file: a state dict passed in memory loses it, and a LoRA whose ``lora_alpha`` is not
+  its rank would be applied at the wrong strength.
 
 Nothing here imports torch or the model libraries at module level; each hook imports what it uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -219,3 +229,37 @@ def set_diffusers_name_or_path(obj: Any, path: str) -> None:
     """Record ``path`` as where a diffusers model or pipeline was loaded from
     (``obj.config._name_or_path``, ``pipe.name_or_path``), as ``from_pretrained`` does."""
     obj.register_to_config(_name_or_path=path)
+
+
+def lora_loadable_components(pipe: Any) -> list[str]:
+    """The components of ``pipe`` its ``load_lora_weights`` loads LoRA layers into (``unet``,
+    ``text_encoder``, ``transformer``, ...), those present as modules; [] for a pipeline that takes
+    no LoRAs."""
+    from torch import nn
+
+    if not callable(getattr(pipe, "load_lora_weights", None)):
+        return []
+    names = getattr(pipe, "_lora_loadable_modules", None) or []
+    return [name for name in names if isinstance(getattr(pipe, name, None), nn.Module)]
+
+
+@contextlib.contextmanager
+def lora_metadata_for_dicts(pipe: Any, metadata: dict[str, Any] | None) -> Iterator[None]:
+    """While open, ``pipe.load_lora_weights(state_dict)`` applies ``metadata`` (a file's
+    ``lora_adapter_metadata``) as if the state dict had been read from that file."""
+    if metadata is None:
+        yield
+        return
+    read = pipe.lora_state_dict  # the bound classmethod
+
+    def with_metadata(*args: Any, **kwargs: Any) -> Any:
+        out = read(*args, **kwargs)
+        if kwargs.get("return_lora_metadata") and isinstance(out, tuple) and out and out[-1] is None:
+            return (*out[:-1], metadata)
+        return out
+
+    pipe.__dict__["lora_state_dict"] = with_metadata  # past DiffusionPipeline.__setattr__'s config bookkeeping
+    try:
+        yield
+    finally:
+        pipe.__dict__.pop("lora_state_dict", None)

@@ -7,6 +7,9 @@ the noise a single-image request with that seed starts from. What may differ is 
 the batched UNet and VAE kernels (another blocking or reduction order), in the last bits of a float:
 README, "Calling the deployed endpoint", gives the tolerance and tests/test_app.py checks it.
 
+**With LoRAs.** :func:`run_generation` applies a request's LoRAs (serving.lora.RequestLoras)
+around the pipeline call, under the lock, and removes them before releasing it.
+
 **Stoppable.** diffusers calls ``callback_on_step_end`` after every denoising step; ours reports the
 step (for POST /stream's progress events) and raises :class:`GenerationCancelled` once the request's
 :class:`~serving.cancel.CancelFlag` is set. Raising rather than setting ``pipe._interrupt``: an
@@ -19,14 +22,18 @@ torch is imported inside the functions: importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.cancel import CancelFlag, acquire_unless_cancelled
+
+if TYPE_CHECKING:
+    from serving.lora import RequestLoras
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +106,19 @@ def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = N
 
 def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *, request: str,
                    flag: CancelFlag | None = None, on_step: Callable[[Step], None] | None = None,
-                   ) -> tuple[list[Any], dict[str, float]]:
+                   loras: RequestLoras | None = None) -> tuple[list[Any], dict[str, float]]:
     """:func:`generate` for one request under the pipeline ``lock`` (one call at a time: diffusers
-    pipelines keep per-call state), with one log line when it starts and one when it ends.
+    pipelines keep per-call state), with one log line when it starts and one when it ends. The
+    request's ``loras`` are active for this call only (loaded after the lock is taken, removed
+    before it is released).
 
     Returns the images and the seconds spent waiting for the lock (``queue``) and generating
     (``inference``). The lock is released however the call ends (done, cancelled, failed).
     """
     queued = time.perf_counter()
     shape = f"{params.steps} step(s) x {len(params.seeds)} image(s) at {params.width}x{params.height}"
+    if loras:
+        shape += f" with {len(loras)} LoRA(s)"
     if not acquire_unless_cancelled(lock, flag):
         reason = flag.reason if flag is not None and flag.reason else "cancelled"
         log.info("generate[%s]: cancelled after 0 of %d steps, while waiting for the pipeline (%s)",
@@ -117,7 +128,8 @@ def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *,
         started = time.perf_counter()
         log.info("generate[%s]: started, %s (waited %.2f s for the pipeline)", request, shape, started - queued)
         try:
-            pictures = generate(pipe, params, flag=flag, on_step=on_step)
+            with loras.applied(pipe) if loras else contextlib.nullcontext():
+                pictures = generate(pipe, params, flag=flag, on_step=on_step)
         except GenerationCancelled as exc:
             log.info("generate[%s]: %s, in %.2f s", request, exc, time.perf_counter() - started)
             raise

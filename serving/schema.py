@@ -18,7 +18,8 @@ from fal.toolkit import Image, ImageSizeConstraints, ImageSizeField
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from serving.settings import PIXEL_MULTIPLE, PresetName, ServingSettings
+from conversion.sources import LoraPathError, parse_lora_path
+from serving.settings import PIXEL_MULTIPLE, LoraSettings, PresetName, ServingSettings
 
 # The largest integer a JSON number carries exactly in every client (JavaScript's 2**53 - 1).
 MAX_SEED = 2**53 - 1
@@ -37,9 +38,13 @@ RequestInt = Annotated[int, BeforeValidator(_no_text_or_boolean)]
 
 @dataclass(frozen=True)
 class RequestModels:
-    """The request models of one ``[serving]`` table (the classes fal's OpenAPI names)."""
+    """The request models of one ``[serving]`` (and ``[lora]``) table (the classes fal's OpenAPI
+    names). ``Loras`` is the type of the ``loras`` field, bounds and documentation included: any
+    endpoint's input model takes LoRAs by declaring ``loras: models.Loras``."""
 
     ImageSize: type[BaseModel]
+    LoraWeight: type[BaseModel]
+    Loras: Any
     TextToImageInput: type[BaseModel]
 
 
@@ -47,18 +52,21 @@ _built: dict[str, RequestModels] = {}
 _building = threading.Lock()
 
 
-def request_models(serving: ServingSettings, safety_checker: bool = True) -> RequestModels:
-    """The request models whose bounds, defaults and presets are ``serving``'s; the same classes
-    for equal settings, so an app and its tests share them. ``safety_checker``: whether the app has
-    a checker (fal.toml's ``[safety_checker]`` is not ``"none"``), which the schema says."""
-    key = f"{serving.model_dump_json()} checker={safety_checker}"
+def request_models(serving: ServingSettings, safety_checker: bool = True,
+                   lora: LoraSettings | None = None) -> RequestModels:
+    """The request models whose bounds, defaults and presets are ``serving``'s (and whose
+    ``loras`` are bounded by ``lora``, default ``[lora]``'s defaults); the same classes for equal
+    settings, so an app and its tests share them. ``safety_checker``: whether the app has a
+    checker (fal.toml's ``[safety_checker]`` is not ``"none"``), which the schema says."""
+    lora = lora or LoraSettings()
+    key = f"{serving.model_dump_json()} checker={safety_checker} lora={lora.model_dump_json()}"
     with _building:
         if key not in _built:
-            _built[key] = _build_request_models(serving, safety_checker)
+            _built[key] = _build_request_models(serving, safety_checker, lora)
         return _built[key]
 
 
-def _build_request_models(serving: ServingSettings, safety_checker: bool) -> RequestModels:
+def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: LoraSettings) -> RequestModels:
     class ImageSize(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -104,6 +112,8 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool) -> Req
             custom_error_message="image_size must be a preset name or an object {width, height}",
         ),
     ]
+
+    LoraWeight, Loras = _lora_models(lora)
 
     class TextToImageInput(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -178,6 +188,7 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool) -> Req
             description=CHECKER_ON if safety_checker else CHECKER_NONE,
             examples=[True],
         )
+        loras: Loras
 
         @field_validator("prompt")
         @classmethod
@@ -188,7 +199,61 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool) -> Req
                 )
             return value
 
-    return RequestModels(ImageSize=ImageSize, TextToImageInput=TextToImageInput)
+    return RequestModels(ImageSize=ImageSize, LoraWeight=LoraWeight, Loras=Loras, TextToImageInput=TextToImageInput)
+
+
+# An example LoRA path for the schema: a LoRA file in a Hub repo (fal's examples are URLs; either works).
+LORA_EXAMPLE_PATH = "https://huggingface.co/ByteDance/Hyper-SD/resolve/main/Hyper-SDXL-8steps-lora.safetensors"
+
+
+def _lora_models(lora: LoraSettings) -> tuple[type[BaseModel], Any]:
+    """fal's ``LoraWeight`` (``path``, ``scale``) within ``lora``'s bounds, and the type of a
+    request's ``loras`` list."""
+
+    class LoraWeight(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        path: str = Field(
+            min_length=1,
+            description="URL or the path to the LoRA weights: an https:// URL of a .safetensors file (or a data: URI), "
+            "a Hugging Face repo id org/name (its pytorch_lora_weights.safetensors, else its only .safetensors file), "
+            "or a file in a repo, org/name/dir/file.safetensors; org/name@revision/... pins a revision. Fetched once "
+            f"(at most {lora.max_file_mb} MiB) and kept on the server; it must be a LoRA for this model's "
+            "architecture.",
+            examples=[LORA_EXAMPLE_PATH, "ByteDance/Hyper-SD/Hyper-SDXL-8steps-lora.safetensors"],
+        )
+        scale: float = Field(
+            default=1.0,
+            strict=True,
+            ge=0,
+            le=lora.max_scale,
+            allow_inf_nan=False,
+            description="The scale of the LoRA weight: how strongly it changes the model (0: not at all, 1: as "
+            "trained). It applies to this request only.",
+            examples=[1.0],
+        )
+
+        @field_validator("path")
+        @classmethod
+        def _fetchable(cls, value: str) -> str:
+            try:
+                parse_lora_path(value)
+            except LoraPathError as exc:
+                raise ValueError(str(exc)) from None
+            return value
+
+    loras_text = (f"at most {lora.max_loras}" if lora.max_loras else "none: this deployment takes no LoRAs")
+    Loras = Annotated[
+        list[LoraWeight],
+        Field(
+            default_factory=list,
+            max_length=lora.max_loras,
+            description=f"The LoRAs to apply for this request, {loras_text}, each with its scale: loaded before the "
+            "generation and removed after it, so they change this request's images only.",
+            examples=[[], [{"path": LORA_EXAMPLE_PATH, "scale": 1.0}]],
+        ),
+    ]
+    return LoraWeight, Loras
 
 
 def _is_visible(ch: str) -> bool:

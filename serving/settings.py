@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from conversion.errors import SourceError
-from conversion.sources import DEMO_SOURCE, Source, parse_checker_source, parse_source
+from conversion.sources import DEMO_SOURCE, Source, parse_checker_source, parse_lora_path, parse_source
 
 # The environment variable that picks the profile when load_settings() is given none.
 PROFILE_ENV = "APP_PROFILE"
@@ -29,6 +29,10 @@ MAX_SIDE_LIMIT = 8192
 MAX_PROMPT_LIMIT = 100_000
 # [safety_checker] source that serves without a checker (said explicitly, never by omission).
 NO_CHECKER = "none"
+# Sanity bounds of [lora] and [[model.loras]].
+MAX_LORAS_LIMIT = 16
+MAX_LORA_SCALE_LIMIT = 10.0
+MAX_LORA_FILE_MB_LIMIT = 64 * 1024
 
 
 class SettingsError(ValueError):
@@ -88,9 +92,18 @@ class DeploySettings(_Strict):
         return self
 
 
+class FusedLoraSetting(_Strict):
+    """One LoRA fused into the model before it is packed (``[[model.loras]]``): where it comes
+    from (a request's ``loras[i].path`` rules) and its scale."""
+
+    path: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=0, le=MAX_LORA_SCALE_LIMIT, allow_inf_nan=False)
+
+
 class ModelSettings(_Strict):
     """The model to serve: a source the store acquires and converts once (checked with
-    conversion.sources' rules by :func:`load_settings`, see :func:`model_problem`)."""
+    conversion.sources' rules by :func:`load_settings`, see :func:`model_problem`), and the LoRAs
+    fused into it before packing (``loras``: part of its store key)."""
 
     source: str = Field(min_length=1)
     revision: str | None = Field(default=None, min_length=1)
@@ -102,6 +115,7 @@ class ModelSettings(_Strict):
     config: str | None = Field(default=None, min_length=1)
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    loras: list[FusedLoraSetting] = Field(default=[], max_length=MAX_LORAS_LIMIT)
 
 
 class SafetyCheckerSettings(_Strict):
@@ -158,6 +172,16 @@ class ServingSettings(_Strict):
         return self
 
 
+class LoraSettings(_Strict):
+    """A request's ``loras``: how many, how strong, how large a file, and how many bytes of read
+    LoRAs stay in memory (a least-recently-used cache; 0 keeps none)."""
+
+    max_loras: int = Field(default=3, ge=0, le=MAX_LORAS_LIMIT)
+    max_scale: float = Field(default=1.0, gt=0, le=MAX_LORA_SCALE_LIMIT, allow_inf_nan=False)
+    max_file_mb: int = Field(default=1024, ge=1, le=MAX_LORA_FILE_MB_LIMIT)
+    cache_mb: int = Field(default=4096, ge=0, le=1024 * 1024)
+
+
 class CompileSettings(_Strict):
     """torch.compile of the denoiser (opt-in): inductor's mode and whether shapes stay static."""
 
@@ -175,6 +199,7 @@ class AppSettings(_Strict):
     safety_checker: SafetyCheckerSettings
     serving: ServingSettings
     compile: CompileSettings = CompileSettings()
+    lora: LoraSettings = LoraSettings()
 
 
 def size_problem(width: int, height: int, serving: ServingSettings) -> str | None:
@@ -189,7 +214,7 @@ def size_problem(width: int, height: int, serving: ServingSettings) -> str | Non
     return None
 
 
-_SECTIONS = ("deploy", "model", "safety_checker", "serving", "compile")
+_SECTIONS = ("deploy", "model", "safety_checker", "serving", "compile", "lora")
 # Tables a profile replaces whole: a revision belongs to its source.
 _REPLACED_WHOLE = ("model", "safety_checker")
 _UNION_TAG = re.compile(r"^(str|int|list\[.*\]|function-.*)$")
@@ -263,6 +288,11 @@ def model_problem(model: ModelSettings) -> tuple[str, str] | None:
     ``pipeline_class`` and ``config`` added one at a time, so the key named is the one that breaks
     it. A local directory (source or config) must exist where the settings are loaded.
     """
+    for i, lora in enumerate(model.loras):
+        try:
+            parse_lora_path(lora.path)
+        except SourceError as exc:
+            return f"model.loras[{i}].path", str(exc)
     if model.source == DEMO_SOURCE:
         for key in _SOURCE_KEYS:
             if getattr(model, key) is not None:

@@ -196,3 +196,25 @@ def test_fal_clients_run_raises_the_servers_422_naming_the_field(local_fal_clien
         local_fal_client.run("", arguments={"prompt": "a cat", **SMALL, "num_images": 5})
     assert info.value.status_code == 422
     assert '"num_images"' in info.value.response.text
+
+
+def test_a_lora_changes_its_own_request_only_and_a_foreign_one_is_422_over_http(server, tiny_sd_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from conversion.sources import url_hash
+    from tests.tiny_models import data_uri, make_tiny_lora, tiny_sdxl_pipeline
+
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tiny_sd_dir / "unet"))
+    lora = data_uri(make_tiny_lora(tmp_path / "demo", unet, seed=21))
+    before = image_bytes(post(server, seed=31))
+    with_lora = image_bytes(post(server, seed=31, loras=[{"path": lora, "scale": 1.0}]))
+    assert image_bytes(post(server, seed=31)) == before and with_lora != before
+    assert (server["root"] / ".fal" / "model_weights" / url_hash(lora)).is_dir()  # fetched onto the volume
+    foreign = data_uri(make_tiny_lora(tmp_path / "sdxl", tiny_sdxl_pipeline().unet, seed=1))
+    for bad, message in ((foreign, "not a LoRA for this model's architecture"), ("http://example.com/a.safetensors",
+                                                                                 "http: URLs are not accepted")):
+        refused = post(server, seed=31, loras=[{"path": bad}])
+        assert refused.status_code == 422 and refused.headers["x-fal-billable-units"] == "0"
+        [error] = refused.json()["detail"]
+        assert error["loc"] == ["body", "loras", 0, "path"] and message in error["msg"], error
+    assert image_bytes(post(server, seed=31)) == before

@@ -60,3 +60,10 @@ def test_a_class_that_is_not_legacy_is_not_remapped():
 
 def test_a_transformers_class_without_a_rename_keeps_its_name():
     assert private_api.remap_transformers_class("CLIPTextModel") == "CLIPTextModel"
+
+
+def test_lora_loadable_components_are_where_load_lora_weights_puts_layers():
+    from tests.tiny_models import tiny_sdxl_pipeline
+
+    assert private_api.lora_loadable_components(tiny_sdxl_pipeline()) == ["unet", "text_encoder", "text_encoder_2"]
+    assert private_api.lora_loadable_components(torch.nn.Linear(2, 2)) == []

@@ -32,7 +32,7 @@ def model_schema(serving, name: str) -> dict:
 
 
 @pytest.mark.parametrize("serving", [DEMO, DEFAULT], ids=["demo", "default"])
-@pytest.mark.parametrize("model", ["TextToImageInput", "TextToImageOutput", "ImageSize", "HealthOutput"])
+@pytest.mark.parametrize("model", ["TextToImageInput", "TextToImageOutput", "ImageSize", "HealthOutput", "LoraWeight"])
 def test_every_public_field_has_a_description_and_an_example(serving, model):
     properties = model_schema(serving, model)["properties"]
     undocumented = [name for name, prop in properties.items() if not prop.get("description")]
@@ -134,3 +134,36 @@ def test_requested_size_is_the_profiles_preset_or_the_given_size():
 def test_image_seeds_wrap_inside_the_valid_range():
     assert image_seeds(7, 3) == [7, 8, 9]
     assert image_seeds(MAX_SEED, 2) == [MAX_SEED, 0]
+
+
+def test_loras_follow_the_lora_settings_bounds():
+    from serving.settings import LoraSettings
+
+    Input = request_models(DEMO, lora=LoraSettings(max_loras=1, max_scale=2.0)).TextToImageInput
+    loras = Input.model_json_schema()["properties"]["loras"]
+    assert loras["maxItems"] == 1 and loras["items"] == {"$ref": "#/$defs/LoraWeight"}
+    assert Input(prompt="a cat", loras=[{"path": "org/lora", "scale": 2.0}]).loras[0].scale == 2.0
+    with pytest.raises(ValidationError, match="less than or equal to 2"):
+        Input(prompt="a cat", loras=[{"path": "org/lora", "scale": 2.5}])
+    with pytest.raises(ValidationError, match="at most 1 item"):
+        Input(prompt="a cat", loras=[{"path": "org/a"}, {"path": "org/b"}])
+    none = request_models(DEMO, lora=LoraSettings(max_loras=0)).TextToImageInput
+    assert "takes no LoRAs" in none.model_json_schema()["properties"]["loras"]["description"]
+    with pytest.raises(ValidationError, match="at most 0 items"):
+        none(prompt="a cat", loras=[{"path": "org/a"}])
+
+
+def test_another_endpoints_input_takes_loras_by_declaring_the_shared_type():
+    from pydantic import BaseModel
+
+    models = request_models(DEMO)
+
+    class ImageToImageInput(BaseModel):
+        prompt: str
+        loras: models.Loras
+
+    assert ImageToImageInput(prompt="a cat").loras == []
+    parsed = ImageToImageInput(prompt="a cat", loras=[{"path": "org/lora/style.safetensors"}])
+    assert isinstance(parsed.loras[0], models.LoraWeight) and parsed.loras[0].scale == 1.0
+    with pytest.raises(ValidationError, match="http: URLs are not accepted"):
+        ImageToImageInput(prompt="a cat", loras=[{"path": "http://example.com/a.safetensors"}])

@@ -19,7 +19,7 @@ FAL_TOML = (REPO / "fal.toml").read_text()
 def test_importing_serving_reads_no_settings_and_no_environment_and_no_torch(tmp_path):
     env = {**os.environ, "APP_PROFILE": "no-such-profile", "PYTHONPATH": str(REPO)}
     code = ("import sys, serving, serving.settings, serving.schema, serving.http, serving.billing, serving.compile, "
-            "serving.ports; assert 'torch' not in sys.modules, 'serving imported torch'")
+            "serving.ports, serving.lora; assert 'torch' not in sys.modules, 'serving imported torch'")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
@@ -293,6 +293,60 @@ def test_absurd_serving_setting_is_refused_naming_the_key(tmp_path, old, new, me
     with pytest.raises(SettingsError) as err:
         load_settings(path, profile="")
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("max_loras = 3", "max_loras = 17", "lora.max_loras: Input should be less than or equal to 16"),
+        ("max_scale = 1.0", "max_scale = 0.0", "lora.max_scale: Input should be greater than 0"),
+        ("max_scale = 1.0", "max_scale = inf", "lora.max_scale: must be a finite number, got inf"),
+        ("max_file_mb = 1024", "max_file_mb = 0", "lora.max_file_mb: Input should be greater than or equal to 1"),
+        ("max_file_mb = 1024", 'max_file_mb = "1024"', "lora.max_file_mb: Input should be a valid integer"),
+        ("cache_mb = 4096", "cache_mb = -1", "lora.cache_mb: Input should be greater than or equal to 0"),
+        ("cache_mb = 4096", "cache_mb = 4096\nmax_lora = 2", "lora.max_lora: unknown key"),
+    ],
+    ids=["too-many-loras", "zero-max-scale", "inf-max-scale", "zero-file-limit", "text-file-limit", "negative-cache",
+         "misspelt-key"],
+)
+def test_absurd_lora_setting_is_refused_naming_the_key(tmp_path, old, new, message):
+    path = settings_file(tmp_path, edited(old, new))
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, profile="")
+    assert message in str(err.value)
+
+
+def test_lora_settings_default_to_fals_bounds_and_the_demo_keeps_smaller_files():
+    default, demo = (load_settings(REPO / "fal.toml", profile=p).lora for p in ("", "demo"))
+    assert (default.max_loras, default.max_scale, default.max_file_mb, default.cache_mb) == (3, 1.0, 1024, 4096)
+    assert (demo.max_loras, demo.max_scale, demo.max_file_mb, demo.cache_mb) == (3, 1.0, 16, 64)
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ('source = "demo"\n[[model.loras]]\npath = "http://example.com/a.safetensors"',
+     "model.loras[0].path: http://example.com/a.safetensors: http: URLs are not accepted"),
+    ('source = "demo"\n[[model.loras]]\npath = "org/lora"\n[[model.loras]]\npath = "org/lora/w.ckpt"',
+     "model.loras[1].path: 'org/lora/w.ckpt': a LoRA file in a repo must be a .safetensors file"),
+    ('source = "demo"\n[[model.loras]]\npath = "org/lora"\nscale = 11.0',
+     "model.loras.0.scale: Input should be less than or equal to 10"),
+    ('source = "demo"\n[[model.loras]]\nscale = 1.0', "model.loras.0.path: required key is missing"),
+])
+def test_an_unusable_fused_lora_is_refused_naming_its_key(tmp_path, lines, message):
+    path = settings_file(tmp_path, with_model(lines))
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, profile="")
+    assert str(err.value).startswith(f"{path} (profile 'default'): {message}")
+
+
+def test_fused_loras_are_read_with_their_scales_and_default_to_scale_one(tmp_path):
+    from conversion.sources import HubLora
+    from serving.lora import fused_loras
+
+    lines = 'source = "demo"\n[[model.loras]]\npath = "org/lora@v2/style.safetensors"\nscale = 0.5\n' \
+            '[[model.loras]]\npath = "org/other"'
+    model = load_settings(settings_file(tmp_path, with_model(lines)), profile="").model
+    assert fused_loras(model) == [(HubLora("org/lora", "style.safetensors", "v2"), 0.5), (HubLora("org/other"), 1.0)]
+    assert load_settings(REPO / "fal.toml", profile="").model.loras == []
 
 
 def test_invalid_toml_names_the_file(tmp_path):

@@ -194,3 +194,49 @@ def make_tiny_checker_repo(dst: str | os.PathLike[str], flag_level: int = 235, w
     extractor.save_pretrained(dst)
     (dst / "README.md").write_text("a tiny safety checker\n")
     return dst
+
+
+# LoRAs for the tiny models: PEFT layers with random (non-zero) weights, saved in diffusers' format.
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _lora_layers(model, targets, rank: int, lora_alpha: int, seed: int) -> dict:
+    """The LoRA state dict of a fresh copy of ``model``'s architecture with a random adapter on ``targets``."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    _seeded(seed)
+    fresh = type(model).from_config(model.config) if hasattr(type(model), "from_config") else type(model)(model.config)
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(targets), init_lora_weights=False)
+    inject_adapter_in_model(config, fresh)
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(fresh).items()}
+
+
+def make_tiny_lora(dst: str | os.PathLike[str], unet, text_encoder=None, *, seed: int = 1, rank: int = 4,
+                   lora_alpha: int | None = None, metadata: bool = False) -> Path:
+    """A LoRA file for ``unet`` (and ``text_encoder``'s attention when given): random A and B on
+    the attention projections, written by ``StableDiffusionPipeline.save_lora_weights`` (diffusers'
+    own format, ``unet.``/``text_encoder.`` prefixes). ``lora_alpha`` defaults to the rank; with
+    ``metadata`` the file records it in ``lora_adapter_metadata``, as diffusers' training scripts do.
+    Returns the file."""
+    from diffusers import StableDiffusionPipeline
+
+    alpha = lora_alpha if lora_alpha is not None else rank
+    unet_layers = _lora_layers(unet, UNET_ATTENTION, rank, alpha, seed)
+    text_layers = _lora_layers(text_encoder, CLIP_ATTENTION, rank, alpha, seed + 1) if text_encoder is not None else None
+    config = {"r": rank, "lora_alpha": alpha, "init_lora_weights": False}
+    extra = {}
+    if metadata:
+        extra["unet_lora_adapter_metadata"] = {**config, "target_modules": list(UNET_ATTENTION)}
+        if text_encoder is not None:
+            extra["text_encoder_lora_adapter_metadata"] = {**config, "target_modules": list(CLIP_ATTENTION)}
+    StableDiffusionPipeline.save_lora_weights(dst, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers,
+                                              safe_serialization=True, **extra)
+    return Path(dst) / "pytorch_lora_weights.safetensors"
+
+
+def data_uri(path: str | os.PathLike[str]) -> str:
+    """A file as a ``data:`` URI (how the tests hand LoRAs to the app without a network)."""
+    import base64
+
+    return "data:application/octet-stream;base64," + base64.b64encode(Path(path).read_bytes()).decode()

@@ -27,7 +27,15 @@ from model_loader.rates import rate_text
 
 from ..config import ConversionConfig
 from ..durable import NO_SPACE_ERRNOS
-from ..errors import AuthError, ConversionError, DiskFullError, DownloadError, DownloadStalledError, SourceError
+from ..errors import (
+    AuthError,
+    ConversionError,
+    DiskFullError,
+    DownloadError,
+    DownloadStalledError,
+    SourceError,
+    TooLargeError,
+)
 from ..sources.base import Source
 from .policy import DownloadPolicy, redact_secrets, xet_environment
 
@@ -35,7 +43,8 @@ log = logging.getLogger("conversion.download")
 
 _STARTUP_S = 60.0  # the child's interpreter start and imports, before the stall clock runs
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-_ERROR_KINDS: dict[str, type[ConversionError]] = {"auth": AuthError, "source": SourceError, "disk_full": DiskFullError}
+_ERROR_KINDS: dict[str, type[ConversionError]] = {"auth": AuthError, "source": SourceError, "disk_full": DiskFullError,
+                                                  "too_large": TooLargeError}
 
 Probe = Callable[[], tuple[int, int]]
 
@@ -196,18 +205,21 @@ def _child_main() -> int:
     request = json.loads(sys.stdin.read())
     _die_with_parent(request.get("parent_pid"))
     # the slow imports, before the stall clock starts
-    if request.get("op") == "url":
+    if request.get("op") in ("url", "lora-url"):
         import fal.toolkit.utils.download_utils  # noqa: F401
     from huggingface_hub import HfApi, snapshot_download  # noqa: F401
 
     from ..sources import HubCheckerSource, HubConfigSource, HubFileSource, HubSource, UrlSource
+    from ..sources.lora import HubLora, UrlLora
     from .hub import hub_snapshot
+    from .lora import download_url_lora, hub_lora_file
     from .url import download_url
 
     report = PhaseReporter(request.get("status_path"))
     report("started")
-    kinds: dict[str, type[Source]] = {
-        cls.kind: cls for cls in (HubSource, HubCheckerSource, HubConfigSource, HubFileSource, UrlSource)}
+    kinds: dict[str, type] = {
+        cls.kind: cls
+        for cls in (HubSource, HubCheckerSource, HubConfigSource, HubFileSource, UrlSource, HubLora, UrlLora)}
     source = kinds[request.get("kind", request["op"])](**request["source"])
     config = ConversionConfig.from_env()
     try:
@@ -218,6 +230,12 @@ def _child_main() -> int:
                                 refresh=bool(request.get("refresh", False)), on_phase=report, config=config)
             result = {"ok": True, "path": str(snap.path), "identity": snap.identity,
                       "files": list(snap.files), "root": str(snap.root)}
+        elif request["op"] == "hub-lora":
+            result = {"ok": True, **hub_lora_file(source, Path(request["cache_dir"]), request.get("max_mb"),  # type: ignore[arg-type]
+                                                  config.hf_token, report)}
+        elif request["op"] == "lora-url":
+            result = {"ok": True, "path": str(download_url_lora(source, Path(request["root"]),  # type: ignore[arg-type]
+                                                                request.get("max_mb"), config))}
         else:
             result = {"ok": True, "path": str(download_url(source, Path(request["root"]), config))}  # type: ignore[arg-type]
     except BaseException as exc:  # every failure is reported, classified, without the token
@@ -244,7 +262,8 @@ def classify_error(exc: BaseException, source: Source, config: ConversionConfig)
     has_token = bool(config.hf_token)
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, ConversionError):
-        kind = {AuthError: "auth", SourceError: "source", DiskFullError: "disk_full"}.get(type(exc), "network")
+        kind = {AuthError: "auth", SourceError: "source", DiskFullError: "disk_full",
+                TooLargeError: "too_large"}.get(type(exc), "network")
         return kind, str(exc)
     if isinstance(exc, hf.GatedRepoError):
         return "auth", (

@@ -1,0 +1,193 @@
+"""A LoRA file on the volume, fetched once: a URL in fal's ``download_model_weights`` layout
+(``<root>/.fal/model_weights/<sha256 of the URL>/<file>``), a Hub repo file in the Hub cache.
+
+Offline first, as for models: a file already on the volume is used without a request (a Hub file
+is found through the cache's ``refs/`` and ``snapshots/``); the network is used only when it is
+missing, in the watched child (``child.py``), with the size limit checked before the body is
+fetched (the Hub's file metadata; fal's ``download_file(filesize_limit=...)``, which refuses a
+declared size over the limit and stops a body that grows past it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import checkpoint_problem
+from ..config import ConversionConfig
+from ..durable import NO_SPACE_ERRNOS
+from ..errors import DownloadError, SourceError, TooLargeError
+from ..sources.lora import HubLora, LoraPathError, LoraRef, UrlLora, choose_lora_file, repo_cache_dir, snapshot_dir
+from .child import dir_state, remove_stale_partials, run_child
+from .policy import DownloadPolicy, fal_weights_dir, hub_cache_dir, redact_secrets
+from .preread import preread
+from .url import _existing_weights
+
+log = logging.getLogger("conversion.download")
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FetchedLora:
+    """A LoRA file on the volume and what it was fetched as (``url:<sha256>``, ``hub:org/name@<commit>/<file>``)."""
+
+    path: Path
+    identity: str
+
+
+def fetch_lora(ref: LoraRef, root: Path, *, max_mb: int | None = None, policy: DownloadPolicy | None = None,
+               config: ConversionConfig | None = None) -> FetchedLora:
+    """The file of ``ref`` on the volume, downloaded only when it is not there yet.
+
+    ``max_mb``: the largest file accepted (MiB, fal's unit); a larger one is a :class:`TooLargeError`.
+    A missing repo, file or URL is a :class:`SourceError` (or :class:`AuthError`), network trouble
+    a :class:`DownloadError`.
+    """
+    config = config or ConversionConfig.from_env()
+    policy = policy or DownloadPolicy.from_config(config)
+    if isinstance(ref, UrlLora):
+        return _fetch_url(ref, root, max_mb, policy)
+    return _fetch_hub(ref, root, max_mb, policy, config)
+
+
+def _fetch_url(ref: UrlLora, root: Path, max_mb: int | None, policy: DownloadPolicy) -> FetchedLora:
+    weights_dir = fal_weights_dir(root, ref.url)
+    existing = _existing_weights(weights_dir)
+    if existing is not None:
+        if checkpoint_problem(existing) is None:
+            _check_size(existing, max_mb, ref)
+            log.info("cache: LoRA %s found at %s (no network)", ref.display, existing)
+            return FetchedLora(existing, ref.key_text())
+        log.warning("cache: LoRA %s at %s is damaged; downloading it again", ref.display, existing)
+        existing.unlink(missing_ok=True)
+    result = run_child(
+        {"op": "lora-url", "kind": ref.kind, "source": asdict(ref), "root": str(root), "max_mb": max_mb},
+        probe=lambda: dir_state(weights_dir),
+        cleanup=lambda: remove_stale_partials(weights_dir, policy),
+        what=f"download LoRA {ref.display}",
+        policy=policy,
+    )
+    path = Path(result["path"])
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{ref.display}: the downloaded file is damaged ({problem}); retry later")
+    _check_size(path, max_mb, ref, remove=True)
+    return FetchedLora(path, ref.key_text())
+
+
+def _fetch_hub(ref: HubLora, root: Path, max_mb: int | None, policy: DownloadPolicy,
+               config: ConversionConfig) -> FetchedLora:
+    cache_dir = hub_cache_dir(root, config)
+    identity = ref.offline_identity(root, cache_dir)
+    if identity is not None:
+        commit, filename = identity.removeprefix(f"hub:{ref.repo}@").split("/", 1)
+        path = snapshot_dir(cache_dir, ref.repo, commit) / filename
+        _check_size(path, max_mb, ref)
+        if not preread([path], policy.preread_workers, check_blobs=True):
+            log.info("cache: LoRA %s @ %s found in %s (no network)", ref.display, commit[:12], cache_dir)
+            return FetchedLora(path, identity)
+        log.warning("cache: LoRA %s is corrupt in the Hub cache; downloading it again", path)
+        _drop(path)
+    result = run_child(
+        {"op": "hub-lora", "kind": ref.kind, "source": asdict(ref), "cache_dir": str(cache_dir), "max_mb": max_mb},
+        probe=lambda: dir_state(repo_cache_dir(cache_dir, ref.repo) / "blobs"),
+        cleanup=lambda: remove_stale_partials(repo_cache_dir(cache_dir, ref.repo) / "blobs", policy),
+        what=f"download LoRA {ref.display}",
+        policy=policy,
+    )
+    path = Path(result["path"])
+    _check_size(path, max_mb, ref, remove=True)
+    if preread([path], policy.preread_workers, check_blobs=True):
+        _drop(path)
+        raise DownloadError(f"{ref.display}: the downloaded file does not match its checksum; retry later")
+    return FetchedLora(path, result["identity"])
+
+
+def _check_size(path: Path, max_mb: int | None, ref: LoraRef, remove: bool = False) -> None:
+    size = path.stat().st_size
+    if max_mb is not None and size > max_mb * MB:
+        if remove:
+            _drop(path)
+        raise TooLargeError(too_large(ref, size, max_mb))
+
+
+def too_large(ref: LoraRef, size: int | None, max_mb: int) -> str:
+    what = f"{size / MB:.1f} MiB" if size is not None else "larger than that"
+    return f"{ref.display} is {what}, more than the limit of {max_mb} MiB for a LoRA file ([lora] max_file_mb)"
+
+
+def _drop(path: Path) -> None:
+    """Remove a fetched file (and the Hub blob behind a snapshot link)."""
+    with contextlib.suppress(OSError):
+        blob = path.resolve()
+        if blob != path:
+            blob.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The child's side (conversion.download.child runs these)
+
+
+def download_url_lora(ref: UrlLora, root: Path, max_mb: int | None, config: ConversionConfig) -> Path:
+    """Download in the child: fal's ``download_file`` into the ``download_model_weights`` layout
+    under ``root`` (``download_model_weights`` itself takes no size limit), with ``max_mb``."""
+    from fal.toolkit.utils import download_utils
+
+    target = fal_weights_dir(root, ref.url)
+    headers = None
+    host = (ref.url.split("/")[2] if "://" in ref.url else "").lower()
+    if config.hf_token and (host == "huggingface.co" or host.endswith(".huggingface.co")):
+        headers = {"Authorization": f"Bearer {config.hf_token}"}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # fal prints the whole URL (a data: URI, a signed URL)
+            return Path(download_utils.download_file(ref.url, target_dir=target, request_headers=headers,
+                                                     filesize_limit=max_mb))
+    except download_utils.DownloadError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in NO_SPACE_ERRNOS:
+            raise cause from None
+        text = f"{exc} {cause or ''}".lower()
+        if max_mb is not None and ("limit" in text or "exceed" in text):
+            raise TooLargeError(too_large(ref, None, max_mb)) from None
+        status = getattr(cause, "status_code", None)
+        if isinstance(status, int) and 400 <= status < 500:
+            raise SourceError(f"{ref.display}: the server answered HTTP {status}") from None
+        if ref.url.startswith("data:"):
+            raise SourceError(f"{ref.display}: not a readable data: URI") from None
+        raise DownloadError(f"cannot download {ref.display}: {redact_secrets(str(exc), config)}") from None
+
+
+def hub_lora_file(ref: HubLora, cache_dir: Path, max_mb: int | None, token: str | None,
+                  on_phase: Any) -> dict[str, Any]:
+    """Download in the child: the LoRA file of ``ref`` into the Hub cache, after checking it exists
+    and its size (the Hub's metadata) is within ``max_mb``."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    rev = ref.revision or "main"
+    info = HfApi(token=token).model_info(ref.repo, revision=rev)
+    on_phase("resolved")
+    commit = info.sha
+    files = [s.rfilename for s in info.siblings or []]
+    try:
+        filename = ref.filename or choose_lora_file(files, ref.repo)
+    except LoraPathError as exc:
+        raise SourceError(str(exc)) from None
+    if filename not in files:
+        raise SourceError(f"repo {ref.repo} has no file {filename} at revision {rev!r}")
+    if max_mb is not None:
+        size = get_hf_file_metadata(hf_hub_url(ref.repo, filename, revision=commit), token=token).size
+        if size is not None and size > max_mb * MB:
+            raise TooLargeError(too_large(HubLora(ref.repo, filename, ref.revision), size, max_mb))
+    on_phase("listed")
+    # By the revision asked for, so the cache records the branch's commit (refs/<revision>) and the
+    # next lookup finds the file offline; the commit is read back from the snapshot path.
+    path = Path(hf_hub_download(ref.repo, filename, revision=rev, cache_dir=os.fspath(cache_dir), token=token))
+    commit = path.relative_to(repo_cache_dir(cache_dir, ref.repo) / "snapshots").parts[0]
+    return {"path": str(path), "identity": f"hub:{ref.repo}@{commit}/{filename}"}

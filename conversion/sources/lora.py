@@ -1,0 +1,194 @@
+"""Where a LoRA comes from: the ``path`` of a request's ``loras[i]`` or of fal.toml's ``[[model.loras]]``.
+
+fal's convention (its ``LoraWeight``: "URL or the path to the LoRA weights"): an ``https://`` URL
+of a ``.safetensors`` file (or a ``data:`` URI, as fal accepts for every file input), or a Hugging
+Face repo: ``org/name`` (its ``pytorch_lora_weights.safetensors``, diffusers' default name, else its
+only ``.safetensors`` file at the root), ``org/name/dir/file.safetensors`` (that file), either with
+``@revision`` after the repo name (``org/name@<commit>/file.safetensors``). A URL is fetched through
+fal's ``download_model_weights`` layout, a repo file through the Hub cache (conversion.download.lora).
+
+Torch-free and offline: the schema checks a request's paths with :func:`parse_lora_path`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ..errors import SourceError
+from .hub import is_commit
+from .url import redact_url, url_hash
+
+# diffusers' default LoRA file name (what save_lora_weights writes, what load_lora_weights looks for).
+DEFAULT_LORA_FILE = "pytorch_lora_weights.safetensors"
+_REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
+
+
+class LoraPathError(SourceError):
+    """A LoRA ``path`` that names nothing this app can fetch (the message says what is accepted)."""
+
+
+@dataclass(frozen=True)
+class UrlLora:
+    """A LoRA at an ``https://`` URL or in a ``data:`` URI; keyed by the URL's sha256, like fal."""
+
+    url: str
+
+    kind = "url-lora"
+
+    @property
+    def display(self) -> str:
+        return redact_url(self.url)
+
+    @property
+    def ref(self) -> str:
+        return self.url
+
+    @property
+    def revision(self) -> None:
+        return None
+
+    def key_text(self) -> str:
+        """What a store key records of it: the URL's hash (signed URLs carry secrets)."""
+        return f"url:{url_hash(self.url)}"
+
+    def offline_identity(self, root: Path, hub_cache: Path) -> str:
+        return self.key_text()
+
+
+@dataclass(frozen=True)
+class HubLora:
+    """A LoRA file in a Hugging Face repo; ``filename`` None: the repo's LoRA file, found by name."""
+
+    repo: str
+    filename: str | None = None
+    revision: str | None = None  # branch, tag or commit (None = "main")
+
+    kind = "hub-lora"
+
+    @property
+    def display(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{self.repo}{rev}" + (f"/{self.filename}" if self.filename else "")
+
+    @property
+    def ref(self) -> str:
+        return self.repo
+
+    def key_text(self) -> str:
+        return f"hub:{self.display}"
+
+    def offline_identity(self, root: Path, hub_cache: Path) -> str | None:
+        """``hub:org/name@<commit>/<file>`` when the Hub cache knows the commit and the file (no
+        network), else None."""
+        commit = cached_commit(hub_cache, self.repo, self.revision)
+        if commit is None:
+            return None
+        filename = self.filename or cached_lora_file(hub_cache, self.repo, commit)
+        if filename is None or not (snapshot_dir(hub_cache, self.repo, commit) / filename).is_file():
+            return None
+        return f"hub:{self.repo}@{commit}/{filename}"
+
+
+LoraRef = UrlLora | HubLora
+
+
+def parse_lora_path(text: str) -> LoraRef:
+    """The LoRA a ``path`` names, checked offline; :class:`LoraPathError` saying what is accepted otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise LoraPathError("a LoRA path is empty: " + _ACCEPTED)
+    text = text.strip()
+    scheme = urlsplit(text).scheme.lower() if ":" in text.split("/", 1)[0] else ""
+    if scheme in ("https", "data"):
+        if scheme == "https" and not urlsplit(text).hostname:
+            raise LoraPathError(f"{redact_url(text)} has no host name")
+        return UrlLora(text)
+    if scheme:
+        raise LoraPathError(f"{redact_url(text)}: {scheme}: URLs are not accepted; " + _ACCEPTED)
+    parts = text.split("/")
+    if len(parts) < 2 or text.startswith(("/", ".", "~")):
+        raise LoraPathError(f"{text[:100]!r} is neither an https:// URL nor a Hugging Face repo: " + _ACCEPTED)
+    org, name = parts[0], parts[1]
+    name, _, revision = name.partition("@")
+    for piece in (org, name):
+        if not _REPO_PART.match(piece) or ".." in piece:
+            raise LoraPathError(f"{text[:100]!r}: {piece!r} is not a valid Hugging Face repo id part; " + _ACCEPTED)
+    if revision and (not _REVISION.match(revision) or ".." in revision):
+        raise LoraPathError(f"{text[:100]!r}: {revision!r} is not a revision (a branch, tag or commit hash)")
+    rest = parts[2:]
+    filename = None
+    if rest:
+        if any(p in ("", ".", "..") for p in rest):
+            raise LoraPathError(f"{text[:100]!r}: the file inside the repo must be a relative path")
+        filename = "/".join(rest)
+        if not filename.endswith(".safetensors"):
+            raise LoraPathError(
+                f"{text[:100]!r}: a LoRA file in a repo must be a .safetensors file (pickled .bin/.ckpt weights "
+                "can run code and are not loaded)")
+    return HubLora(f"{org}/{name}", filename=filename, revision=revision or None)
+
+
+_ACCEPTED = ("give an https:// URL of a .safetensors file, a data: URI, a Hugging Face repo id (org/name) or a "
+             "file in one (org/name/file.safetensors, optionally org/name@revision/...)")
+
+
+def lora_key(refs_and_scales: list[tuple[LoraRef, float]]) -> list[list[object]]:
+    """The part of a store key that LoRAs fused into an entry add: each one's key text and scale."""
+    return [[ref.key_text(), float(scale)] for ref, scale in refs_and_scales]
+
+
+# -- the Hub cache, read offline (huggingface_hub's layout: models--org--name/{refs,snapshots}) ----
+
+
+def repo_cache_dir(hub_cache: Path, repo: str) -> Path:
+    return Path(hub_cache) / ("models--" + repo.replace("/", "--"))
+
+
+def snapshot_dir(hub_cache: Path, repo: str, commit: str) -> Path:
+    return repo_cache_dir(hub_cache, repo) / "snapshots" / commit
+
+
+def cached_commit(hub_cache: Path, repo: str, revision: str | None) -> str | None:
+    """The commit a revision names, without the network: itself when it is a commit hash, else
+    what the Hub cache recorded for the branch or tag (``refs/<revision>``); None when unknown."""
+    if is_commit(revision):
+        return revision
+    try:
+        value = (repo_cache_dir(hub_cache, repo) / "refs" / (revision or "main")).read_text().strip()
+    except OSError:
+        return None
+    return value if is_commit(value) else None
+
+
+def cached_lora_file(hub_cache: Path, repo: str, commit: str) -> str | None:
+    """The LoRA file :func:`choose_lora_file` would pick, among the files of that commit in the cache."""
+    root = snapshot_dir(hub_cache, repo, commit)
+    try:
+        names = [p.name for p in root.iterdir() if p.is_file()]
+    except OSError:
+        return None
+    try:
+        return choose_lora_file(names, repo)
+    except LoraPathError:
+        return None
+
+
+def choose_lora_file(repo_files: list[str], repo: str) -> str:
+    """The LoRA file of a repo given without one: diffusers' ``pytorch_lora_weights.safetensors``
+    when present, else the only ``.safetensors`` file at the repo's root; otherwise a
+    :class:`LoraPathError` listing the candidates."""
+    root_files = sorted(f for f in repo_files if "/" not in f and f.endswith(".safetensors"))
+    if DEFAULT_LORA_FILE in root_files:
+        return DEFAULT_LORA_FILE
+    if len(root_files) == 1:
+        return root_files[0]
+    if not root_files:
+        nested = sorted(f for f in repo_files if f.endswith(".safetensors"))[:5]
+        hint = f"; name one of its files: {', '.join(f'{repo}/{f}' for f in nested)}" if nested else ""
+        raise LoraPathError(f"repo {repo} has no .safetensors file at its root{hint}")
+    shown = ", ".join(f"{repo}/{f}" for f in root_files[:5])
+    raise LoraPathError(f"repo {repo} has {len(root_files)} .safetensors files and none is named "
+                        f"{DEFAULT_LORA_FILE}: name the one to use, e.g. {shown}")
