@@ -7,14 +7,16 @@ This file is the ``fal.App`` and what its setup() needs from the store and the l
   - the app    setup(): lookup (+ start reading) -> store (acquire + convert once) -> load -> warm up,
                for the pipeline and the safety checker ([safety_checker], serving.safety) alike;
                POST / generates images (one pipeline call for all of them; flagged ones blacked out),
-               POST /stream the same with server-sent progress events and previews, POST /cancel and
-               /stream/cancel are fal's cancellation calls; GET|POST /health reports readiness and
-               setup timings.
+               POST /stream the same with server-sent progress events and previews, POST /image-to-image
+               and /inpaint start from an input image (pipelines built with diffusers' from_pipe, sharing
+               the loaded modules), POST <endpoint>/cancel are fal's cancellation calls; GET|POST /health
+               reports readiness and setup timings.
   - helpers    of setup() and the endpoint: reads, devices, encoding.
 The public request/response models are serving.schema's (built from [serving]), the 413 body
 limit and short 422 answers serving.http's; generating is serving.generate's, stopping a request
-serving.cancel's, the event stream and its previews serving.stream's and serving.preview's, a
-request's `loras` (and [[model.loras]], fused before packing) serving.lora's.
+serving.cancel's, the event stream and its previews serving.stream's and serving.preview's, input
+images serving.images' and image-to-image / inpainting serving.img2img's, a request's `loras`
+(and [[model.loras]], fused before packing) serving.lora's.
 
 Run it: ``make serve`` (demo, offline), ``fal run flashpack-t2i`` (a fal runner),
 ``fal deploy flashpack-t2i``. Heavy libraries (torch, diffusers, most of conversion, model_loader)
@@ -38,7 +40,7 @@ import anyio
 import fal
 from fal.exceptions import RequestCancelledException
 from fal.toolkit import Image
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from starlette.responses import StreamingResponse
 
 from serving.billing import BillableUnits, image_units
@@ -54,6 +56,8 @@ from serving.cancel import (
 from serving.compile import compile_denoiser
 from serving.generate import GenerationCancelled, GenerationParams, Step, generate, run_generation
 from serving.http import RequestBodyLimit, shorten_validation_answers
+from serving.images import fetch_https
+from serving.img2img import IMAGE_TO_IMAGE, INPAINT, ImagePipelines, build_image_pipelines, overlay, read_sources
 from serving.lora import LoraLibrary, RequestLoras, fuse_model_loras
 from serving.ports import check_ports_free, serve_ports
 from serving.preview import projection_for
@@ -61,6 +65,7 @@ from serving.safety import checker_source, load_safety_checker, screen
 from serving.schema import (
     MAX_SEED,
     HealthOutput,
+    ImageToImageOutput,
     TextToImageOutput,
     image_seeds,
     preset_size,
@@ -82,7 +87,10 @@ LOCAL_PACKAGES = ["model_loader", "conversion", "serving"]
 # The one settings read at import: fal builds the class from it. The endpoint's request model
 # carries [serving]'s bounds, so it is built here too.
 SETTINGS = load_settings(SETTINGS_FILE)
-TextToImageInput = request_models(SETTINGS.serving, SETTINGS.safety_checker.enabled, SETTINGS.lora).TextToImageInput
+_MODELS = request_models(SETTINGS.serving, SETTINGS.safety_checker.enabled, SETTINGS.lora)
+TextToImageInput = _MODELS.TextToImageInput
+ImageToImageInput = _MODELS.ImageToImageInput
+InpaintInput = _MODELS.InpaintInput
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,6 +211,8 @@ class TextToImageApp(fal.App, name=APP_NAME):
         self._lock = threading.Lock()
         self._in_flight = InFlight()
         self._preview = projection_for(self.pipe)
+        self._image_pipes: ImagePipelines = build_image_pipelines(self.pipe)  # from_pipe: the same modules
+        self._fetch = fetch_https  # how an https image_url / mask_url is read
         serving = self.settings.serving
         with self._phase("warmup") as phase:
             shapes = list(dict.fromkeys(serving.warmup_sizes))
@@ -311,6 +321,29 @@ class TextToImageApp(fal.App, name=APP_NAME):
         """fal's cancellation of a POST /stream request (same ``x-fal-request-id``)."""
         return cancel_request(self._in_flight, request)
 
+    @fal.endpoint("/image-to-image")
+    async def image_to_image(self, input: ImageToImageInput, request: Request) -> ImageToImageOutput:
+        """Change ``image_url`` toward ``prompt`` by ``strength`` (fal's image-to-image conventions); the
+        same size, seed, batching, safety and output rules as POST /. A client that disconnects, or
+        fal's ``POST /image-to-image/cancel``, stops the generation at its next step."""
+        return await self._edit(IMAGE_TO_IMAGE, input, request)
+
+    @fal.endpoint("/inpaint")
+    async def inpaint(self, input: InpaintInput, request: Request) -> ImageToImageOutput:
+        """Repaint the white part of ``mask_url`` in ``image_url`` toward ``prompt``; the black part comes
+        back as sent. Otherwise as POST /image-to-image (fal's ``POST /inpaint/cancel`` stops it)."""
+        return await self._edit(INPAINT, input, request)
+
+    @fal.endpoint("/image-to-image/cancel")
+    def cancel_image_to_image(self, request: Request) -> CancelOutput:
+        """fal's cancellation of a POST /image-to-image request (same ``x-fal-request-id``)."""
+        return cancel_request(self._in_flight, request)
+
+    @fal.endpoint("/inpaint/cancel")
+    def cancel_inpaint(self, request: Request) -> CancelOutput:
+        """fal's cancellation of a POST /inpaint request (same ``x-fal-request-id``)."""
+        return cancel_request(self._in_flight, request)
+
     @fal.endpoint(
         "/health",
         health_check=fal.HealthCheck(start_period_seconds=SETTINGS.deploy.startup_timeout, timeout_seconds=5,
@@ -344,6 +377,49 @@ class TextToImageApp(fal.App, name=APP_NAME):
         timings["encode"] = time.perf_counter() - encoding
         return TextToImageOutput(images=images, seed=seed, prompt=input.prompt, has_nsfw_concepts=has_nsfw_concepts,
                                  timings={k: round(v, 4) for k, v in timings.items()})
+
+    async def _edit(self, kind: str, input: Any, request: Request) -> ImageToImageOutput:
+        """POST /image-to-image and /inpaint: :meth:`_edit_images` in a worker thread, stopped as POST / is."""
+        pipe = self._image_pipes.get(kind)
+        if pipe is None:
+            raise HTTPException(501, f"{kind} is not available for this model ({type(self.pipe).__name__})")
+        seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
+        loras = await anyio.to_thread.run_sync(self._loras.resolve, input.loras, abandon_on_cancel=True)  # or a 422
+        with self._in_flight.register(request_id_of(request.headers)) as (request_id, flag):
+            async with cancel_on_disconnect(request, flag):
+                try:
+                    return await anyio.to_thread.run_sync(self._edit_images, pipe, input, seed, loras, request_id,
+                                                          flag, abandon_on_cancel=True)
+                except GenerationCancelled as exc:
+                    raise RequestCancelledException(str(exc)) from exc
+                finally:
+                    flag.cancel(REQUEST_ENDED)
+
+    def _edit_images(self, pipe: Any, input: Any, seed: int, loras: RequestLoras, request_id: str,
+                     flag: CancelFlag) -> ImageToImageOutput:
+        """Read and check the input images (a 422 naming the field, before the pipeline is touched), then
+        all images in one call of ``pipe`` under the pipeline lock (with the request's LoRAs, removed after
+        it), screened and encoded as POST /'s."""
+        reading = time.perf_counter()
+        source = read_sources(input, self.settings.serving, self._fetch)
+        read = time.perf_counter() - reading
+        params = GenerationParams(input.prompt, input.negative_prompt, source.width, source.height,
+                                  input.num_inference_steps, input.guidance_scale,
+                                  seeds=tuple(image_seeds(seed, input.num_images)), image=source.image,
+                                  mask_image=source.mask, strength=input.strength)
+        pictures, timings = run_generation(pipe, self._lock, params, request=request_id, flag=flag, loras=loras)
+        if source.mask is not None:
+            pictures = [overlay(picture, source) for picture in pictures]
+        checking = time.perf_counter()
+        with self._lock:  # the checker runs on the pipeline's device too: one model call at a time
+            pictures, has_nsfw_concepts = screen(pictures, self.safety_checker, input.enable_safety_checker)
+        timings["safety"] = time.perf_counter() - checking
+        encoding = time.perf_counter()
+        inline = input.sync_mode or self.settings.serving.output == "data_uri"
+        images = [encode_image(picture, input.output_format, inline) for picture in pictures]
+        timings["encode"] = time.perf_counter() - encoding
+        return ImageToImageOutput(images=images, seed=seed, prompt=input.prompt, has_nsfw_concepts=has_nsfw_concepts,
+                                  timings={k: round(v, 4) for k, v in {"read": read, **timings}.items()})
 
     def _phase(self, name: str) -> "_Phase":
         return _Phase(name, self.phase_seconds)

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """What one pipeline call is asked for; ``seeds`` has one seed per image."""
+    """What one pipeline call is asked for; ``seeds`` has one seed per image. Image-to-image also
+    gives the input ``image`` (at width x height) and ``strength``; inpainting also ``mask_image``."""
 
     prompt: str
     negative_prompt: str
@@ -49,6 +50,20 @@ class GenerationParams:
     steps: int
     guidance_scale: float
     seeds: tuple[int, ...]
+    image: Any = None
+    mask_image: Any = None
+    strength: float | None = None
+
+    def inputs(self) -> dict[str, Any]:
+        """The pipeline arguments of the input images (none for text-to-image). The image and mask go
+        once per image of the batch: diffusers' inpainting pipelines encode an image batch of one with
+        the first generator only, so image i would not start from the draws of a request for seed + i
+        alone; with one copy per image, generator i encodes copy i, as a single request's does."""
+        copies = len(self.seeds)
+        given = {"image": [self.image] * copies if self.image is not None else None,
+                 "mask_image": [self.mask_image] * copies if self.mask_image is not None else None,
+                 "strength": self.strength}
+        return {name: value for name, value in given.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,8 @@ def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = N
             on_step(Step(done=index + 1, total=total, latents=tensors["latents"]))
         return {}
 
+    # SD's and SDXL's image-to-image pipelines take no width/height (their **kwargs swallow them): the
+    # input image is already at that size.
     result = pipe(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt or None,
@@ -100,6 +117,7 @@ def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = N
         output_type="pil",
         callback_on_step_end=step_end,
         callback_on_step_end_tensor_inputs=["latents"],
+        **params.inputs(),
     )
     return list(result.images)
 
@@ -117,6 +135,8 @@ def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *,
     """
     queued = time.perf_counter()
     shape = f"{params.steps} step(s) x {len(params.seeds)} image(s) at {params.width}x{params.height}"
+    if params.strength is not None:
+        shape += f", {'inpaint' if params.mask_image is not None else 'image-to-image'} at strength {params.strength}"
     if loras:
         shape += f" with {len(loras)} LoRA(s)"
     if not acquire_unless_cancelled(lock, flag):

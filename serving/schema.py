@@ -1,4 +1,8 @@
-"""The public request/response models: fal's text-to-image conventions, bounds from ``[serving]``.
+"""The public request/response models: fal's text-to-image and image-to-image conventions, bounds
+from ``[serving]``. The fields every generating endpoint shares are one base model
+(``GenerationInput``); POST /'s ``TextToImageInput`` is it as it is, ``ImageToImageInput`` adds
+``image_url`` and ``strength`` (and takes its ``image_size`` from the input image when absent),
+``InpaintInput`` adds ``mask_url``.
 
 The request models depend on the settings (bounds, presets, defaults), so they are built by
 :func:`request_models` for one :class:`~serving.settings.ServingSettings` (cached per value):
@@ -14,8 +18,18 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
-from fal.toolkit import Image, ImageSizeConstraints, ImageSizeField
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from fal.toolkit import Image, ImageField, ImageSizeConstraints, ImageSizeField
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from conversion.sources import LoraPathError, parse_lora_path
@@ -46,6 +60,8 @@ class RequestModels:
     LoraWeight: type[BaseModel]
     Loras: Any
     TextToImageInput: type[BaseModel]
+    ImageToImageInput: type[BaseModel]
+    InpaintInput: type[BaseModel]
 
 
 _built: dict[str, RequestModels] = {}
@@ -115,7 +131,20 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: 
 
     LoraWeight, Loras = _lora_models(lora)
 
-    class TextToImageInput(BaseModel):
+    def image_size_field(default: Any, absent: str) -> Any:
+        return ImageSizeField(
+            default=default,
+            constraints=ImageSizeConstraints(
+                min_width=serving.min_side, max_width=serving.max_side, min_height=serving.min_side,
+                max_height=serving.max_side, max_area=serving.max_pixels, multiple_of=PIXEL_MULTIPLE,
+            ),
+            description=f"A preset name -- {preset_text} -- or an object {{width, height}}.{absent}",
+            examples=[serving.default_image_size, {"width": serving.presets.landscape_4_3.width,
+                                                   "height": serving.presets.landscape_4_3.height}],
+        )
+
+    # The fields every generating endpoint shares (POST /, /image-to-image, /inpaint), with their bounds.
+    class GenerationInput(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         prompt: str = Field(
@@ -130,16 +159,7 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: 
             description="What the image should not show (empty: nothing).",
             examples=["blurry, low quality"],
         )
-        image_size: ImageSizeInput = ImageSizeField(
-            default=serving.default_image_size,
-            constraints=ImageSizeConstraints(
-                min_width=serving.min_side, max_width=serving.max_side, min_height=serving.min_side,
-                max_height=serving.max_side, max_area=serving.max_pixels, multiple_of=PIXEL_MULTIPLE,
-            ),
-            description=f"A preset name -- {preset_text} -- or an object {{width, height}}.",
-            examples=[serving.default_image_size, {"width": serving.presets.landscape_4_3.width,
-                                                   "height": serving.presets.landscape_4_3.height}],
-        )
+        image_size: ImageSizeInput = image_size_field(serving.default_image_size, "")
         num_inference_steps: RequestInt = Field(
             default=serving.default_steps,
             ge=1,
@@ -199,7 +219,92 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: 
                 )
             return value
 
-    return RequestModels(ImageSize=ImageSize, LoraWeight=LoraWeight, Loras=Loras, TextToImageInput=TextToImageInput)
+    class TextToImageInput(GenerationInput):
+        pass
+
+    class ImageToImageInput(GenerationInput):
+        # The input images first in the schema, as on fal's own endpoints (its playground follows this order).
+        model_config = ConfigDict(extra="forbid", json_schema_extra=_images_first)
+
+        # image_size is the one shared field whose default differs: the input image's own size.
+        image_size: ImageSizeInput | None = image_size_field(
+            None, " Absent or null: the input image's own size, rounded down to multiples of "
+            f"{PIXEL_MULTIPLE} (it must then be within these bounds). The input is resized to this size.")
+        image_url: str = ImageField(
+            description="The image to start from: an https:// URL or a data: URI (e.g. fal_client.encode_image). "
+            f"PNG, JPEG, WebP, GIF or BMP, 8-bit, at most {serving.max_pixels} pixels; transparency is "
+            "flattened onto white.",
+            examples=[EXAMPLE_IMAGE_URL],
+            json_schema_extra={"pattern": URL_PATTERN},
+        )
+        strength: float = Field(
+            default=DEFAULT_STRENGTH,
+            strict=True,
+            gt=0,
+            le=1,
+            allow_inf_nan=False,
+            description="How much to change the image: near 0 keeps it, 1 repaints it from noise. Of "
+            "num_inference_steps, the last strength x num_inference_steps are run (at least one).",
+            examples=[DEFAULT_STRENGTH],
+        )
+
+        @field_validator("image_url")
+        @classmethod
+        def _image_url_is_https_or_data(cls, value: str) -> str:
+            return _checked_url(value, "image_url")
+
+        @field_validator("strength")
+        @classmethod
+        def _runs_a_step(cls, value: float, info: ValidationInfo) -> float:
+            steps = info.data.get("num_inference_steps")
+            if steps is not None and int(steps * value) < 1:
+                raise ValueError(f"strength {value} of {steps} num_inference_steps runs no denoising step: "
+                                 "strength x num_inference_steps must be at least 1")
+            return value
+
+    class InpaintInput(ImageToImageInput):
+        mask_url: str = ImageField(
+            description="Where to repaint: a mask of the image's size (https:// URL or data: URI), white where the "
+            "image is repainted and black where it is kept (grays blend; transparency counts as black). The "
+            "kept pixels come back exactly as sent.",
+            examples=[EXAMPLE_MASK_URL],
+            json_schema_extra={"pattern": URL_PATTERN},
+        )
+
+        @field_validator("mask_url")
+        @classmethod
+        def _mask_url_is_https_or_data(cls, value: str) -> str:
+            return _checked_url(value, "mask_url")
+
+    return RequestModels(ImageSize=ImageSize, LoraWeight=LoraWeight, Loras=Loras, TextToImageInput=TextToImageInput,
+                         ImageToImageInput=ImageToImageInput, InpaintInput=InpaintInput)
+
+
+def _images_first(schema: dict[str, Any]) -> None:
+    """Order a request schema's properties with image_url and mask_url first (display only)."""
+    properties = schema.get("properties", {})
+    first = [name for name in ("image_url", "mask_url") if name in properties]
+    schema["properties"] = {name: properties[name] for name in [*first, *(n for n in properties if n not in first)]}
+
+
+def _checked_url(value: str, field: str) -> str:
+    from serving.images import url_problem
+
+    problem = url_problem(value, field)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# What an image URL of a request starts with (the schema's pattern; serving.images.url_problem checks it).
+URL_PATTERN = "^(https://|data:)"
+# fal's defaults and examples for its image-to-image and inpainting endpoints (fal-ai/fast-sdxl/image-to-image,
+# /inpainting: strength 0.95; the example images of their docs, which are diffusers' inpainting examples).
+DEFAULT_STRENGTH = 0.95
+EXAMPLE_IMAGE_URL = ("https://raw.githubusercontent.com/CompVis/latent-diffusion/main/data/inpainting_examples/"
+                     "overture-creations-5sI6fQgYIuo.png")
+EXAMPLE_MASK_URL = ("https://raw.githubusercontent.com/CompVis/latent-diffusion/main/data/inpainting_examples/"
+                    "overture-creations-5sI6fQgYIuo_mask.png")
 
 
 # An example LoRA path for the schema: a LoRA file in a Hub repo (fal's examples are URLs; either works).
@@ -283,10 +388,16 @@ class TextToImageOutput(BaseModel):
     prompt: str = Field(description="The prompt the images were generated from.",
                         examples=["a lighthouse on a cliff at sunset, oil painting"])
     timings: dict[str, float] = Field(
-        description="Seconds spent: waiting for the GPU (queue), generating (inference), running the safety "
-        "checker (safety), encoding and uploading (encode).",
+        description="Seconds spent: reading the input images (read; image-to-image and inpaint only), waiting for "
+        "the GPU (queue), generating (inference), running the safety checker (safety), encoding and uploading "
+        "(encode).",
         examples=[{"queue": 0.0, "inference": 2.41, "safety": 0.05, "encode": 0.12}],
     )
+
+
+class ImageToImageOutput(TextToImageOutput):
+    """What POST /image-to-image and /inpaint return: POST /'s answer (fal's image-to-image endpoints
+    answer the same fields)."""
 
 
 class HealthOutput(BaseModel):

@@ -192,3 +192,30 @@ def test_a_lora_named_in_the_settings_is_fused_into_the_served_store_entry(serve
     assert read_manifest(store)["source"]["fused_loras"][0]["scale"] == 0.5
     assert np.abs(levels(fused) - levels(per_request)).max() <= 1  # README, "LoRAs": the tolerance of fusing
     assert fused != png(post(served, seed=12))
+
+
+def _image_to_image(served, **body):
+    picture = PILImage.new("RGB", (64, 64), (200, 40, 40))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    image_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    response = served.client.post("/image-to-image", json={**SMALL, "image_url": image_url, "strength": 0.5,
+                                                            "seed": 5, **body})
+    assert response.status_code == 200, response.text
+    return response.json()["images"][0]["url"]
+
+
+def test_image_to_image_applies_a_lora_to_that_request_only(served, loras):
+    before = _image_to_image(served)
+    with_lora = _image_to_image(served, loras=[{"path": loras.demo, "scale": 1.0}])
+    after = _image_to_image(served)
+    assert with_lora != before
+    assert after == before
+    assert lora_layers(served.app.pipe) == 0
+
+
+def test_inpaint_refuses_a_lora_for_another_architecture_naming_its_index(served, loras):
+    response = served.client.post("/inpaint", json={**SMALL, "image_url": "data:,", "mask_url": "data:,",
+                                                    "loras": [{"path": loras.sdxl}]})
+    assert response.status_code == 422
+    assert [e["loc"] for e in response.json()["detail"] if "loras" in e["loc"]] == [["body", "loras", 0, "path"]]

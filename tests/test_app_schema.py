@@ -19,6 +19,7 @@ import pytest
 from PIL import Image as PILImage
 
 from serving.cancel import InFlight
+from serving.img2img import ImagePipelines
 from serving.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,8 @@ def openapi(app_module) -> dict:
 
 
 @pytest.mark.parametrize("model", ["TextToImageInput", "TextToImageOutput", "ImageSize", "HealthOutput",
-                                   "StreamProgress", "StreamError", "CancelOutput", "LoraWeight"])
+                                   "StreamProgress", "StreamError", "CancelOutput", "LoraWeight",
+                                   "ImageToImageInput", "InpaintInput", "ImageToImageOutput"])
 def test_every_public_field_of_the_apps_openapi_has_a_description_and_an_example(app_module, model):
     properties = openapi(app_module)["components"]["schemas"][model]["properties"]
     undocumented = [name for name, prop in properties.items() if not prop.get("description")]
@@ -135,12 +137,36 @@ def test_the_openapi_documents_the_stream_as_server_sent_events_of_progress_resu
     assert set(spec["components"]["schemas"]["StreamProgress"]["required"]) == {"step", "total_steps", "previews"}
 
 
-def test_the_openapi_has_fals_cancel_paths_for_both_generating_endpoints(app_module):
+def test_the_openapi_has_fals_cancel_paths_for_every_generating_endpoint(app_module):
     paths = openapi(app_module)["paths"]
-    assert {"/", "/cancel", "/stream", "/stream/cancel"} <= set(paths)
-    for path in ("/cancel", "/stream/cancel"):
+    assert {"/", "/cancel", "/stream", "/stream/cancel", "/image-to-image/cancel", "/inpaint/cancel"} <= set(paths)
+    for path in ("/cancel", "/stream/cancel", "/image-to-image/cancel", "/inpaint/cancel"):
         schema = paths[path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/CancelOutput"}
+
+
+@pytest.mark.parametrize(("path", "model", "required"), [
+    ("/image-to-image", "ImageToImageInput", ["prompt", "image_url"]),
+    ("/inpaint", "InpaintInput", ["prompt", "image_url", "mask_url"]),
+])
+def test_the_openapi_has_the_image_endpoints_with_fals_field_names_and_defaults(app_module, path, model, required):
+    spec = openapi(app_module)
+    operation = spec["paths"][path]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ImageToImageOutput"}
+    schema = spec["components"]["schemas"][model]
+    props = schema["properties"]
+    assert schema["required"] == required and schema["additionalProperties"] is False
+    assert props["strength"]["default"] == 0.95  # fal's fast-sdxl image-to-image and inpainting default
+    assert (props["strength"]["exclusiveMinimum"], props["strength"]["maximum"]) == (0, 1)
+    assert "default" not in props["image_size"] and "image_size" not in required  # absent: the input's size
+    assert props["num_inference_steps"]["maximum"] == 25  # [serving]'s bounds, as for POST /
+    assert schema["x-fal-order-properties"][:len(required)] == [*required[1:], "prompt"]  # images first, as fal's
+    for field in required[1:]:
+        assert props[field]["type"] == "string" and props[field]["pattern"] == "^(https://|data:)"
+        assert props[field]["ui"] == {"field": "image"}  # fal.toolkit's ImageField: the playground's image input
+    assert set(spec["components"]["schemas"]["TextToImageInput"]["properties"]) < set(props)  # the shared fields
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,11 +199,17 @@ def stub_asgi_app(app_module):
             self.store_path, self.phase_seconds = Path("stub"), {}
             self.source = app_module.model_source(self.settings.model)
             self.safety_checker, self.checker_path = None, None
+            self._image_pipes, self._fetch = ImagePipelines(NoisePipe(), NoisePipe()), refuse_network
             self._store_checked, self._store_problem = threading.Event(), None
             self._store_checked.set()
             self._loras = LoraLibrary(LoraSettings(), Path("stub"), None)  # no pipeline to put LoRAs in: 422
 
     return StubApp(_allow_init=True)._build_app()
+
+
+def refuse_network(url, timeout_s, max_bytes):
+    """The stand-in for fetching an https image: the sweep's URLs are random, and no test reaches the network."""
+    raise ConnectionError("offline test: no network")
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +311,9 @@ def test_schema_sweep_finds_no_server_errors(app_module):
     started = time.perf_counter()
     runs = [("/", "POST", GenerationMode.POSITIVE, 60), ("/", "POST", GenerationMode.NEGATIVE, 60),
             ("/stream", "POST", GenerationMode.POSITIVE, 15), ("/stream", "POST", GenerationMode.NEGATIVE, 15),
+            ("/image-to-image", "POST", GenerationMode.POSITIVE, 20),
+            ("/image-to-image", "POST", GenerationMode.NEGATIVE, 20),
+            ("/inpaint", "POST", GenerationMode.POSITIVE, 20), ("/inpaint", "POST", GenerationMode.NEGATIVE, 20),
             ("/health", "POST", GenerationMode.POSITIVE, 3), ("/health", "GET", GenerationMode.POSITIVE, 3)]
     for path, method, mode, examples in runs:
         @given(case=schema[path][method].as_strategy(generation_mode=mode))
@@ -289,11 +324,13 @@ def test_schema_sweep_finds_no_server_errors(app_module):
             statuses[key] = statuses.get(key, 0) + 1
             if response.status_code >= 500:
                 unexplained.append(f"{key} {case.body!r}: {response.text[:200]}")
-            # Inside the schema, only the rules JSON Schema cannot say may refuse a request: the two of
-            # the prompt and the size, and a LoRA's path (its syntax, and whether it can be fetched and
-            # fits the model: the stub has no pipeline, so every LoRA is refused, naming loras[i]).
+            # Inside the schema, only the rules JSON Schema cannot say may refuse a request: a visible prompt,
+            # the pixel limit, a strength that runs a step, what the input images turn out to be, and a
+            # LoRA's path (its syntax, and whether it can be fetched and fits the model: the stub has no
+            # pipeline, so every LoRA is refused, naming loras[i]).
             if key[0] == "positive" and response.status_code == 422 and not (re.search(
-                r"non-whitespace text|more than the limit", response.text
+                r'non-whitespace text|more than the limit|runs no denoising step|"msg":"(image_url|mask_url)\b',
+                response.text,
             ) or _only_lora_paths(response.json()["detail"])):
                 unexplained.append(f"schema-valid body refused: {case.body!r}: {response.text[:200]}")
 

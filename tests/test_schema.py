@@ -32,7 +32,8 @@ def model_schema(serving, name: str) -> dict:
 
 
 @pytest.mark.parametrize("serving", [DEMO, DEFAULT], ids=["demo", "default"])
-@pytest.mark.parametrize("model", ["TextToImageInput", "TextToImageOutput", "ImageSize", "HealthOutput", "LoraWeight"])
+@pytest.mark.parametrize("model", ["TextToImageInput", "TextToImageOutput", "ImageSize", "HealthOutput",
+                                   "LoraWeight", "ImageToImageInput", "InpaintInput"])
 def test_every_public_field_has_a_description_and_an_example(serving, model):
     properties = model_schema(serving, model)["properties"]
     undocumented = [name for name, prop in properties.items() if not prop.get("description")]

@@ -240,3 +240,71 @@ def data_uri(path: str | os.PathLike[str]) -> str:
     import base64
 
     return "data:application/octet-stream;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def passthrough_vae():
+    """The demo VAE's architecture with weights set by hand (not drawn) so that it roughly
+    reconstructs its input, unlike the demo's random VAE, whose decoder ignores what it is given:
+    with it, image-to-image can be seen to keep the input's layout.
+
+    RGB travels in the first three channels, every residual and attention branch is zeroed (an
+    identity), each downsampler averages 2x2 pixels and each upsampler repeats them, and the two
+    GroupNorm -> SiLU ends are biased far into SiLU's linear range. What comes back is the input
+    averaged over 4x4 blocks and normalized per image by the GroupNorms (so correlated with the
+    input, not equal to it). ``scaling_factor = 1``: the latents keep unit scale, so low strength adds
+    little noise to them. Latent variance ~0 (log-variance -30): encoding is deterministic.
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=256, scaling_factor=1.0,
+    )
+    linear = 10.0  # SiLU(z + 10) ~ z + 10 for a normalized z
+
+    def identity(conv, channels=None):
+        weight, kernel = conv.weight, conv.weight.shape[-1]
+        for c in range(channels or min(weight.shape[0], weight.shape[1])):
+            weight[c, c, kernel // 2, kernel // 2] = 1.0
+
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.zero_()
+        for module in vae.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.fill_(1.0)
+        encoder, decoder = vae.encoder, vae.decoder
+        identity(encoder.conv_in)
+        for block in encoder.down_blocks:
+            for resnet in block.resnets:
+                if resnet.conv_shortcut is not None:
+                    identity(resnet.conv_shortcut)
+            for down in block.downsamplers or []:  # stride 2 after a (0, 1, 0, 1) pad: taps 1-2 average 2x2
+                for c in range(down.conv.weight.shape[0]):
+                    down.conv.weight[c, c, 1:3, 1:3] = 0.25
+        encoder.conv_norm_out.bias.fill_(linear)
+        identity(encoder.conv_out, 3)
+        encoder.conv_out.bias[:3] = -linear
+        encoder.conv_out.bias[4:] = -30.0  # log-variance
+        identity(vae.quant_conv)
+        identity(vae.post_quant_conv)
+        identity(decoder.conv_in, 3)
+        for block in decoder.up_blocks:
+            for resnet in block.resnets:
+                if resnet.conv_shortcut is not None:
+                    identity(resnet.conv_shortcut)
+            for up in block.upsamplers or []:
+                identity(up.conv)
+        decoder.conv_norm_out.bias.fill_(linear)
+        identity(decoder.conv_out, 3)
+        decoder.conv_out.weight.mul_(0.5)
+        decoder.conv_out.bias[:3] = -0.5 * linear
+    return vae
+
+
+def make_tiny_sd_passthrough(dst: str | os.PathLike[str], seed: int = 0) -> Path:
+    """The demo pipeline with :func:`passthrough_vae` in place of its random VAE."""
+    dst = make_demo_pipeline(dst, seed=seed)
+    passthrough_vae().save_pretrained(dst / "vae", safe_serialization=True)
+    return dst
