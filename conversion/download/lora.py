@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import checkpoint_problem
 from ..config import ConversionConfig
 from ..durable import NO_SPACE_ERRNOS
 from ..errors import DownloadError, SourceError, TooLargeError
@@ -26,7 +25,7 @@ from ..sources.lora import HubLora, LoraPathError, LoraRef, UrlLora, choose_lora
 from .child import dir_state, remove_stale_partials, run_child
 from .policy import DownloadPolicy, fal_weights_dir, hub_cache_dir, redact_secrets
 from .preread import preread
-from .url import _existing_weights
+from .url import fetch_fal_file
 
 log = logging.getLogger("conversion.download")
 MB = 1024 * 1024
@@ -56,28 +55,9 @@ def fetch_lora(ref: LoraRef, root: Path, *, max_mb: int | None = None, policy: D
 
 
 def _fetch_url(ref: UrlLora, root: Path, max_mb: int | None, policy: DownloadPolicy) -> FetchedLora:
-    weights_dir = fal_weights_dir(root, ref.url)
-    existing = _existing_weights(weights_dir)
-    if existing is not None:
-        if checkpoint_problem(existing) is None:
-            _check_size(existing, max_mb, ref)
-            log.info("cache: LoRA %s found at %s (no network)", ref.display, existing)
-            return FetchedLora(existing, ref.key_text())
-        log.warning("cache: LoRA %s at %s is damaged; downloading it again", ref.display, existing)
-        existing.unlink(missing_ok=True)
-    result = run_child(
-        {"op": "lora-url", "kind": ref.kind, "source": asdict(ref), "root": str(root), "max_mb": max_mb},
-        probe=lambda: dir_state(weights_dir),
-        cleanup=lambda: remove_stale_partials(weights_dir, policy),
-        what=f"download LoRA {ref.display}",
-        policy=policy,
-    )
-    path = Path(result["path"])
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        path.unlink(missing_ok=True)
-        raise DownloadError(f"{ref.display}: the downloaded file is damaged ({problem}); retry later")
-    _check_size(path, max_mb, ref, remove=True)
+    request = {"op": "lora-url", "kind": ref.kind, "source": asdict(ref), "root": str(root), "max_mb": max_mb}
+    path, cached = fetch_fal_file(ref.url, root, request, f"LoRA {ref.display}", policy)
+    _check_size(path, max_mb, ref, remove=not cached)
     return FetchedLora(path, ref.key_text())
 
 

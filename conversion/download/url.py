@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from ..checkpoint import checkpoint_problem
 from ..config import ConversionConfig
@@ -20,35 +21,44 @@ log = logging.getLogger("conversion.download")
 
 
 def fetch_url(source: UrlSource, root: Path, policy: DownloadPolicy) -> Path:
-    """The checkpoint file behind ``source.url`` on the volume.
+    """The checkpoint file behind ``source.url`` on the volume (see :func:`fetch_fal_file`), pre-read."""
+    path, _ = fetch_fal_file(source.url, root, {"op": "url", "source": asdict(source), "root": str(root)},
+                             source.display, policy)
+    preread([path], policy.preread_workers, check_blobs=False)
+    return path
 
-    A cached file that is truncated (its safetensors header or zip directory says so) is
-    deleted and downloaded again; fal's downloader keeps no checksum to check it against.
+
+def fetch_fal_file(url: str, root: Path, request: dict[str, Any], display: str,
+                   policy: DownloadPolicy) -> tuple[Path, bool]:
+    """The intact file of ``url`` in fal's layout, and whether it was already there.
+
+    A cached file is used without a request; one that is visibly damaged (truncated: its
+    safetensors header or zip directory says so) is deleted and downloaded again, in the watched
+    child with ``request``; fal's downloader keeps no checksum to check it against. A damaged
+    download is deleted and a DownloadError.
     """
-    weights_dir = fal_weights_dir(root, source.url)
+    weights_dir = fal_weights_dir(root, url)
     existing = _existing_weights(weights_dir)
     if existing is not None:
         problem = checkpoint_problem(existing)
         if problem is None:
-            log.info("cache: %s found at %s (no network)", source.display, existing)
-            preread([existing], policy.preread_workers, check_blobs=False)
-            return existing
+            log.info("cache: %s found at %s (no network)", display, existing)
+            return existing, True
         log.warning("cache: %s is damaged (%s); downloading it again", existing, problem)
         existing.unlink(missing_ok=True)
     result = run_child(
-        {"op": "url", "source": asdict(source), "root": str(root)},
+        request,
         probe=lambda: dir_state(weights_dir),
         cleanup=lambda: remove_stale_partials(weights_dir, policy),
-        what=f"download {source.display}",
+        what=f"download {display}",
         policy=policy,
     )
     path = Path(result["path"])
     problem = checkpoint_problem(path)
     if problem is not None:
         path.unlink(missing_ok=True)
-        raise DownloadError(f"{source.display}: the downloaded file is damaged ({problem}); retry later")
-    preread([path], policy.preread_workers, check_blobs=False)
-    return path
+        raise DownloadError(f"{display}: the downloaded file is damaged ({problem}); retry later")
+    return path, False
 
 
 def _existing_weights(weights_dir: Path) -> Path | None:
