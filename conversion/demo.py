@@ -24,7 +24,7 @@ from model_loader.diffusers_layout import (
     safety_checker_index,
 )
 
-from .durable import write_atomic, write_error
+from .durable import write_atomic, write_errors
 
 # 64x64 latents decoded 4x (three VAE blocks): 256x256 images by default.
 DEMO_SAMPLE_SIZE = 64
@@ -145,13 +145,8 @@ def make_demo_pipeline(dst_dir: str | os.PathLike[str], seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    try:
+    with write_errors(dst):
         pipe.save_pretrained(dst, safe_serialization=True)
-    except Exception as exc:  # OSError, or safetensors' SafetensorError with the errno in its text
-        error = write_error(exc, dst)
-        if error is None:
-            raise
-        raise error from exc
     return dst
 
 
@@ -218,15 +213,10 @@ def make_demo_safety_checker(dst_dir: str | os.PathLike[str], flag_level: int = 
     ``safety_checker/`` (config + safetensors), ``feature_extractor/`` and ``model_index.json``."""
     dst = Path(dst_dir)
     checker, extractor = demo_safety_checker(flag_level)
-    try:
+    with write_errors(dst):
         checker.save_pretrained(dst / SAFETY_CHECKER, safe_serialization=True)
         extractor.save_pretrained(dst / FEATURE_EXTRACTOR)
         write_atomic(dst / MODEL_INDEX_NAME, json.dumps(safety_checker_index(), indent=2) + "\n")
-    except Exception as exc:  # OSError, or safetensors' SafetensorError with the errno in its text
-        error = write_error(exc, dst)
-        if error is None:
-            raise
-        raise error from exc
     return dst
 
 

@@ -130,16 +130,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     error for it (DiskFullError for a full disk); the temporary file never stays behind."""
     path = Path(path)
     tmp = temp_path(path)
+    with write_errors(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.chmod(tmp, 0o644)
+            fsync_file(tmp)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """``with write_errors(p): <write p>``: an OS write failure in the block (an OSError, or the
+    errno in safetensors' SafetensorError) becomes the project's error for it (:func:`write_error`)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.chmod(tmp, 0o644)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        yield
+    except Exception as exc:
         error = write_error(exc, path)
         if error is None:
             raise
