@@ -367,16 +367,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
                                   input.guidance_scale, seeds=tuple(image_seeds(seed, input.num_images)))
         pictures, timings = run_generation(self.pipe, self._lock, params, request=request_id, flag=flag,
                                            on_step=on_step, loras=loras)
-        checking = time.perf_counter()
-        with self._lock:  # the checker runs on the pipeline's device too: one model call at a time
-            pictures, has_nsfw_concepts = screen(pictures, self.safety_checker, input.enable_safety_checker)
-        timings["safety"] = time.perf_counter() - checking
-        encoding = time.perf_counter()
-        inline = input.sync_mode or self.settings.serving.output == "data_uri"
-        images = [encode_image(picture, input.output_format, inline) for picture in pictures]
-        timings["encode"] = time.perf_counter() - encoding
-        return TextToImageOutput(images=images, seed=seed, prompt=input.prompt, has_nsfw_concepts=has_nsfw_concepts,
-                                 timings={k: round(v, 4) for k, v in timings.items()})
+        return TextToImageOutput(**self._screened_and_encoded(input, seed, pictures, timings))
 
     async def _edit(self, kind: str, input: Any, request: Request) -> ImageToImageOutput:
         """POST /image-to-image and /inpaint: :meth:`_edit_images` in a worker thread, stopped as POST / is."""
@@ -410,16 +401,21 @@ class TextToImageApp(fal.App, name=APP_NAME):
         pictures, timings = run_generation(pipe, self._lock, params, request=request_id, flag=flag, loras=loras)
         if source.mask is not None:
             pictures = [overlay(picture, source) for picture in pictures]
+        return ImageToImageOutput(**self._screened_and_encoded(input, seed, pictures, {"read": read, **timings}))
+
+    def _screened_and_encoded(self, input: Any, seed: int, pictures: list[Any], timings: dict[str, float]) -> dict:
+        """The fields of a generating endpoint's answer: ``pictures`` through the safety checker (under
+        the pipeline lock: it runs on the pipeline's device, one model call at a time), then encoded."""
         checking = time.perf_counter()
-        with self._lock:  # the checker runs on the pipeline's device too: one model call at a time
+        with self._lock:
             pictures, has_nsfw_concepts = screen(pictures, self.safety_checker, input.enable_safety_checker)
         timings["safety"] = time.perf_counter() - checking
         encoding = time.perf_counter()
         inline = input.sync_mode or self.settings.serving.output == "data_uri"
         images = [encode_image(picture, input.output_format, inline) for picture in pictures]
         timings["encode"] = time.perf_counter() - encoding
-        return ImageToImageOutput(images=images, seed=seed, prompt=input.prompt, has_nsfw_concepts=has_nsfw_concepts,
-                                  timings={k: round(v, 4) for k, v in {"read": read, **timings}.items()})
+        return {"images": images, "seed": seed, "prompt": input.prompt, "has_nsfw_concepts": has_nsfw_concepts,
+                "timings": {k: round(v, 4) for k, v in timings.items()}}
 
     def _phase(self, name: str) -> "_Phase":
         return _Phase(name, self.phase_seconds)
