@@ -16,7 +16,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from conversion.errors import SourceError
-from conversion.sources import DEMO_SOURCE, Source, parse_checker_source, parse_lora_path, parse_source
+from conversion.sources import (
+    DEMO_SOURCE,
+    RANDOM_DEMO_SOURCE,
+    Source,
+    parse_checker_source,
+    parse_lora_path,
+    parse_source,
+)
 
 # The environment variable that picks the profile when load_settings() is given none.
 PROFILE_ENV = "APP_PROFILE"
@@ -293,11 +300,11 @@ def model_problem(model: ModelSettings) -> tuple[str, str] | None:
             parse_lora_path(lora.path)
         except SourceError as exc:
             return f"model.loras[{i}].path", str(exc)
-    if model.source == DEMO_SOURCE:
+    if model.source in (DEMO_SOURCE, RANDOM_DEMO_SOURCE):
         for key in _SOURCE_KEYS:
             if getattr(model, key) is not None:
                 plural = key + ("es" if key.endswith("s") else "s")
-                return f"model.{key}", f"the {DEMO_SOURCE!r} source has no {plural}; remove {key}"
+                return f"model.{key}", f"the {model.source!r} source has no {plural}; remove {key}"
         return None
     given: dict[str, str | None] = {}
     for key in ("source", *_SOURCE_KEYS):

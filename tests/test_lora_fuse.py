@@ -13,7 +13,7 @@ import torch
 import conversion.download.lora as lora_download
 from conversion.lora import adapters, read_lora
 from conversion.manifest import read_manifest
-from conversion.sources import DemoSource, FusedSource, parse_lora_path, with_fused_loras
+from conversion.sources import FusedSource, RandomDemoSource, parse_lora_path, with_fused_loras
 from conversion.store import Store, ensure_converted
 from model_loader import load_pipeline
 from tests.tiny_models import data_uri, make_tiny_lora
@@ -31,14 +31,14 @@ def lora_uri(tmp_path_factory, converted_sd_dir) -> str:
 
 
 def fused(uri: str, scale: float) -> FusedSource:
-    return FusedSource(DemoSource(), ((parse_lora_path(uri), scale),))
+    return FusedSource(RandomDemoSource(), ((parse_lora_path(uri), scale),))
 
 
 @pytest.fixture(scope="module")
 def entries(tmp_path_factory, lora_uri):
     """The plain demo entry and the demo with the LoRA fused at 0.75, in one store."""
     root = tmp_path_factory.mktemp("store")
-    plain = ensure_converted(DemoSource(), root=root, dtype="float32")
+    plain = ensure_converted(RandomDemoSource(), root=root, dtype="float32")
     with_lora = ensure_converted(fused(lora_uri, 0.75), root=root, dtype="float32")
     return root, plain, with_lora
 
@@ -65,7 +65,7 @@ def test_another_scale_or_another_lora_is_another_store_key(tmp_path, lora_uri):
     store = Store(tmp_path)
     other = data_uri(Path(__file__))  # any other URL: keys are computed offline, nothing is fetched
     digests = {store.entry(source, "id", "float32").digest
-               for source in (DemoSource(), fused(lora_uri, 0.75), fused(lora_uri, 0.5), fused(other, 0.75))}
+               for source in (RandomDemoSource(), fused(lora_uri, 0.75), fused(lora_uri, 0.5), fused(other, 0.75))}
     assert len(digests) == 4
 
 
@@ -95,4 +95,4 @@ def test_the_fused_entry_generates_what_the_same_lora_applied_per_request_genera
 
 
 def test_no_fused_loras_leave_the_source_as_it_is():
-    assert with_fused_loras(DemoSource(), []) == DemoSource()
+    assert with_fused_loras(RandomDemoSource(), []) == RandomDemoSource()

@@ -20,11 +20,13 @@ from conversion.sources import (
     HubSource,
     LocalCheckerSource,
     LocalSource,
+    RandomDemoSource,
     UrlSource,
     directory_fingerprint,
     parse_checker_source,
     parse_source,
 )
+from conversion.sources.demo import TRAINED_PIPELINE
 from model_loader.diffusers_layout import (
     parse_weight_name,
     read_model_index,
@@ -183,13 +185,23 @@ def test_variant_on_a_local_directory_is_an_error(tmp_path):
         parse_source(str(tmp_path), variant="fp16")
 
 
-def test_demo_is_the_embedded_demo_source_with_a_fixed_offline_identity():
-    class NoRefs:
-        def read_ref(self, source):
-            raise AssertionError("the demo needs no ref file")
+class NoRefs:
+    def read_ref(self, source):
+        raise AssertionError("the demo needs no ref file")
 
-    assert parse_source("demo") == DemoSource(seed=0)
-    assert DemoSource().offline_identity(NoRefs()) == DemoSource().offline_identity(NoRefs()) == "demo-v1-seed0"
+
+def test_demo_random_is_the_seeded_random_demo_with_a_fixed_offline_identity():
+    assert parse_source("demo-random") == RandomDemoSource(seed=0)
+    assert RandomDemoSource().offline_identity(NoRefs()) == "demo-v1-seed0"
+
+
+def test_demo_is_the_trained_model_keyed_by_the_digest_of_its_committed_files():
+    digest = hashlib.sha256()
+    for file in sorted(p for p in TRAINED_PIPELINE.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(TRAINED_PIPELINE).as_posix().encode() + b"\0" + file.read_bytes())
+    assert parse_source("demo") == DemoSource()
+    assert DemoSource().offline_identity(NoRefs()) == "demo-trained-" + digest.hexdigest()[:32]
+    assert DemoSource().prepare(NoRefs(), None, refresh=False).path == TRAINED_PIPELINE
 
 
 def test_demo_takes_no_revision():

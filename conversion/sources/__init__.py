@@ -7,7 +7,7 @@ A new source kind: a module here with a ``Source`` subclass, and a line in ``par
 """
 
 from .base import Prepared, Source, Workspace
-from .demo import DEMO_SOURCE, DemoSource
+from .demo import DEMO_SOURCE, RANDOM_DEMO_SOURCE, TRAINED_DIR, DemoSource, RandomDemoSource
 from .fused import FusedSource, with_fused_loras
 from .hub import HubSource, is_commit
 from .hub_file import HubFileSource
@@ -25,7 +25,8 @@ from .single_file import HubConfigSource, SingleFileSource
 from .url import UrlSource, redact_url, url_hash
 
 __all__ = [
-    "DEFAULT_PIPELINE_CLASS", "DEMO_CHECKER_SOURCE", "DEMO_SOURCE", "DemoCheckerSource", "DemoSource",
+    "DEFAULT_PIPELINE_CLASS", "DEMO_CHECKER_SOURCE", "DEMO_SOURCE", "DemoCheckerSource", "DemoSource", "RANDOM_DEMO_SOURCE",
+    "RandomDemoSource", "TRAINED_DIR",
     "FusedSource", "HubCheckerSource", "HubConfigSource", "HubFileSource", "HubLora", "HubSource",
     "LocalCheckerSource", "LocalSource", "LoraPathError", "LoraRef", "Prepared", "SingleFileSource", "Source",
     "UrlLora", "UrlSource", "Workspace", "directory_fingerprint", "is_commit", "parse_checker_source",

@@ -1,24 +1,34 @@
-"""The embedded demo model (``source = "demo"``): generated offline from a seed, nothing fetched."""
+"""The embedded demo models, nothing fetched: ``demo`` (the drawing model this project trained, its
+weights committed under conversion/demo/trained/) and ``demo-random`` (the same family with seeded
+random weights, generated on the spot: fast, for tests)."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import SourceError
 from .base import Prepared, Source, Workspace
 
 if TYPE_CHECKING:
     from ..download import DownloadPolicy
 
 DEMO_SOURCE = "demo"
-# Bump when conversion.demo makes different files for the same seed: the store rebuilds its entry.
+RANDOM_DEMO_SOURCE = "demo-random"
+# Where `python -m conversion.demo train` writes by default and what `demo` serves.
+TRAINED_DIR = Path(__file__).resolve().parents[1] / "demo" / "trained"
+TRAINED_PIPELINE = TRAINED_DIR / "pipeline"
+# Bump when conversion.demo makes different random files for the same seed: the store rebuilds its entry.
 DEMO_VERSION = 1
 
 
 @dataclass(frozen=True)
 class DemoSource(Source):
-    seed: int = 0
+    """The trained demo model, keyed by the contents of its committed files."""
 
     kind = "demo"
 
@@ -26,11 +36,50 @@ class DemoSource(Source):
     def ref(self) -> str:
         return DEMO_SOURCE
 
+    def slug(self) -> str:
+        return "demo"
+
+    def records_ref(self) -> bool:
+        return False  # its identity is the committed files' digest
+
+    def offline_identity(self, workspace: Workspace) -> str:
+        return "demo-trained-" + _trained_digest(TRAINED_PIPELINE)[:32]
+
+    def prepare(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> Prepared:
+        return Prepared(TRAINED_PIPELINE, self.offline_identity(workspace), [])
+
+
+@cache
+def _trained_digest(path: Path) -> str:
+    """The SHA-256 of every file's relative path and bytes (about 6 MB: a few milliseconds)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    if not any(p.name == "model_index.json" for p in files):
+        raise SourceError(f"{path}: the demo model's committed weights are missing (this checkout lacks "
+                          "conversion/demo/trained/; `python -m conversion.demo train` makes them again)")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RandomDemoSource(Source):
+    """The demo family with weights drawn from ``seed``, generated in the store's scratch."""
+
+    seed: int = 0
+
+    kind = "demo-random"
+
+    @property
+    def ref(self) -> str:
+        return RANDOM_DEMO_SOURCE
+
     def describe(self) -> dict:
-        return {"kind": self.kind, "ref": DEMO_SOURCE, "seed": self.seed, "demo_version": DEMO_VERSION}
+        return {"kind": self.kind, "ref": RANDOM_DEMO_SOURCE, "seed": self.seed, "demo_version": DEMO_VERSION}
 
     def slug(self) -> str:
-        return f"demo-seed{self.seed}"
+        return f"demo-random-seed{self.seed}"
 
     def records_ref(self) -> bool:
         return False  # its identity is fixed by the seed and DEMO_VERSION

@@ -10,7 +10,7 @@ from model_loader.diffusers_layout import is_variant_name
 
 from ..errors import SourceError
 from .base import Source
-from .demo import DEMO_SOURCE, DemoSource
+from .demo import DEMO_SOURCE, RANDOM_DEMO_SOURCE, DemoSource, RandomDemoSource
 from .hub import HubSource
 from .hub_file import CHECKPOINT_SUFFIXES, HubFileSource
 from .local import LocalSource, require_pipeline_dir
@@ -31,7 +31,7 @@ def parse_source(
 ) -> Source:
     """Parse a source as given in fal.toml or on the CLI.
 
-    ``demo`` is the embedded demo model, ``org/name`` (optionally ``org/name@revision``) a Hub
+    ``demo`` is the embedded demo model (trained; ``demo-random``: random weights), ``org/name`` (optionally ``org/name@revision``) a Hub
     repo, ``org/name/path/file.safetensors`` (or ``.sft``, ``.ckpt``; or its
     ``https://huggingface.co/org/name/blob/<revision>/<path>`` page) a single-file checkpoint in a
     Hub repo, ``https://...`` (or ``data:``) a single-file checkpoint at a URL, and an existing
@@ -44,12 +44,12 @@ def parse_source(
     text = text.strip()
     if variant is not None and not is_variant_name(variant):
         raise SourceError(f"variant {variant!r} is not a weight variant name such as 'fp16'")
-    if text == DEMO_SOURCE:
+    if text in (DEMO_SOURCE, RANDOM_DEMO_SOURCE):
         if revision or variant or subfolder:
-            raise SourceError("the demo source takes no revision, variant or subfolder")
+            raise SourceError(f"the {text} source takes no revision, variant or subfolder")
         if pipeline_class or config:
-            raise SourceError("the demo source takes no pipeline_class or config")
-        return DemoSource()
+            raise SourceError(f"the {text} source takes no pipeline_class or config")
+        return DemoSource() if text == DEMO_SOURCE else RandomDemoSource()
     single_file = _single_file(text, revision, variant, subfolder)
     if single_file is not None:
         repo, filename, rev = single_file

@@ -1,0 +1,65 @@
+"""``python -m conversion.demo train``: retrain the demo model (see conversion.demo.train);
+``python -m conversion.demo images``: ask a running demo server (``make serve``) for the README's pictures."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import urllib.request
+from pathlib import Path
+
+from ..durable import write_atomic
+from ..sources.demo import TRAINED_DIR
+
+README_IMAGES_DIR = Path(__file__).resolve().parents[2] / "docs" / "demo"
+# (prompt, seed, file name): what the README shows.
+README_IMAGES = (
+    ("a red circle on a blue background", 1, "red-circle-on-blue.png"),
+    ("a large yellow star at the top on a purple background", 2, "yellow-star-top-on-purple.png"),
+    ("a small white triangle on the right on a green background", 3, "white-triangle-right-on-green.png"),
+)
+
+
+def request_images(url: str, out: Path) -> list[Path]:
+    """POST each README prompt to the demo server at ``url`` and save the PNG it answers with."""
+    written = []
+    for prompt, seed, name in README_IMAGES:
+        body = json.dumps({"prompt": prompt, "seed": seed, "output_format": "png"}).encode()
+        request = urllib.request.Request(url.rstrip("/") + "/", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.load(response)
+        header, _, data = answer["images"][0]["url"].partition(",")
+        if header != "data:image/png;base64":
+            raise SystemExit(f"{url} answered {header[:40]!r}, not an inline PNG: is it the demo profile (make serve)?")
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / name, base64.b64decode(data))
+        written.append(out / name)
+        print(f"{out / name}: {prompt!r}, seed {seed}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .train import TrainConfig, train
+
+    parser = argparse.ArgumentParser(prog="python -m conversion.demo", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("train", help="train the demo model and write its pipeline, report and plots")
+    run.add_argument("--out", type=Path, default=TRAINED_DIR, help=f"output directory (default {TRAINED_DIR})")
+    for field in dataclasses.fields(TrainConfig):
+        run.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
+                         help=f"default {field.default}")
+    images = commands.add_parser("images", help="save the README's demo pictures from a running `make serve`")
+    images.add_argument("--url", default="http://localhost:8080", help="the demo server (default %(default)s)")
+    images.add_argument("--out", type=Path, default=README_IMAGES_DIR, help="default %(default)s")
+    args = parser.parse_args(argv)
+    if args.command == "images":
+        request_images(args.url, args.out)
+        return 0
+    train(args.out, TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

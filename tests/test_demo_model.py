@@ -1,0 +1,112 @@
+"""The trained demo model, served by the demo app (demo source -> store -> convert -> our loader)
+behind Starlette's TestClient: it draws what its captions say, and the request fields that steer
+a diffusion model (seed, guidance, negative prompt, image-to-image strength) visibly do.
+
+Pictures are scored by :func:`conversion.demo.shapes.read_picture` (nearest palette colour per
+pixel), never by eye. The held-out captions name (colour, shape, background) triples the model never
+saw in training.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from starlette.testclient import TestClient
+
+from conversion.demo import shapes
+from tests.test_app import _Env
+
+SIDE = {"image_size": {"width": shapes.SIDE, "height": shapes.SIDE}, "output_format": "png"}
+HELD_OUT = [shapes.random_scene(random.Random(2026), held_out=True) for _ in range(24)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, app_module):
+    import torch
+
+    root = tmp_path_factory.mktemp("app-data")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with _Env(APP_DATA_ROOT=str(root), HF_HUB_OFFLINE="1"):
+        instance = app_module.TextToImageApp(_allow_init=True)
+        try:
+            with TestClient(instance._build_app()) as client:
+                yield SimpleNamespace(app=instance, client=client)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def draw_request(served, path: str = "/", **body) -> PILImage.Image:
+    response = served.client.post(path, json={**SIDE, **body})
+    assert response.status_code == 200, response.text
+    header, _, data = response.json()["images"][0]["url"].partition(",")
+    return PILImage.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+def levels(image: PILImage.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def data_uri(image: PILImage.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_the_demo_profile_serves_the_trained_model_through_the_store(served):
+    assert served.app.source.ref == "demo"
+    assert served.app.source.kind == "demo"
+
+
+def test_held_out_captions_come_out_with_their_background_colour_and_position(served):
+    readings = [shapes.read_picture(draw_request(served, prompt=scene.caption(), seed=i))
+                for i, scene in enumerate(HELD_OUT)]
+    background = np.mean([r.background == s.background for r, s in zip(readings, HELD_OUT, strict=True)])
+    colour = np.mean([r.colour == s.colour for r, s in zip(readings, HELD_OUT, strict=True)])
+    position = np.mean([r.position == s.position for r, s in zip(readings, HELD_OUT, strict=True)])
+    # chance: 1/8 for the background, 1/7 for the shape's colour, 1/5 for the position
+    assert background >= 0.9 and colour >= 0.5 and position >= 0.5, (background, colour, position)
+
+
+def test_a_red_circle_on_a_blue_background_is_red_on_blue(served):
+    for seed in range(4):
+        reading = shapes.read_picture(draw_request(served, prompt="a red circle on a blue background", seed=seed))
+        assert (reading.background, reading.colour) == ("blue", "red"), seed
+
+
+def test_the_same_seed_gives_the_same_image_and_another_seed_another(served):
+    first, again, other = (draw_request(served, prompt="a green star on a white background", seed=s)
+                           for s in (7, 7, 8))
+    assert np.array_equal(levels(first), levels(again))
+    assert np.abs(levels(first) - levels(other)).mean() > 2.0
+
+
+def test_guidance_1_and_7_give_different_images(served):
+    plain, guided = (draw_request(served, prompt="a yellow square on a purple background", seed=3, guidance_scale=g)
+                     for g in (1.0, 7.0))
+    assert np.abs(levels(plain) - levels(guided)).mean() > 2.0
+
+
+def test_a_negative_prompt_changes_the_image(served):
+    prompt = "a white circle on a black background"
+    plain = draw_request(served, prompt=prompt, seed=5)
+    steered = draw_request(served, prompt=prompt, negative_prompt="a black background", seed=5)
+    assert np.abs(levels(plain) - levels(steered)).mean() > 2.0
+
+
+def test_image_to_image_at_low_strength_keeps_the_inputs_layout(served):
+    source = shapes.Scene("circle", "orange", "blue", "left", shapes.SIZES["large"])
+    other = "a small green square on the right on a yellow background"
+    for seed in range(3):
+        low = shapes.read_picture(draw_request(served, "/image-to-image", prompt=other, seed=seed, strength=0.3,
+                                               image_url=data_uri(shapes.draw(source))))
+        assert (low.background, low.colour, low.position) == ("blue", "orange", "left"), seed
+    full = shapes.read_picture(draw_request(served, "/image-to-image", prompt=other, seed=0, strength=1.0,
+                                            image_url=data_uri(shapes.draw(source))))
+    assert full.background != "blue"

@@ -1,0 +1,88 @@
+"""The demo model's training script and its world: scenes drawn from captions are read back exactly,
+held-out triples are never trained on, the same seed trains the same weights, and the committed
+model comes with the report of the run that made it."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+from PIL import Image as PILImage
+
+from conversion.demo import shapes
+from conversion.demo.train import LOSS_PLOT_NAME, PIPELINE_DIR, REPORT_NAME, TrainConfig, train
+from conversion.sources.demo import TRAINED_DIR
+
+TINY = TrainConfig(images=64, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, warmup_steps=2, eval_captions=2,
+                   eval_steps=2, threads=1)
+
+
+def test_read_picture_reads_back_the_background_colour_and_position_of_every_drawn_scene():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = shapes.random_scene(rng)
+        reading = shapes.read_picture(shapes.draw(scene, rng))
+        assert (reading.background, reading.colour, reading.position) == (scene.background, scene.colour,
+                                                                          scene.position), scene
+
+
+def test_read_picture_sees_no_shape_on_a_plain_image():
+    assert shapes.read_picture(PILImage.new("RGB", (64, 64), shapes.COLOURS["green"])) == shapes.Reading(
+        "green", None, None)
+
+
+def test_training_scenes_never_use_a_held_out_triple_and_held_out_scenes_always_do():
+    rng = random.Random(1)
+    held = set(shapes.held_out_triples())
+    assert 20 <= len(held) <= 30
+    assert ("red", "circle", "blue") not in held  # the README's example is a training caption
+    for _ in range(500):
+        s = shapes.random_scene(rng)
+        assert (s.colour, s.shape, s.background) not in held
+        h = shapes.random_scene(rng, held_out=True)
+        assert (h.colour, h.shape, h.background) in held
+
+
+def test_captions_use_only_the_tokenizers_whole_words():
+    from conversion.demo.train import make_tokenizer
+
+    tokenizer, rng = make_tokenizer(), random.Random(2)
+    for _ in range(100):
+        caption = shapes.training_caption(shapes.random_scene(rng), rng)
+        ids = tokenizer(caption).input_ids
+        assert len(ids) == len(caption.split()) + 2, caption  # one token per word, plus start and end
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return [train(root / name, TINY, log=lambda _: None) and root / name for name in ("a", "b")]
+
+
+def test_training_twice_with_one_seed_writes_byte_identical_weights(two_runs):
+    a, b = two_runs
+    weights = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert len(weights) == 3  # vae, text encoder, unet
+    for rel in weights:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_training_writes_a_pipeline_a_report_and_the_loss_curves(two_runs):
+    out = two_runs[0]
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["config"]["unet_steps"] == TINY.unet_steps
+    assert len(report["loss_curves_every_10_steps"]["denoiser"]) == 1
+    assert set(report["held_out_hit_rates"]) == {"background", "colour", "position"}
+    assert PILImage.open(out / LOSS_PLOT_NAME).format == "PNG"
+    assert (out / PIPELINE_DIR / "model_index.json").is_file()
+
+
+def test_the_committed_model_comes_with_the_report_of_the_run_that_made_it():
+    report = json.loads((TRAINED_DIR / REPORT_NAME).read_text())
+    assert report["command"].startswith("python -m conversion.demo train")
+    assert re.fullmatch(r"[0-9a-f]{40}", report["commit"]) and report["script_modified"] is False
+    assert report["config"] == {**TrainConfig().__dict__}  # trained with the defaults
+    chance = report["chance"]
+    assert all(report["held_out_hit_rates"][k] >= 3 * chance[k] for k in chance), report["held_out_hit_rates"]
