@@ -321,8 +321,8 @@ def _git_commit() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "conversion/demo"], cwd=repo,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "conversion/demo"],
+                               cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "script_modified": None}
     return {"commit": commit, "script_modified": bool(dirty)}
@@ -333,6 +333,7 @@ def train(out: Path, config: TrainConfig, log: Callable[[str], None] = print) ->
     from diffusers import StableDiffusionPipeline
 
     started = time.perf_counter()
+    script = _git_commit()  # before anything is written
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     tokenizer = make_tokenizer()
@@ -367,8 +368,8 @@ def train(out: Path, config: TrainConfig, log: Callable[[str], None] = print) ->
     with write_errors(out / SAMPLES_NAME):
         _grid(samples).save(out / SAMPLES_NAME)
     report = {
-        "command": "python -m conversion.demo train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
-        **_git_commit(),
+        "command": " ".join(["python -m conversion.demo", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None,
+        **script,
         "config": asdict(config),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {platform.processor() or platform.platform()}",
