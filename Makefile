@@ -39,7 +39,7 @@ serve: $(STAMP)
 	@echo "Serving the demo app on http://localhost:$(PORT), metrics on :$(METRICS_PORT)  (Ctrl-C stops it)"
 	@echo "Once 'setup' has finished, try:"
 	@echo "  curl -s -X POST http://localhost:$(PORT)/ -H 'Content-Type: application/json' \\"
-	@echo "       -d '{\"prompt\": \"a lighthouse on a cliff at sunset\"}'"
+	@echo "       -d '{\"prompt\": \"a red circle on a blue background\"}'"
 	APP_PROFILE=demo APP_DATA_ROOT=$(CURDIR)/.data $(OFFLINE) \
 		$(VENV)/bin/fal run --local --exposed-port $(PORT) --exposed-metrics-port $(METRICS_PORT) flashpack-t2i
 

@@ -1,7 +1,7 @@
 """Per-image generation time for num_images 1, 2 and 4: one pipeline call per image (how POST /
 generated before) against one batched call for all of them (serving.generate, how it generates now).
 
-    python bench/batch.py                                  # the demo model, 256x256, 8 steps, 5 rounds
+    python bench/batch.py                                  # the random demo model (demo-random), 256x256, 8 steps, 5 rounds
     python bench/batch.py --side 128 --steps 4 --rounds 3  # quicker
     python bench/batch.py --size small --device cuda --side 1024 --steps 30   # SDXL-shaped, on a GPU
     python bench/batch.py --help
@@ -13,7 +13,7 @@ round to round, so machine drift spreads over all of them. Reported: the median 
 the seconds per image, and the speed-up of batching. Raw runs go to
 bench/results/batch-<machine>-<date>.json.
 
-Models: ``demo`` is the app's demo model (conversion.demo, random weights, float32); ``tiny``,
+Models: ``demo`` is the random demo model (``demo-random``: conversion.demo.make_demo_pipeline, float32); ``tiny``,
 ``small`` and ``sdxl`` are bench/startup.py's SDXL-shaped random pipelines (written once under
 bench/out/startup/), float16 on CUDA and float32 on the CPU.
 """
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--size", choices=("demo", "tiny", "small", "sdxl"), default="demo", help="the model (default: demo)")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     ap.add_argument("--side", type=int, default=256, help="image width and height in pixels (default: 256)")
-    ap.add_argument("--steps", type=int, default=8, help="denoising steps (default: 8, the demo's default)")
+    ap.add_argument("--steps", type=int, default=8, help="denoising steps (default: 8, the random demo's former default)")
     ap.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: 5.0: CFG on, 2x batch)")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -172,7 +172,7 @@ def test_an_absent_image_size_rounds_the_inputs_sides_down_to_multiples_of_8(ser
 def test_a_given_image_size_resizes_the_input(served):
     body = edit(served.client, image_size={"width": 96, "height": 32}, seed=1)
     assert pixels(body["images"][0]).size == (96, 32)
-    assert pixels(edit(served.client, image_size="square", seed=1)["images"][0]).size == (128, 128)
+    assert pixels(edit(served.client, image_size="square", seed=1)["images"][0]).size == (64, 64)
 
 
 def test_same_seed_same_image_other_seed_other_image(served):

@@ -198,13 +198,13 @@ def test_fal_clients_run_raises_the_servers_422_naming_the_field(local_fal_clien
     assert '"num_images"' in info.value.response.text
 
 
-def test_a_lora_changes_its_own_request_only_and_a_foreign_one_is_422_over_http(server, tiny_sd_dir, tmp_path):
+def test_a_lora_changes_its_own_request_only_and_a_foreign_one_is_422_over_http(server, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from conversion.sources import url_hash
+    from conversion.sources import TRAINED_DIR, url_hash
     from tests.tiny_models import data_uri, make_tiny_lora, tiny_sdxl_pipeline
 
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tiny_sd_dir / "unet"))
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(TRAINED_DIR / "pipeline" / "unet"))
     lora = data_uri(make_tiny_lora(tmp_path / "demo", unet, seed=21))
     before = image_bytes(post(server, seed=31))
     with_lora = image_bytes(post(server, seed=31, loras=[{"path": lora, "scale": 1.0}]))

@@ -107,7 +107,7 @@ def test_the_key_of_a_start_names_its_device_torch_store_entry_and_warmup_shapes
     assert key.device.startswith("cpu ") and torch.backends.cpu.get_cpu_capability() in key.device
     assert key.torch == f"torch {torch.__version__}"
     assert key.entry == ENTRY
-    assert key.shapes == ((256, 256),)  # the demo's square_hd
+    assert key.shapes == ((64, 64),)  # the demo's square_hd
     assert (key.guided, key.mode, key.dynamic) == (True, "default", False)
     assert cache_key(settings, store_path=tmp_path / ENTRY, device="cpu") == key  # the next start: the same key
     archive = key.archive(tmp_path)
@@ -116,10 +116,10 @@ def test_the_key_of_a_start_names_its_device_torch_store_entry_and_warmup_shapes
 
 
 def test_warmup_sizes_in_another_order_are_the_same_shape_set(tmp_path):
-    one = demo_settings(tmp_path, "enabled = true", '["square", "square_hd"]')
-    other = demo_settings(tmp_path, "enabled = true", '["square_hd", "square", "square"]')
+    one = demo_settings(tmp_path, "enabled = true", '["portrait_4_3", "square_hd"]')
+    other = demo_settings(tmp_path, "enabled = true", '["square_hd", "portrait_4_3", "square"]')
     key = cache_key(one, store_path=ENTRY, device="cpu")
-    assert key.shapes == ((128, 128), (256, 256))
+    assert key.shapes == ((48, 64), (64, 64))
     assert cache_key(other, store_path=ENTRY, device="cpu") == key
 
 

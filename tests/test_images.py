@@ -241,4 +241,4 @@ def test_an_input_outside_the_bounds_needs_an_image_size(size, problem):
 
 
 def test_a_given_image_size_wins():
-    assert output_size("square", PILImage.new("RGB", (64, 48)), DEMO) == (128, 128)
+    assert output_size("square", PILImage.new("RGB", (80, 48)), DEMO) == (64, 64)

@@ -53,7 +53,7 @@ def image(pipe, seed: int = 5) -> np.ndarray:
 def test_a_fused_entry_is_an_entry_of_its_own_recording_its_loras(entries, lora_uri):
     root, plain, with_lora = entries
     assert with_lora != plain and with_lora.parent == plain.parent
-    assert with_lora.name.startswith("demo-seed0--lora-")
+    assert with_lora.name.startswith("demo-random-seed0--lora-")
     source = read_manifest(with_lora)["source"]
     assert source["fused_loras"] == [{"path": parse_lora_path(lora_uri).display, "scale": 0.75}]
     assert "fused_loras" not in read_manifest(plain)["source"]

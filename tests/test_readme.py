@@ -51,3 +51,14 @@ def test_the_layout_names_every_module_of_the_packages():
                      or f"`{package}/{rel.parent.as_posix()}/`" in layout and f"`{rel.name}`" in layout
                      or f"`{rel.name}`" in layout)
             assert named, f"README's layout does not name {package}/{rel}"
+
+
+def test_no_tracked_text_file_holds_a_merge_conflict_marker():
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    marker = re.compile(r"^(<{7} |>{7} |={7}$)", flags=re.MULTILINE)
+    for name in tracked:
+        if name.endswith((".md", ".py", ".toml", ".txt", ".json", ".cfg", "Makefile")):
+            text = (ROOT / name).read_text(encoding="utf-8", errors="replace")
+            assert not marker.search(text), f"{name} holds a merge conflict marker"

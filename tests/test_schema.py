@@ -120,12 +120,12 @@ def test_whole_numbers_are_integers_and_integers_are_numbers():
     request = request_models(DEMO).TextToImageInput.model_validate({"prompt": "a cat", "seed": 5.0,
                                                                     "guidance_scale": 7})
     assert request.seed == 5 and request.guidance_scale == 7.0
-    assert request.image_size == "square_hd" and request.num_inference_steps == 8  # the demo's defaults
+    assert request.image_size == "square_hd" and request.num_inference_steps == 20  # the demo's defaults
 
 
 def test_requested_size_is_the_profiles_preset_or_the_given_size():
     models = request_models(DEMO)
-    assert requested_size("portrait_16_9", DEMO) == (144, 256)
+    assert requested_size("portrait_16_9", DEMO) == (40, 64)
     assert requested_size("portrait_16_9", DEFAULT) == (576, 1024)
     assert requested_size(models.ImageSize(width=40, height=72), DEMO) == (40, 72)
     parsed = models.TextToImageInput.model_validate({"prompt": "a cat", "image_size": {"width": 64, "height": 32}})

@@ -68,7 +68,7 @@ def test_demo_profile_replaces_model_and_shrinks_presets():
     assert settings.model.revision is None and settings.model.variant is None  # replaced whole
     assert settings.model.device == "cpu"
     assert settings.serving.output == "data_uri"
-    assert (settings.serving.presets.square_hd.width, settings.serving.presets.square_hd.height) == (256, 256)
+    assert (settings.serving.presets.square_hd.width, settings.serving.presets.square_hd.height) == (64, 64)
     assert settings.deploy.request_timeout == 300  # merged key by key from [deploy]
 
 

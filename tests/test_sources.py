@@ -343,7 +343,7 @@ def test_checker_demo_is_the_embedded_demo_checker_with_a_fixed_offline_identity
             raise AssertionError("the demo checker needs no ref file")
 
     assert parse_checker_source("demo") == DemoCheckerSource()
-    assert DemoCheckerSource().offline_identity(NoRefs()) == "demo-safety-checker-v1"
+    assert DemoCheckerSource().offline_identity(NoRefs()) == "demo-safety-checker-v2"
 
 
 def test_checker_repo_id_is_a_hub_checker_source_with_its_revision_and_subfolder():
@@ -451,3 +451,11 @@ def test_model_index_larger_than_a_mebibyte_is_a_source_error_naming_the_file(tm
         DiffusersLayoutError, match=re.escape(f"{path}: not a readable model_index.json (more than the limit of 1048576 bytes)")
     ):
         read_model_index(path)
+
+
+def test_demo_without_its_committed_weights_says_they_are_missing(tmp_path, monkeypatch):
+    import conversion.sources.demo as demo
+
+    monkeypatch.setattr(demo, "TRAINED_PIPELINE", tmp_path / "pipeline")
+    with pytest.raises(SourceError, match=r"the demo model's committed weights are missing .*conversion.demo train"):
+        DemoSource().offline_identity(NoRefs())

@@ -411,7 +411,7 @@ def test_full_disk_is_a_clear_error_and_leaves_no_partial_entry(local_src, tmp_p
 def _demo_with_file_size_limit(queue, root: str, limit: int) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    _forked(ensure_converted, queue, "demo", root)
+    _forked(ensure_converted, queue, "demo-random", root)
 
 
 def test_full_disk_while_generating_the_demo_source_is_a_disk_full_error_and_leaves_nothing(tmp_path):
@@ -422,7 +422,7 @@ def test_full_disk_while_generating_the_demo_source_is_a_disk_full_error_and_lea
     proc.join(30)
     assert result[:2] == ("error", "DiskFullError"), result
     assert re.fullmatch(
-        rf"no space left writing {re.escape(str(tmp_path / STORE_DIRNAME))}/\.demo-seed0\.\S+\.work/pipeline "
+        rf"no space left writing {re.escape(str(tmp_path / STORE_DIRNAME))}/\.demo-random-seed0\.\S+\.work/pipeline "
         r"\(File too large\); free space there and retry",
         result[2],
     ), result[2]
@@ -430,10 +430,10 @@ def test_full_disk_while_generating_the_demo_source_is_a_disk_full_error_and_lea
 
 
 def test_demo_source_is_generated_in_scratch_converted_and_found_offline_after(tmp_path):
-    path = ensure_converted("demo", root=tmp_path)
-    assert read_manifest(path)["source"] == {**read_manifest(path)["source"], "kind": "demo", "ref": "demo", "seed": 0}
+    path = ensure_converted("demo-random", root=tmp_path)
+    assert read_manifest(path)["source"] == {**read_manifest(path)["source"], "kind": "demo-random", "ref": "demo-random", "seed": 0}
     assert entries(tmp_path) == [path.name]  # the generated pipeline was scratch
-    assert Store(tmp_path).warm(parse_source("demo")) == path
+    assert Store(tmp_path).warm(parse_source("demo-random")) == path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ README_IMAGES_DIR = Path(__file__).resolve().parents[2] / "docs" / "demo"
 # (prompt, seed, file name): what the README shows.
 README_IMAGES = (
     ("a red circle on a blue background", 1, "red-circle-on-blue.png"),
-    ("a large yellow star at the top on a purple background", 2, "yellow-star-top-on-purple.png"),
-    ("a small white triangle on the right on a green background", 3, "white-triangle-right-on-green.png"),
+    ("a yellow star on a purple background", 2, "yellow-star-on-purple.png"),
+    ("a white triangle on a green background", 3, "white-triangle-on-green.png"),
 )
 
 

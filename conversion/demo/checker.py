@@ -20,7 +20,7 @@ from model_loader.diffusers_layout import (
 from ..durable import write_atomic, write_errors
 
 # The demo checker flags an image whose pixels are all at least this gray level (0-255): near-white.
-DEMO_CHECKER_FLAG_LEVEL = 235
+DEMO_CHECKER_FLAG_LEVEL = 250
 _CHECKER_SIDE = 32  # the checker sees a 32x32 center crop as four 16x16 patches
 _CHECKER_HIDDEN = 32
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 DEMO_CHECKER_SOURCE = "demo"
 # Bump when conversion.demo makes a different demo checker: the store rebuilds its entry.
-DEMO_CHECKER_VERSION = 1
+DEMO_CHECKER_VERSION = 2
 
 
 def present_safety_checker(root: Path, parts: dict[str, list[str]], dst: Path) -> Path:
