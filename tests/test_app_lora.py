@@ -17,27 +17,14 @@ from starlette.testclient import TestClient
 import conversion.download.lora as lora_download
 from conversion.manifest import read_manifest
 from serving.settings import FusedLoraSetting
-from tests.test_app import _Env
+from tests import test_app
 from tests.tiny_models import data_uri, make_tiny_lora, tiny_sdxl_pipeline
 
 SMALL = {"prompt": "a cat on a horse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2,
          "output_format": "png"}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, app_module):
-    import torch
-
-    root = tmp_path_factory.mktemp("app-data")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with _Env(APP_DATA_ROOT=str(root), HF_HUB_OFFLINE="1"):
-        instance = app_module.TextToImageApp(_allow_init=True)
-        try:
-            with TestClient(instance._build_app()) as client:
-                yield SimpleNamespace(module=app_module, app=instance, client=client, root=root)
-        finally:
-            torch.set_num_threads(threads)
+served = test_app.served  # the demo app after setup(), one per module
 
 
 @pytest.fixture(scope="module")

@@ -9,54 +9,30 @@ saw in training.
 
 from __future__ import annotations
 
-import base64
-import io
 import random
-from types import SimpleNamespace
 
 import numpy as np
-import pytest
 from PIL import Image as PILImage
-from starlette.testclient import TestClient
 
 from conversion.demo import shapes
-from tests.test_app import _Env
+from tests import test_app
+from tests.test_app import pixels
+from tests.test_app_images import data_uri
+
+served = test_app.served  # the demo app after setup(), one per module
 
 SIDE = {"image_size": {"width": shapes.SIDE, "height": shapes.SIDE}, "output_format": "png"}
 HELD_OUT = [shapes.random_scene(random.Random(2026), held_out=True) for _ in range(24)]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, app_module):
-    import torch
-
-    root = tmp_path_factory.mktemp("app-data")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with _Env(APP_DATA_ROOT=str(root), HF_HUB_OFFLINE="1"):
-        instance = app_module.TextToImageApp(_allow_init=True)
-        try:
-            with TestClient(instance._build_app()) as client:
-                yield SimpleNamespace(app=instance, client=client)
-        finally:
-            torch.set_num_threads(threads)
-
-
 def draw_request(served, path: str = "/", **body) -> PILImage.Image:
     response = served.client.post(path, json={**SIDE, **body})
     assert response.status_code == 200, response.text
-    header, _, data = response.json()["images"][0]["url"].partition(",")
-    return PILImage.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+    return pixels(response.json()["images"][0]).convert("RGB")
 
 
 def levels(image: PILImage.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
-
-
-def data_uri(image: PILImage.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def test_the_demo_profile_serves_the_trained_model_through_the_store(served):
