@@ -42,7 +42,7 @@ PIPELINE_DIR = "pipeline"
 REPORT_NAME = "training.json"
 LOSS_PLOT_NAME = "loss.png"
 SAMPLES_NAME = "held_out_samples.png"
-TOKENS = 24  # the tokenizer's model_max_length: the longest training caption is 14 tokens
+TOKENS = 24  # the tokenizer's model_max_length: the longest training caption is 13 tokens
 
 
 @dataclass(frozen=True)
