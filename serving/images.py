@@ -131,7 +131,8 @@ def _decode(data: bytes, field: str, max_pixels: int, mask: bool) -> Image:
         try:
             picture.load()
             picture = ImageOps.exif_transpose(picture)
-            return _as_mask(picture) if mask else _as_rgb(picture)
+            # transparent pixels: over white for an image, over black (keep) for a mask
+            return _flattened(picture, "L", (0, 0, 0)) if mask else _flattened(picture, "RGB", (255, 255, 255))
         except Exception as exc:  # truncated or corrupt pixel data: whatever the decoder raises
             raise _refused(field, "image_corrupt", f"could not be decoded ({_reason(exc)})") from exc
 
@@ -140,24 +141,14 @@ def _has_alpha(picture: Image) -> bool:
     return picture.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in picture.info
 
 
-def _as_rgb(picture: Image) -> Image:
+def _flattened(picture: Image, mode: str, background: tuple[int, int, int]) -> Image:
+    """``picture`` in ``mode``, any transparency composited over ``background`` first."""
     from PIL import Image as PILImage
 
     if _has_alpha(picture):
         rgba = picture.convert("RGBA")
-        white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PILImage.alpha_composite(white, rgba).convert("RGB")
-    return picture.convert("RGB")
-
-
-def _as_mask(picture: Image) -> Image:
-    from PIL import Image as PILImage
-
-    if _has_alpha(picture):
-        rgba = picture.convert("RGBA")
-        black = PILImage.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return PILImage.alpha_composite(black, rgba).convert("L")
-    return picture.convert("L")
+        return PILImage.alpha_composite(PILImage.new("RGBA", rgba.size, (*background, 255)), rgba).convert(mode)
+    return picture.convert(mode)
 
 
 def check_same_size(image: Image, mask: Image, field: str) -> None:

@@ -51,7 +51,7 @@ class DemoSource(Source):
 
 @cache
 def _trained_digest(path: Path) -> str:
-    """The SHA-256 of every file's relative path and bytes (about 6 MB: a few milliseconds)."""
+    """The SHA-256 of every file's relative path and bytes (6 MB: about 13 ms on the 2-core VM, once per process)."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
     if not any(p.name == "model_index.json" for p in files):
         raise SourceError(f"{path}: the demo model's committed weights are missing (this checkout lacks "
