@@ -86,3 +86,11 @@ def test_the_committed_model_comes_with_the_report_of_the_run_that_made_it():
     assert report["config"] == {**TrainConfig().__dict__}  # trained with the defaults
     hits, chance = report["held_out_hit_rates"], report["chance"]
     assert hits["background"] >= 3 * chance["background"] and hits["colour"] >= 3 * chance["colour"], hits
+
+
+def test_the_readme_pictures_command_without_a_server_says_so_and_writes_nothing(tmp_path):
+    from conversion.demo.__main__ import main
+
+    with pytest.raises(SystemExit, match=r"cannot reach the demo server at http://127\.0\.0\.1:9 .*make serve"):
+        main(["images", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "pictures")])
+    assert not (tmp_path / "pictures").exists()

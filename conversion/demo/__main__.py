@@ -7,6 +7,7 @@ import argparse
 import base64
 import dataclasses
 import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,8 +29,15 @@ def request_images(url: str, out: Path) -> list[Path]:
     for prompt, seed, name in README_IMAGES:
         body = json.dumps({"prompt": prompt, "seed": seed, "output_format": "png"}).encode()
         request = urllib.request.Request(url.rstrip("/") + "/", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.load(response)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answer = json.load(response)
+        except urllib.error.HTTPError as exc:
+            raise SystemExit(f"{url} answered {exc.code} to {prompt!r}: {exc.read()[:300].decode(errors='replace')}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise SystemExit(f"cannot reach the demo server at {url} ({exc}): is `make serve` running there?") from None
+        except ValueError as exc:
+            raise SystemExit(f"{url} did not answer JSON ({exc}): is it this app?") from None
         header, _, data = answer["images"][0]["url"].partition(",")
         if header != "data:image/png;base64":
             raise SystemExit(f"{url} answered {header[:40]!r}, not an inline PNG: is it the demo profile (make serve)?")
