@@ -79,3 +79,24 @@ def converted_sdxl_dir(tmp_path_factory, tiny_sdxl_dir) -> Path:
 @pytest.fixture(scope="session")
 def converted_flux_dir(tmp_path_factory, tiny_flux_dir) -> Path:
     return _converted(tmp_path_factory, tiny_flux_dir)
+
+
+@pytest.fixture(scope="module")
+def juicefs_volume():
+    """A real JuiceFS volume (bench/volume.py) with two mounts, ``a`` and ``b``: two hosts' views of
+    one ``/data``. Skips, with the reason in pytest's summary, where the machine cannot mount one."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from volume import Shaping, Volume, VolumeUnavailable, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no JuiceFS volume: {reason}")
+    # A fast store: these tests are about correctness across hosts, not speed.
+    try:
+        vol = Volume(Shaping(latency_ms=0, conn_mb_s=0, total_mb_s=0), mounts=("a", "b"))
+    except VolumeUnavailable as exc:
+        pytest.skip(f"no JuiceFS volume: {exc}")
+    with vol:
+        yield vol
