@@ -7,9 +7,14 @@ variable                       default    meaning
 ``MODEL_LOADER_CHUNK_MB``      32         MiB read per chunk and per pinned staging buffer
 ``MODEL_LOADER_DIRECT_IO``     auto       ``auto`` (O_DIRECT for chunks not in the page cache),
                                           ``1`` (always) or ``0`` (never)
-``MODEL_LOADER_MAP``           always     on the CPU, when to map a pack instead of reading it:
+``MODEL_LOADER_MAP``           auto       on the CPU, when to map a pack instead of reading it:
                                           ``always``, ``hot`` (only when in the page cache),
-                                          ``never``
+                                          ``never``; ``auto``: ``always`` on a local disk,
+                                          ``hot`` on FUSE and network file systems
+``MODEL_LOADER_LAYOUT``        auto       how reader threads share a file: ``grid`` (chunks in
+                                          file order from one descriptor), ``split`` (each
+                                          thread its own descriptor and contiguous part);
+                                          ``auto``: ``split`` on FUSE and network file systems
 ``MODEL_LOADER_HUGEPAGES``     0          ``1`` asks for transparent huge pages behind packs
                                           read into owned memory
 ``MODEL_LOADER_PINNED_MAX_MB`` 4096       MiB of pinned staging buffers kept for the process
@@ -18,7 +23,7 @@ variable                       default    meaning
 An unset or empty variable means its default; values are case-insensitive, and ``true`` /
 ``false`` are accepted for ``1`` / ``0``. A value outside these raises :class:`ConfigError`
 naming the variable and what it accepts. Function arguments (``read_pack(threads=...)``) win over
-the environment. Huge pages are opt-in: on the 2-core VM of docs/BENCHMARKS.md the hint helped or
+the environment; ``auto`` settings are chosen per file by :mod:`model_loader.storage`. Huge pages are opt-in: on the 2-core VM of docs/BENCHMARKS.md the hint helped or
 hurt depending on how fragmented memory was.
 
 Each load reads the environment anew (:meth:`LoaderConfig.from_env`), so every variable is
@@ -36,6 +41,7 @@ from typing import TypeVar
 from .errors import ConfigError
 
 MAP_MODES = ("always", "hot", "never")
+LAYOUTS = ("grid", "split")
 # What a yes/no variable accepts.
 _SWITCH = {"1": True, "0": False, "true": True, "false": False}
 
@@ -49,9 +55,10 @@ class LoaderConfig:
     threads: int | None = None  # MODEL_LOADER_THREADS; None: chosen per file by its page-cache residency
     chunk_bytes: int = 32 << 20  # MODEL_LOADER_CHUNK_MB, in bytes
     direct_io: bool | None = None  # MODEL_LOADER_DIRECT_IO; None: per chunk, O_DIRECT when not cached
-    mapping: str = "always"  # MODEL_LOADER_MAP: one of MAP_MODES
+    mapping: str | None = None  # MODEL_LOADER_MAP: one of MAP_MODES; None: by the file system
     hugepages: bool = False  # MODEL_LOADER_HUGEPAGES
     pinned_max_bytes: int = 4096 << 20  # MODEL_LOADER_PINNED_MAX_MB, in bytes
+    layout: str | None = None  # MODEL_LOADER_LAYOUT: one of LAYOUTS; None: by the file system
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LoaderConfig:
@@ -64,7 +71,8 @@ class LoaderConfig:
             threads=_integer(env, "MODEL_LOADER_THREADS", minimum=1),
             chunk_bytes=default.chunk_bytes if chunk_mb is None else chunk_mb << 20,
             direct_io=_choice(env, "MODEL_LOADER_DIRECT_IO", {"auto": None, **_SWITCH}, default.direct_io),
-            mapping=_choice(env, "MODEL_LOADER_MAP", {m: m for m in MAP_MODES}, default.mapping),
+            mapping=_choice(env, "MODEL_LOADER_MAP", {"auto": None, **{m: m for m in MAP_MODES}}, default.mapping),
+            layout=_choice(env, "MODEL_LOADER_LAYOUT", {"auto": None, **{m: m for m in LAYOUTS}}, default.layout),
             hugepages=_choice(env, "MODEL_LOADER_HUGEPAGES", _SWITCH, default.hugepages),
             pinned_max_bytes=default.pinned_max_bytes if pinned_mb is None else pinned_mb << 20,
         )

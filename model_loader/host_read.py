@@ -29,17 +29,18 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import posix_io
 from .checksum import Checksum
-from .config import MAP_MODES, LoaderConfig
+from .config import LAYOUTS, MAP_MODES, LoaderConfig
 from .errors import FlashPackFormatError
 from .posix_io import ALIGN, align_down, align_up
 from .rates import rate_text
+from .storage import ReadPlan, plan_read, storage_of
 
 log = logging.getLogger("model_loader.host_read")
 
@@ -47,8 +48,6 @@ log = logging.getLogger("model_loader.host_read")
 MIN_AUTO_CHUNK_BYTES = 4 << 20
 # Auto mode reads a chunk with O_DIRECT when less than this fraction of it is in the page cache.
 COLD_FRACTION = 0.5
-# A file at least this resident is "in the page cache": mapped, and read with fewer threads.
-HOT_FRACTION = 0.9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,13 +57,14 @@ HOT_FRACTION = 0.9
 @dataclass(frozen=True)
 class ReadOptions:
     """How one file is read: the :class:`~model_loader.config.LoaderConfig` settings after the
-    caller's arguments were applied."""
+    caller's arguments were applied. ``None`` leaves the choice to :func:`storage.plan_read`."""
 
-    threads: int | None  # None: default_threads() for the file's page-cache residency
+    threads: int | None  # None: storage.default_threads() for the file's storage and residency
     chunk_bytes: int
     direct_io: bool | None  # None: per chunk, O_DIRECT when not in the page cache
-    mapping: str  # one of MAP_MODES: when to map the file instead of reading it
+    mapping: str | None  # one of MAP_MODES, or None: by the file system
     hugepages: bool = False  # ask for transparent huge pages behind owned read buffers
+    layout: str | None = None  # one of LAYOUTS, or None: by the file system
 
 
 def resolve_options(
@@ -72,6 +72,7 @@ def resolve_options(
     chunk_bytes: int | None = None,
     direct_io: bool | None = None,
     mapping: str | None = None,
+    layout: str | None = None,
 ) -> ReadOptions:
     """Arguments win over the ``MODEL_LOADER_*`` environment (:mod:`model_loader.config`), which
     wins over the defaults. Forcing O_DIRECT turns mapping off."""
@@ -90,33 +91,22 @@ def resolve_options(
         mapping = config.mapping
     elif mapping not in MAP_MODES:
         raise ValueError(f"mapping must be one of {', '.join(MAP_MODES)}, got {mapping!r}")
+    if layout is None:
+        layout = config.layout
+    elif layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     return ReadOptions(
-        threads, align_up(chunk_bytes), direct_io, "never" if direct_io is True else mapping, config.hugepages
+        threads, align_up(chunk_bytes), direct_io, "never" if direct_io is True else mapping, config.hugepages,
+        layout,
     )
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 4
-
-
-def default_threads(resident: float = 0.0, mapped: bool = False) -> int:
-    """Reader threads for a file of which ``resident`` (0..1) is in the page cache.
-
-    Reading from storage wants I/O queue depth, so more threads than cores (at most 16); a file
-    already in the page cache is a memory copy, where threads beyond the cores only contend. A
-    mapped file is read by the kernel's readahead and only hashed by the threads: one more thread
-    than cores when cold, one fewer when hot. More only deepens the I/O queue and takes the CPU
-    from the imports these reads overlap (on the 2-core VM of docs/BENCHMARKS.md, 8 threads made
-    ``import torch`` 2-3x slower for 10 % more read rate).
-    """
-    cpus = _cpus()
-    if mapped:
-        return max(1, cpus - 1) if resident >= HOT_FRACTION else cpus + 1
-    io_bound = min(16, max(8, 2 * cpus))
-    return min(io_bound, max(2, cpus)) if resident >= HOT_FRACTION else io_bound
+def plan_for(path: str, fd: int, size: int, opts: ReadOptions, can_map: bool = True) -> ReadPlan:
+    """The read plan for ``path`` (open as ``fd``): its storage, its page-cache residency, ``opts``."""
+    with posix_io.Residency(fd, size) as residency:
+        resident = residency.sampled_fraction() if residency.known else 0.0
+    return plan_read(storage_of(path), resident, threads=opts.threads, mapping=opts.mapping, layout=opts.layout,
+                     direct_io=opts.direct_io, can_map=can_map and size > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,11 +153,31 @@ class Worker(Protocol):
     def close(self) -> None: ...
 
 
-def run_workers(chunks: Sequence[Chunk], threads: int, make_worker: Callable[[], Worker], name: str) -> None:
-    """Process ``chunks`` (in file order) with ``threads`` threads, each with its own worker. The
-    first exception stops the rest and is raised after all threads have ended."""
+def split_runs(chunks: Sequence[Chunk], parts: int) -> list[list[Chunk]]:
+    """``chunks`` (in file order) cut into at most ``parts`` contiguous runs of about equal bytes
+    (each chunk goes to the part its middle byte falls in)."""
+    total = sum(c.length for c in chunks)
+    runs: dict[int, list[Chunk]] = {}
+    done = 0
+    for chunk in chunks:
+        part = min(parts - 1, int((done + chunk.length / 2) * parts / total))
+        runs.setdefault(part, []).append(chunk)
+        done += chunk.length
+    return list(runs.values())
+
+
+def run_workers(chunks: Sequence[Chunk], threads: int, make_worker: Callable[[], Worker], name: str,
+                layout: str = "grid") -> None:
+    """Process ``chunks`` (in file order) with ``threads`` threads, each with its own worker:
+    ``grid`` hands the chunks out in file order to whichever thread is free; ``split`` gives each
+    thread one contiguous run to read in order. The first exception stops the rest and is raised
+    after all threads have ended."""
     lock = threading.Lock()
-    pending = iter(chunks)
+    if layout == "split":
+        runs = [iter(run) for run in split_runs(chunks, threads)]
+    else:
+        shared = iter(chunks)
+        runs = [shared] * threads
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -176,7 +186,7 @@ def run_workers(chunks: Sequence[Chunk], threads: int, make_worker: Callable[[],
             errors.append(exc)
         stop.set()
 
-    def body() -> None:
+    def body(pending: Iterator[Chunk]) -> None:
         worker = None
         try:
             worker = make_worker()
@@ -195,7 +205,7 @@ def run_workers(chunks: Sequence[Chunk], threads: int, make_worker: Callable[[],
                 except BaseException as exc:  # noqa: BLE001
                     fail(exc)
 
-    pool = [threading.Thread(target=body, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+    pool = [threading.Thread(target=body, args=(run,), name=f"{name}-{i}", daemon=True) for i, run in enumerate(runs)]
     try:
         for t in pool:
             t.start()
@@ -224,27 +234,43 @@ class ReadStats:
     direct_fallbacks: int = 0
     mapped: bool = False
     checked: bool = False
+    layout: str = "grid"
+    storage: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_direct(self, nbytes: int, fell_back: bool) -> None:
+        """Count bytes read with O_DIRECT (from any reader thread)."""
+        with self._lock:
+            self.direct_bytes += nbytes
+            self.direct_fallbacks += fell_back
 
 
 class FileSource:
-    """One open file: the buffered and O_DIRECT descriptors and the per-chunk read policy."""
+    """One open file: the buffered and O_DIRECT descriptors and the per-chunk read policy.
 
-    def __init__(self, path: str, fd: int, size: int, direct_io: bool | None, stats: ReadStats):
+    ``fd`` is the caller's descriptor; without one (:meth:`open`) the source opens its own and
+    closes it with :meth:`close` (a ``split`` reader thread's own file handle)."""
+
+    def __init__(self, path: str, fd: int | None, size: int, direct_io: bool | None, stats: ReadStats):
         self.path = path
-        self.fd = fd
+        self._own_fd = fd is None
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         self.stats = stats
-        self._lock = threading.Lock()
         self.fd_direct = posix_io.open_direct(path) if direct_io is not False else None
         if direct_io and self.fd_direct is None:
             log.warning("%s: O_DIRECT is not available on this filesystem; reading buffered", path)
-        self.residency = posix_io.Residency(fd, size) if self.fd_direct is not None and direct_io is None else None
+        self.residency = posix_io.Residency(self.fd, size) if self.fd_direct is not None and direct_io is None else None
 
     def close(self) -> None:
         if self.residency is not None:
             self.residency.close()
+            self.residency = None
         if self.fd_direct is not None:
             os.close(self.fd_direct)
             self.fd_direct = None
+        if self._own_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def _use_direct(self, chunk: Chunk) -> bool:
         if self.fd_direct is None:
@@ -271,10 +297,7 @@ class FileSource:
                     done = max(0, min(n, got - lead))
                 except OSError:
                     done = 0
-            with self._lock:
-                self.stats.direct_bytes += done
-                if done < n:
-                    self.stats.direct_fallbacks += 1
+            self.stats.add_direct(done, done < n)
         if done < n:
             posix_io.pread_exact(self.fd, mem[at + done : at + n], chunk.offset + done, self.path)
 
@@ -307,16 +330,37 @@ class HostFile:
     stats: ReadStats
 
 
+class SourceFactory:
+    """The :class:`FileSource` each reader thread reads through: one shared by all (``grid``),
+    or each thread its own descriptors (``split``: a file handle per sequential stream)."""
+
+    def __init__(self, path: str, fd: int, size: int, direct_io: bool | None, stats: ReadStats, layout: str):
+        self.path, self.size, self.direct_io, self.stats, self.layout = path, size, direct_io, stats, layout
+        self.shared = FileSource(path, fd, size, direct_io, stats) if layout != "split" else None
+
+    def acquire(self) -> FileSource:
+        return self.shared or FileSource(self.path, None, self.size, self.direct_io, self.stats)
+
+    def release(self, source: FileSource) -> None:
+        if source is not self.shared:
+            source.close()
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+
+
 class _HostWorker:
-    def __init__(self, source: FileSource, mem: memoryview, addr: int, checksum: Checksum | None):
-        self.source, self.mem, self.addr, self.checksum = source, mem, addr, checksum
+    def __init__(self, sources: SourceFactory, mem: memoryview, addr: int, checksum: Checksum | None):
+        self.sources, self.mem, self.addr, self.checksum = sources, mem, addr, checksum
+        self.source = sources.acquire()
 
     def process(self, chunk: Chunk) -> None:
         self.source.read(chunk, self.mem, self.addr, chunk.offset)
         check_segments(self.checksum, chunk, self.mem[chunk.offset : chunk.offset + chunk.length], self.source.path)
 
     def close(self) -> None:
-        pass
+        self.sources.release(self.source)
 
 
 class _MapWorker:
@@ -356,26 +400,27 @@ def read_file(
     chunk_bytes: int | None = None,
     direct_io: bool | None = None,
     mapping: str | None = None,
+    layout: str | None = None,
 ) -> HostFile:
     """All bytes of ``path`` in host memory (see the module docstring), checked against
-    ``checksum`` when given (ChecksumMismatchError names the bytes that differ)."""
+    ``checksum`` when given (ChecksumMismatchError names the bytes that differ). Settings left
+    None are chosen for the file's storage and page-cache residency (:mod:`model_loader.storage`)."""
     t0 = time.perf_counter()
     path = os.fspath(path)
-    opts = resolve_options(threads, chunk_bytes, direct_io, mapping)
+    opts = resolve_options(threads, chunk_bytes, direct_io, mapping, layout)
     fd, st = open_checked(path)
     size = st.st_size
     try:
         if checksum is not None:
             checksum.check_size(size, path)
-        with posix_io.Residency(fd, size) as residency:
-            resident = residency.sampled_fraction() if residency.known else 0.0
-        mapped = size > 0 and (opts.mapping == "always" or (opts.mapping == "hot" and resident >= HOT_FRACTION))
-        n_threads = opts.threads or default_threads(resident, mapped)
+        plan = plan_for(path, fd, size, opts)
+        mapped = plan.mapped
         grain = checksum.segment_bytes if checksum is not None else ALIGN
-        chunk = effective_chunk_bytes(size, n_threads, opts.chunk_bytes, grain)
+        chunk = effective_chunk_bytes(size, plan.threads, opts.chunk_bytes, grain)
         chunks = plan_chunks(size, chunk)
-        n_threads = max(1, min(n_threads, len(chunks)))
-        stats = ReadStats(size, threads=n_threads, chunks=len(chunks), chunk_bytes=chunk)
+        n_threads = max(1, min(plan.threads, len(chunks)))
+        stats = ReadStats(size, threads=n_threads, chunks=len(chunks), chunk_bytes=chunk, layout=plan.layout,
+                          storage=plan.storage.name)
         if size == 0:
             buffer: mmap.mmap | bytearray = bytearray(0)
         elif mapped:
@@ -390,20 +435,21 @@ def read_file(
             if opts.hugepages:
                 posix_io.advise_hugepages(posix_io.buffer_address(memoryview(buffer)), len(buffer))
             mem = memoryview(buffer)
-            source = FileSource(path, fd, size, opts.direct_io, stats)
+            sources = SourceFactory(path, fd, size, plan.direct_io, stats, plan.layout)
             try:
                 addr = posix_io.buffer_address(mem)
-                run_workers(chunks, n_threads, lambda: _HostWorker(source, mem, addr, checksum), "model_loader-reader")
+                run_workers(chunks, n_threads, lambda: _HostWorker(sources, mem, addr, checksum), "model_loader-reader",
+                            plan.layout)
             finally:
-                source.close()
+                sources.close()
                 mem.release()
         stats.checked = checksum is not None
     finally:
         os.close(fd)
     stats.seconds = time.perf_counter() - t0
     log.debug(
-        "read %s: %s, %s, %d threads, %.0f%% via O_DIRECT%s",
-        path, rate_text(size, stats.seconds), "mapped" if stats.mapped else "read", n_threads,
+        "read %s: %s, %s, %d threads (%s), %.0f%% via O_DIRECT%s",
+        path, rate_text(size, stats.seconds), "mapped" if stats.mapped else "read", n_threads, stats.layout,
         100 * stats.direct_bytes / max(1, size), ", checksum ok" if stats.checked else "",
     )
     return HostFile(path, size, buffer, stats)

@@ -29,21 +29,22 @@ from .format import PackLayout, layout_from_bytes, read_layout
 from .host_read import (
     ALIGN,
     Chunk,
-    FileSource,
     HostFile,
     ReadOptions,
     ReadStats,
+    SourceFactory,
     check_segments,
-    default_threads,
     effective_chunk_bytes,
     open_checked,
     plan_chunks,
+    plan_for,
     read_file,
     resolve_options,
     run_workers,
 )
 from .pinned import Lease, PinnedPool, default_pool
 from .rates import rate_text
+from .storage import default_threads
 
 log = logging.getLogger("model_loader.reader")
 
@@ -206,10 +207,11 @@ class _StagingWorker:
     (One stream per thread, not per buffer: 16 threads x 2 streams would take all of torch's
     pooled streams, which share 8 hardware queues.)"""
 
-    def __init__(self, source: FileSource, dest: torch.Tensor, lease: Lease, engine: StagingEngine, buffer_bytes: int,
-                 checksum: Checksum | None):
+    def __init__(self, sources: SourceFactory, dest: torch.Tensor, lease: Lease, engine: StagingEngine,
+                 buffer_bytes: int, checksum: Checksum | None):
         engine.start_thread()
-        self.source = source
+        self.sources = sources
+        self.source = sources.acquire()
         self.dest = dest  # flat uint8 device buffer holding the file's bytes [0, payload end)
         self.checksum = checksum
         self.lease = lease
@@ -247,9 +249,12 @@ class _StagingWorker:
 
     def close(self) -> None:
         # Even after an error: a buffer goes back to the pool only once its copy has landed.
-        for slot in self.slots:
-            if slot.used:
-                self.engine.wait(slot.event)
+        try:
+            for slot in self.slots:
+                if slot.used:
+                    self.engine.wait(slot.event)
+        finally:
+            self.sources.release(self.source)
 
 
 def _read_staged(
@@ -265,24 +270,22 @@ def _read_staged(
     payload = layout.payload_bytes
     # With a checksum the footer is read too (it is hashed); it is not copied to the device.
     end = size if checksum is not None else payload
-    threads = opts.threads
-    if threads is None:
-        with posix_io.Residency(fd, size) as residency:
-            threads = default_threads(residency.sampled_fraction() if residency.known else 0.0)
+    plan = plan_for(path, fd, size, opts, can_map=False)
     grain = checksum.segment_bytes if checksum is not None else ALIGN
-    chunk = effective_chunk_bytes(end, threads, opts.chunk_bytes, grain)
+    chunk = effective_chunk_bytes(end, plan.threads, opts.chunk_bytes, grain)
     chunks = plan_chunks(end, chunk)
-    n_threads = max(1, min(threads, len(chunks)))
-    stats = ReadStats(payload, threads=n_threads, chunks=len(chunks), chunk_bytes=chunk, checked=checksum is not None)
+    n_threads = max(1, min(plan.threads, len(chunks)))
+    stats = ReadStats(payload, threads=n_threads, chunks=len(chunks), chunk_bytes=chunk, checked=checksum is not None,
+                      layout=plan.layout, storage=plan.storage.name)
     dest = engine.empty(max(1, payload), torch.uint8)[:payload]
     blocks = [dest.narrow(0, b.offset_bytes, b.length_bytes).view(b.dtype) for b in layout.blocks]
-    source = FileSource(path, fd, size, opts.direct_io, stats)
+    sources = SourceFactory(path, fd, size, plan.direct_io, stats, plan.layout)
     engine.begin()
     lease = pool.lease()
     try:
         run_workers(
-            chunks, n_threads, lambda: _StagingWorker(source, dest, lease, engine, chunk, checksum),
-            "model_loader-reader",
+            chunks, n_threads, lambda: _StagingWorker(sources, dest, lease, engine, chunk, checksum),
+            "model_loader-reader", plan.layout,
         )
     except BaseException:
         try:
@@ -293,7 +296,7 @@ def _read_staged(
             lease.release()
         raise
     finally:
-        source.close()
+        sources.close()
     lease.release()
     return blocks, stats
 
@@ -311,6 +314,7 @@ def read_pack(
     chunk_bytes: int | None = None,
     direct_io: bool | None = None,
     mapping: str | None = None,
+    layout: str | None = None,
     pool: PinnedPool | None = None,
     engine: StagingEngine | None = None,
 ) -> PackData:
@@ -318,8 +322,9 @@ def read_pack(
     checking ``checksum`` (when given) as the bytes pass.
 
     ``threads``, ``chunk_bytes``, ``direct_io`` (None: O_DIRECT for chunks not in the page
-    cache) and ``mapping`` (CPU: ``always``, ``hot`` or ``never`` map the file) default to the environment
-    (see :func:`model_loader.host_read.resolve_options`). ``pool`` is the pinned staging pool for
+    cache), ``mapping`` (CPU: ``always``, ``hot`` or ``never`` map the file) and ``layout``
+    (``grid`` or ``split``) default to the environment, then to what suits the file's storage
+    (see :func:`model_loader.host_read.resolve_options` and :mod:`model_loader.storage`). ``pool`` is the pinned staging pool for
     CUDA targets (the process-wide one by default). ``engine`` replaces the CUDA copy engine
     (tests run the staged pipeline on the host with it).
     """
@@ -330,23 +335,24 @@ def read_pack(
         engine = CudaEngine(device)
     if engine is None:
         host = read_file(path, checksum, threads=threads, chunk_bytes=chunk_bytes, direct_io=direct_io,
-                         mapping=mapping)
+                         mapping=mapping, layout=layout)
         pack = pack_on_device(host, device)
         stats = pack.stats
     else:
-        opts = resolve_options(threads, chunk_bytes, direct_io, mapping="never")
-        layout, fd, st = _open_layout(path)
+        opts = resolve_options(threads, chunk_bytes, direct_io, mapping="never", layout=layout)
+        pack_layout, fd, st = _open_layout(path)
         try:
             if checksum is not None:
                 checksum.check_size(st.st_size, path)
-            blocks, stats = _read_staged(path, fd, st.st_size, layout, opts, engine, pool or default_pool(), checksum)
+            blocks, stats = _read_staged(path, fd, st.st_size, pack_layout, opts, engine, pool or default_pool(),
+                                         checksum)
         finally:
             os.close(fd)
-        pack = PackData(layout, blocks, stats)
+        pack = PackData(pack_layout, blocks, stats)
     stats.seconds = time.perf_counter() - t0
     log.info(
-        "load %s: %s%s%s", path, rate_text(stats.bytes, stats.seconds),
-        " mapped" if stats.mapped else "", ", checksum ok" if stats.checked else "",
+        "load %s: %s%s, %d threads (%s)%s", path, rate_text(stats.bytes, stats.seconds),
+        " mapped" if stats.mapped else "", stats.threads, stats.layout, ", checksum ok" if stats.checked else "",
     )
     return pack
 

@@ -23,6 +23,7 @@ VARIABLES = {
     "MODEL_LOADER_MAP",
     "MODEL_LOADER_HUGEPAGES",
     "MODEL_LOADER_PINNED_MAX_MB",
+    "MODEL_LOADER_LAYOUT",
 }
 
 
@@ -50,8 +51,8 @@ class RecordingEnv(Mapping[str, str]):
 
 def test_defaults_when_no_variable_is_set():
     assert LoaderConfig.from_env({}) == LoaderConfig(
-        threads=None, chunk_bytes=32 << 20, direct_io=None, mapping="always", hugepages=False,
-        pinned_max_bytes=4096 << 20,
+        threads=None, chunk_bytes=32 << 20, direct_io=None, mapping=None, hugepages=False,
+        pinned_max_bytes=4096 << 20, layout=None,
     )
 
 
@@ -69,8 +70,9 @@ def test_every_variable_is_parsed_into_its_field():
         "MODEL_LOADER_MAP": "hot",
         "MODEL_LOADER_HUGEPAGES": "1",
         "MODEL_LOADER_PINNED_MAX_MB": "512",
+        "MODEL_LOADER_LAYOUT": "split",
     }
-    assert LoaderConfig.from_env(env) == LoaderConfig(3, 2 << 20, True, "hot", True, 512 << 20)
+    assert LoaderConfig.from_env(env) == LoaderConfig(3, 2 << 20, True, "hot", True, 512 << 20, "split")
 
 
 def test_empty_values_mean_the_defaults():
@@ -99,7 +101,7 @@ def test_os_environ_is_read_by_default(monkeypatch):
 def test_a_typo_in_the_map_mode_names_the_variable_and_the_allowed_values():
     with pytest.raises(ConfigError) as err:
         LoaderConfig.from_env({"MODEL_LOADER_MAP": "hto"})
-    assert str(err.value) == "MODEL_LOADER_MAP='hto': expected one of always, hot, never"
+    assert str(err.value) == "MODEL_LOADER_MAP='hto': expected one of auto, always, hot, never"
 
 
 def test_an_unknown_direct_io_mode_names_the_variable_and_the_allowed_values():

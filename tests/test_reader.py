@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conversion.writer import pack_state_dict
-from model_loader import host_read, posix_io, reader
+from model_loader import host_read, posix_io, reader, storage
 from model_loader.checksum import file_checksum
 from model_loader.errors import ChecksumMismatchError, FlashPackFormatError, PackReadError
 from model_loader.host_read import Chunk, ReadOptions, plan_chunks, read_file, resolve_options
@@ -262,14 +262,6 @@ def test_huge_pages_are_asked_for_only_when_model_loader_hugepages_is_on(monkeyp
     assert bool(calls) is advised
 
 
-def test_default_threads_exceed_the_cores_only_for_files_not_in_the_page_cache(monkeypatch):
-    monkeypatch.setattr(host_read, "_cpus", lambda: 2)
-    assert host_read.default_threads(resident=0.0) == 8
-    assert host_read.default_threads(resident=1.0) == 2
-    monkeypatch.setattr(host_read, "_cpus", lambda: 64)
-    assert host_read.default_threads(resident=0.0) == host_read.default_threads(resident=1.0) == 16
-
-
 def test_invalid_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_THREADS", "many")
     with pytest.raises(ValueError, match="MODEL_LOADER_THREADS"):
@@ -417,7 +409,8 @@ def test_one_info_line_is_logged_per_load(pack, caplog):
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(lines) == 1
     assert re.fullmatch(
-        re.escape(f"load {path}: ") + r"\d+\.\d\d GB in \d+\.\d\d s \(\d+\.\d\d GB/s\)( mapped)?", lines[0]
+        re.escape(f"load {path}: ") + r"\d+\.\d\d GB in \d+\.\d\d s \(\d+\.\d\d GB/s\)( mapped)?, "
+        r"\d+ threads \((grid|split)\)", lines[0]
     )
 
 
@@ -618,7 +611,7 @@ def test_hot_mapping_maps_a_cached_pack_and_reads_a_cold_one(pack):
 
 
 def test_the_staging_plan_covers_every_reader_thread_with_two_buffers_of_the_largest_chunk(monkeypatch):
-    monkeypatch.setattr(host_read, "_cpus", lambda: 8)
+    monkeypatch.setattr(storage, "cpus", lambda: 8)
     count, nbytes = reader.staging_plan([5 << 30, 200 << 20], chunk_bytes=32 << 20)
     assert (count, nbytes) == (16 * reader.BUFFERS_PER_THREAD, 32 << 20)
     assert reader.staging_plan([]) == (0, 0)
