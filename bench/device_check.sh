@@ -25,7 +25,9 @@
 #   ROUNDS=1             startup bench rounds;  STARTUP_PEERS=ours,stock,flashpack,imports-only (not
 #                        ours-odirect: MODEL_LOADER_MAP only changes CPU loads)
 #   LOADER_RUNS          default 2 on cuda, 1 on cpu;  LOADER_SIZE_GB default 1.72 GB (SD1.5 UNet) on
-#                        cuda, 0.05 on cpu;  LOADER_PEERS default: all of bench/loader.py's
+#                        cuda, 0.05 on cpu;  LOADER_PEERS default: bench/loader.py's local-disk peers
+#                        (not the volume bench's additions: safetensors-pread, fastsafetensors,
+#                        runai-streamer, ours-staged, which would not fit the step's time)
 #   BUDGET_S             default 450 (cuda) / 360 (cpu): the whole run stays under it (under 8 min);
 #                        a step gets at most its own limit and what is left of the budget less
 #                        RESERVE_S (default 20, for the summary); a step with under 3 s left is skipped
@@ -53,7 +55,7 @@ else
 fi
 ROUNDS=${ROUNDS:-1}
 STARTUP_PEERS=${STARTUP_PEERS:-ours,stock,flashpack,imports-only}
-LOADER_PEERS=${LOADER_PEERS:-}
+LOADER_PEERS=${LOADER_PEERS:-ours,flashpack,flashpack-parallel,safetensors,read-ceiling,ours-model,diffusers,diffusers-flashpack}
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi

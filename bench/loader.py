@@ -16,6 +16,20 @@ time (the app loads several packs in one process; the first pays the pinned pool
 
     python bench/loader.py                      # SD1.5-size UNet (1.7 GB), 5 runs, hot + cold
     python bench/loader.py --size-gb 0.2 --runs 2 --peers ours,flashpack
+
+On fal's storage: ``--volume juicefs --tiers hot,node,object`` copies the model's files to a real
+JuiceFS volume over a shaped object store (bench/volume.py) and runs every peer on each tier
+(``hot``: page cache; ``node``: JuiceFS's node cache; ``object``: every block from the object
+store), its files put in the tier just before. The mount's ceilings (one thread sequential, a
+threads x chunk grid, O_DIRECT) are measured on each tier in the same run; each row gives its
+share of the best parallel ceiling and the CPU the mount and the object store used while it
+loaded. Beside the loaders above: safetensors' ``backend="pread"``, fastsafetensors
+(``nogds=True``), runai-model-streamer (``SafetensorsStreamer``), and ``ours-staged`` (our packs
+through the CUDA path's staging pipeline, a host copy in place of the device copy: the storage leg
+of a GPU start). fastsafetensors and runai-model-streamer are bench-only (bench/requirements.txt);
+a peer whose package is missing is skipped, saying so.
+
+    python bench/loader.py --volume juicefs --size-gb 0.2 --runs 1   # a few minutes
 """
 
 from __future__ import annotations
@@ -31,9 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "bench"):  # bench/ for on_volume and volume, imported as bench/startup.py does
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
+from bench import on_volume  # noqa: E402
 from bench.common import (  # noqa: E402
     DEFAULT_CEILING_CHUNKS_MIB,
     DEFAULT_CEILING_THREADS,
@@ -83,6 +99,7 @@ class Peer:
     what: str
     devices: tuple[str, ...] = ("cpu", "cuda")
     env: dict[str, str] = field(default_factory=dict)
+    requires: str | None = None  # a bench-only package (bench/requirements.txt): skipped when missing
 
 
 PEERS = [
@@ -92,7 +109,16 @@ PEERS = [
     Peer("flashpack-parallel", "state_dict", "pack",
          "flashpack 0.4.5 with FLASHPACK_CPU_PARALLEL_READ=1 (eager parallel read on CPU)",
          devices=("cpu",), env={"FLASHPACK_CPU_PARALLEL_READ": "1"}),
-    Peer("safetensors", "state_dict", "safetensors", "safetensors.torch.load_file(file, device)"),
+    Peer("ours-staged", "state_dict", "pack",
+         "model_loader.read_pack(pack, engine=host copy): the CUDA path's staging pipeline, a host copy for the H2D copy",
+         devices=("cpu",)),
+    Peer("safetensors", "state_dict", "safetensors", "safetensors.torch.load_file(file, device) (mmap)"),
+    Peer("safetensors-pread", "state_dict", "safetensors",
+         'safetensors.torch.load_file(file, device, backend="pread") (safetensors 0.8)'),
+    Peer("fastsafetensors", "state_dict", "safetensors",
+         "fastsafetensors 0.5.0 SafeTensorsFileLoader(nogds=True).copy_files_to_device()", requires="fastsafetensors"),
+    Peer("runai-streamer", "state_dict", "safetensors",
+         "runai-model-streamer 0.17.0 SafetensorsStreamer().stream_file(file, device)", requires="runai_model_streamer"),
     Peer("read-ceiling", "file", "pack", "plain sequential read() of the whole pack into one buffer (a ceiling, not a loader)",
          devices=("cpu",)),
     Peer("ours-model", "model", "pack", "model_loader.load_model(component_dir, device)"),
@@ -201,6 +227,9 @@ def peer_files(peer: Peer, data: dict) -> list[str]:
 # --- the worker (one run of one peer, in a fresh process) ---------------------------------------
 
 
+_keep_alive: list = []  # what a loader's tensors need alive until the worker exits
+
+
 def _make_loader(peer: str, spec: dict, device):
     """Import what ``peer`` needs and return a no-argument function that loads -> {name: tensor}."""
     import torch
@@ -221,10 +250,36 @@ def _make_loader(peer: str, spec: dict, device):
             return dict(iterate_from_flash_tensor(storage, meta))
 
         return load
-    if peer == "safetensors":
+    if peer == "ours-staged":
+        from host_staging import read_pack_staged
+
+        return lambda: read_pack_staged(pack).tensors()
+    if peer in ("safetensors", "safetensors-pread"):
         from safetensors.torch import load_file
 
-        return lambda: load_file(st, device=str(device))
+        backend = "pread" if peer == "safetensors-pread" else "mmap"
+        return lambda: load_file(st, device=str(device), backend=backend)
+    if peer == "fastsafetensors":
+        from fastsafetensors import SafeTensorsFileLoader
+
+        def load():
+            loader = SafeTensorsFileLoader(None, str(device), nogds=True)
+            loader.add_filenames({0: [st]})
+            buffers = loader.copy_files_to_device()
+            tensors = {k: buffers.get_tensor(k) for k in loader.get_keys()}
+            _keep_alive.append((loader, buffers))  # the tensors live in its buffers
+            return tensors
+
+        return load
+    if peer == "runai-streamer":
+        from runai_model_streamer import SafetensorsStreamer
+
+        def load():
+            with SafetensorsStreamer() as streamer:
+                streamer.stream_file(st, device=str(device))
+                return dict(streamer.get_tensors())
+
+        return load
     if peer == "read-ceiling":
 
         def load():
@@ -316,6 +371,7 @@ def worker(spec: dict) -> None:
     t_ready = time.perf_counter()
 
     def timed_load() -> tuple[dict, dict]:
+        w0 = time.time()
         t0 = time.perf_counter()
         tensors = load()
         sync()
@@ -324,7 +380,7 @@ def worker(spec: dict) -> None:
         sync()
         t2 = time.perf_counter()
         return tensors, {"load_s": round(t1 - t0, 4), "touch_s": round(t2 - t1, 4), "ready_s": round(t2 - t0, 4),
-                         "touch_checksum": checksum}
+                         "touch_checksum": checksum, "window": [w0, time.time()]}
 
     tensors, first = timed_load()
     result = {"setup_s": round(t_ready - t_enter, 4), **first, "tensors": len(tensors)}
@@ -364,7 +420,10 @@ def hardware_worker(spec: dict) -> None:
     the cost of pinning (torch's pinned allocation vs cudaHostRegister)."""
     import torch
 
-    out: dict = {"odirect_read": odirect_ceiling(spec["pack"], spec["threads"], spec["chunks_mib"])}
+    if spec.get("volume"):
+        out: dict = {"odirect_read": {"skipped": "on a volume: the mount's ceilings per tier are measured instead"}}
+    else:
+        out = {"odirect_read": odirect_ceiling(spec["pack"], spec["threads"], spec["chunks_mib"])}
     skip = cuda_skip_reason(torch.cuda.is_available(), spec["devices"])
     if skip is not None:
         out["cuda_skipped"] = skip
@@ -468,7 +527,8 @@ def summarize(runs: list[dict], payload: int) -> list[dict]:
         if base and base.get("ready_s") and r.get("ready_s"):
             r["ratio_vs_ours"] = r["ready_s"] / base["ready_s"]
     order = {p.name: i for i, p in enumerate(PEERS)}
-    rows.sort(key=lambda r: (r["device"], r["cache"] != "hot", order[r["peer"]]))
+    states = {c: i for i, c in enumerate(("hot", "cold", *on_volume.TIERS[1:]))}  # hot first, then colder
+    rows.sort(key=lambda r: (r["device"], states.get(r["cache"], len(states)), order[r["peer"]]))
     return rows
 
 
@@ -514,6 +574,8 @@ def hardware_lines(hw: dict) -> list[str]:
     if "gbps" in od:
         lines.append(f"- disk O_DIRECT read, best of a threads x chunk grid: {od['gbps']:.2f} GB/s "
                      f"({od['threads']} threads x {od['chunk_mib']} MiB); grid GB/s: {grid_text(od.get('grid', []))}")
+    elif "skipped" in od:
+        lines.append(f"- disk O_DIRECT read: {od['skipped']}")
     else:
         lines.append(f"- disk O_DIRECT read: {od.get('error', hw.get('error', 'n/a'))}")
     if hw.get("cuda_skipped"):
@@ -573,10 +635,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--touch", default="page", choices=["page", "full"],
                     help="after loading read one byte per page of every tensor (default) or every byte")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ceiling-threads", type=_int_list, default=list(DEFAULT_CEILING_THREADS),
-                    help="thread counts of the O_DIRECT disk read ceiling grid (default: 4,8,16)")
-    ap.add_argument("--ceiling-chunks-mib", type=_int_list, default=list(DEFAULT_CEILING_CHUNKS_MIB),
-                    help="chunk sizes (MiB) of the O_DIRECT disk read ceiling grid (default: 16,32,64)")
+    ap.add_argument("--ceiling-threads", type=_int_list, default=None,
+                    help="thread counts of the read ceiling grid (default: 4,8,16 for the local disk's O_DIRECT "
+                         "grid; on a volume bench/volume.py's 1,4,8,16)")
+    ap.add_argument("--ceiling-chunks-mib", type=_int_list, default=None,
+                    help="chunk sizes (MiB) of the read ceiling grid (default: 16,32,64 on the local disk; on a "
+                         "volume 4,32)")
     ap.add_argument("--second-load", default="auto", choices=["auto", "on", "off"],
                     help="also time a second load of the same pack in each worker: auto = on CUDA only")
     ap.add_argument("--no-verify", action="store_true",
@@ -584,7 +648,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--hardware", help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    on_volume.add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        args.tiers = on_volume.parse_tiers(args.tiers)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.volume:
+        from volume import DEFAULT_GRID_CHUNKS_MIB, DEFAULT_GRID_THREADS
+
+        threads, chunks = DEFAULT_GRID_THREADS, DEFAULT_GRID_CHUNKS_MIB
+    else:
+        threads, chunks = DEFAULT_CEILING_THREADS, DEFAULT_CEILING_CHUNKS_MIB
+    args.ceiling_threads = args.ceiling_threads or list(threads)
+    args.ceiling_chunks_mib = args.ceiling_chunks_mib or list(chunks)
+    return args
+
+
+def missing_package(peer: Peer) -> str | None:
+    """The bench-only package ``peer`` needs and this environment lacks, or None."""
+    import importlib.util
+
+    if peer.requires and importlib.util.find_spec(peer.requires) is None:
+        return peer.requires
+    return None
+
+
+def on_mount(data: dict, mount_dir: Path) -> dict:
+    """``data`` (from :func:`prepare`) with its model directory copied under ``mount_dir`` and every
+    path in it pointing there."""
+    root = Path(data["source_dir"]).parents[1]
+    dst = mount_dir / root.name
+    dst.mkdir(parents=True, exist_ok=True)
+    for sub in ("source", "converted"):
+        on_volume.copy_in(root / sub, dst / sub)
+    return {k: str(dst / Path(v).relative_to(root)) if isinstance(v, str) and v.startswith(str(root) + os.sep) else v
+            for k, v in data.items()}
+
+
+def add_volume_figures(rows: list[dict], runs: list[dict], ceilings: dict[str, dict]) -> None:
+    """Each row's median CPU share of the mount and the object store, and its GB/s as a percentage
+    of the best parallel ceiling measured on its tier."""
+    for row in rows:
+        mine = [r for r in runs if r.get("ok") and (r["device"], r["cache"], r["peer"]) ==
+                (row["device"], row["cache"], row["peer"])]
+        shares = [r["cpu_share"] for r in mine if r.get("cpu_share")]
+        if shares:
+            row["cpu_share"] = {k: median([s.get(k) for s in shares]) for k in ("mount", "object_store")}
+        row["pct_of_ceiling"] = on_volume.percent_of(row.get("gbps"), ceilings.get(row["cache"]))
+
+
+def volume_table(rows: list[dict]) -> str:
+    """The rows of a run on a volume: per tier, each peer's time, GB/s, share of the best parallel
+    ceiling of that tier, and the mount's and object store's CPU while it loaded."""
+    head = ("| device | tier | level | peer | ready s (median) | GB/s | % of best parallel ceiling | time vs ours "
+            "| load s | touch s | mount / object store CPU (cores) | peak RSS GB | verified | runs |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if not r.get("ready_s"):
+            err = (r["errors"][0] if r["errors"] else "no runs")[:80].replace("|", "/")
+            lines.append(f"| {r['device']} | {r['cache']} | {r['level']} | {r['peer']} | failed: {err} "
+                         "| | | | | | | | | 0 |")
+            continue
+        pct = r.get("pct_of_ceiling")
+        ratio = f"{r['ratio_vs_ours']:.2f}x" if "ratio_vs_ours" in r else "-"
+        verified = {True: "yes", False: "NO", None: "-"}[r["verified"]]
+        lines.append(
+            f"| {r['device']} | {r['cache']} | {r['level']} | {r['peer']} | {r['ready_s']:.3f} | {r['gbps']:.2f} "
+            f"| {'-' if pct is None else f'{pct:.0f} %'} | {ratio} | {r['load_s']:.3f} | {r['touch_s']:.3f} "
+            f"| {on_volume.cpu_text(r.get('cpu_share'))} | {r['peak_rss_gb']:.2f} | {verified} | {r['runs']} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -595,14 +728,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.hardware:
         hardware_worker(json.loads(args.hardware))
         return 0
+    if args.volume:
+        with on_volume.open_volume(args) as vol:
+            print(f"volume: {vol.describe()['shaping_text']}; mounted at {vol.mount()}", file=sys.stderr, flush=True)
+            return bench(args, vol)
+    return bench(args, None)
 
+
+def bench(args: argparse.Namespace, vol) -> int:
+    """The benchmark on the local disk (``vol`` None: hot and cold page cache) or on a volume's tiers."""
     import torch
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     peers = [PEERS_BY_NAME[n.strip()] for n in args.peers.split(",") if n.strip()]
-    caches = [c.strip() for c in args.caches.split(",") if c.strip()]
-    if not caches or set(caches) - {"hot", "cold"}:
-        raise SystemExit(f"loader.py: error: --caches: expected hot and/or cold, got {args.caches!r}")
+    notes_skipped = []
+    for peer in list(peers):
+        if (package := missing_package(peer)) is not None:
+            notes_skipped.append(f"{peer.name}: skipped, its package {package} is not installed "
+                                 "(pip install -r bench/requirements.txt)")
+            log(notes_skipped[-1])
+            peers.remove(peer)
+    if vol is not None:
+        caches = args.tiers
+    else:
+        caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+        if not caches or set(caches) - {"hot", "cold"}:
+            raise SystemExit(f"loader.py: error: --caches: expected hot and/or cold, got {args.caches!r}")
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -611,9 +762,23 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare(workdir, args.size_gb, args.dtype, args.seed)
     payload = data["payload_bytes"]
     log(f"model: {data['tensors']} tensors, {payload / 1e9:.3f} GB payload, channels {data['block_out_channels']}")
-    info = machine_info(workdir)
+    tiers = None
+    ceilings: dict[str, dict] = {}
+    if vol is not None:
+        data = on_mount(data, vol.mount() / "loader")
+        log(f"copied to the volume: {Path(data['source_dir']).parents[1]}")
+        tiers = on_volume.Tiers(vol)
+        from volume import ceilings as measure_ceilings
+
+        for tier in caches:
+            ceilings[tier] = measure_ceilings(vol, data["pack"], tier, threads=args.ceiling_threads,
+                                              chunks_mib=args.ceiling_chunks_mib)
+            summary = on_volume.ceiling_summary(ceilings[tier])
+            log(f"ceilings, {tier}: one thread {summary['sequential_gb_s']:.2f} GB/s, best parallel "
+                f"{summary['best']['gb_s']:.2f} GB/s ({json.dumps({k: v for k, v in summary['best'].items() if k != 'cpu_share'})})")
+    info = machine_info(Path(data["pack"]).parent)
     hw_spec = {"pack": data["pack"], "threads": args.ceiling_threads, "chunks_mib": args.ceiling_chunks_mib,
-               "devices": devices}
+               "devices": devices, "volume": vol is not None}
     hw, _, hw_err = _spawn("hardware", hw_spec, {}, args.timeout)
     hw = hw or {"error": hw_err}
     log(f"hardware: {json.dumps(hw)}")
@@ -624,30 +789,34 @@ def main(argv: list[str] | None = None) -> int:
     broken: set[tuple[str, str]] = set()
     verified: set[tuple[str, str, str]] = set()
     eviction_failures = 0
+    volume = vol.describe() if vol is not None else None
 
     created = dt.datetime.now()
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{args.machine or machine_slug(info)}-{created:%Y%m%d-%H%M%S}.json"
+    prefix = "loader-volume-" if vol is not None else ""
+    out = out_dir / f"{prefix}{args.machine or machine_slug(info)}-{created:%Y%m%d-%H%M%S}.json"
 
     def save(done: bool) -> tuple[list[dict], list[str]]:
         """Write the results so far (after every run, so a benchmark stopped midway leaves them)."""
         rows = summarize(runs, payload)
-        cold = [r["resident_before"] for r in runs if r["cache"] == "cold" and r["resident_before"] is not None]
-        notes = []
+        if vol is not None:
+            add_volume_figures(rows, runs, ceilings)
+        cold = [r["resident_before"] for r in runs if r["cache"] != "hot" and r["resident_before"] is not None]
+        notes = list(notes_skipped)
         if cold:
-            notes.append(f"cold runs: at most {max(cold):.1%} of the file was in the page cache before a run")
+            notes.append(f"{'/'.join(c for c in caches if c != 'hot')} runs: at most {max(cold):.1%} of the file "
+                         "was in the page cache before a run")
         if eviction_failures:
-            notes.append(f"WARNING: eviction did not take in {eviction_failures} cold run(s); those are not cold")
-        if any(r["cache"] == "cold" for r in runs) and not cold:
+            notes.append(f"WARNING: eviction did not take in {eviction_failures} run(s); those are not cold")
+        if any(r["cache"] != "hot" for r in runs) and not cold:
             notes.append("WARNING: could not check eviction (mincore unavailable)")
         if args.second_load == "auto" and "cuda" not in devices:
             notes.append("second load (the same pack loaded twice in one process): skipped, it is measured on CUDA "
                          "only (--second-load on forces it)")
         if not done:
             notes.append(f"PARTIAL: {len(runs)} of {len(plan)} planned runs (stopped before the end, or still running)")
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({
+        saved = {
             "benchmark": "bench/loader.py",
             "created": created.isoformat(timespec="seconds"),
             "machine": info,
@@ -658,7 +827,11 @@ def main(argv: list[str] | None = None) -> int:
             "notes": notes,
             "summary": rows,
             "runs": runs,
-        }, indent=1))
+        }
+        if volume is not None:
+            saved.update(volume=volume, shaping=volume["shaping"], ceilings=list(ceilings.values()))
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(saved, indent=1))
         os.replace(tmp, out)
         return rows, notes
     all_files = data_files(data)
@@ -666,50 +839,67 @@ def main(argv: list[str] | None = None) -> int:
         if (peer.name, device) in broken:
             continue
         files = peer_files(peer, data)
-        if cache == "cold":
+        if tiers is not None:
+            tiers.set(cache, files)
+        elif cache == "cold":
             evict(all_files)
         else:
             warm(files)
         resident = resident_fraction(files[0])
-        if cache == "cold" and resident is not None and resident > 0.02:
+        if cache != "hot" and resident is not None and resident > 0.02:
             eviction_failures += 1
         verify = should_verify(peer, device, cache, verified, not args.no_verify)
         second = args.second_load == "on" or (args.second_load == "auto" and device == "cuda")
         spec = {**data, "peer": peer.name, "device": device, "verify": verify, "touch": args.touch,
-                "second_load": second, "evict_before_second": all_files if cache == "cold" else [],
+                "second_load": second, "evict_before_second": all_files if cache != "hot" else [],
                 "peer_file": files[0]}
-        res, wall, err = _spawn("worker", spec, peer.env, args.timeout)
+        if tiers is not None:
+            with on_volume.CpuSampler(tiers.cpu) as sampler:
+                res, wall, err = _spawn("worker", spec, peer.env, args.timeout)
+        else:
+            res, wall, err = _spawn("worker", spec, peer.env, args.timeout)
         rec = {"run": i, "cache": cache, "device": device, "peer": peer.name, "level": peer.level,
                "resident_before": resident, "process_s": round(wall, 3), "ok": res is not None}
         if res is None:
             rec["error"] = err
             broken.add((peer.name, device))
-            log(f"[{step}/{len(plan)}] {cache:4} {device:4} {peer.name:20} FAILED ({err[:200]}); skipping its other runs")
+            log(f"[{step}/{len(plan)}] {cache:6} {device:4} {peer.name:20} FAILED ({err[:200]}); skipping its other runs")
         else:
             rec.update(res)
             rec["verified"] = run_verified(res)
             if verify:
                 verified.add((peer.name, device, cache))
+            cpu = ""
+            if tiers is not None and res.get("window"):
+                rec["cpu_share"] = sampler.share(*res["window"])
+                cpu = f", CPU mount/store {on_volume.cpu_text(rec['cpu_share'])}"
             vtxt = {None: "", True: " verified"}.get(rec["verified"], " VERIFY FAILED "
                                                     + json.dumps([res.get("verify"), (res.get("second") or {}).get("verify")]))
             stxt = f", second load ready {res['second']['ready_s']:.3f} s" if "second" in res else ""
-            log(f"[{step}/{len(plan)}] {cache:4} {device:4} {peer.name:20} ready {res['ready_s']:.3f} s "
+            log(f"[{step}/{len(plan)}] {cache:6} {device:4} {peer.name:20} ready {res['ready_s']:.3f} s "
                 f"(load {res['load_s']:.3f} + touch {res['touch_s']:.3f}){stxt}, process {wall:.2f} s, "
-                f"cached before {resident if resident is None else f'{resident:.0%}'}{vtxt}")
+                f"cached before {resident if resident is None else f'{resident:.0%}'}{cpu}{vtxt}")
         runs.append(rec)
         save(done=False)
 
     rows, notes = save(done=True)
-    table = markdown_table(rows)
+    table = volume_table(rows) if vol is not None else markdown_table(rows)
     seconds = second_load_table(rows)
 
     gpu = info["gpu"]["name"] if info.get("gpu") else "no GPU"
+    where = (f"{volume['filesystem']} over {volume['object_store']} ({volume['shaping_text']})" if volume
+             else f"disk {info['disk'].get('fstype', '?')} on {info['disk'].get('source', '?')}")
     print(f"## loader benchmark: {payload / 1e9:.2f} GB {args.dtype} UNet, {info['cpu']} ({info['cores']} cores), "
-          f"{info['ram_gb']} GB RAM, {gpu}, torch {info['torch']}, disk {info['disk'].get('fstype', '?')} "
-          f"on {info['disk'].get('source', '?')}, load at start {info['loadavg_at_start']}")
+          f"{info['ram_gb']} GB RAM, {gpu}, torch {info['torch']}, {where}, load at start {info['loadavg_at_start']}")
     print()
     print(table)
     print()
+    if ceilings:
+        print("The mount's read ceilings on each tier, measured in this run on the pack (GB/s; CPU in cores, "
+              "mount / object store):")
+        print()
+        print(on_volume.ceilings_table(list(ceilings.values())))
+        print()
     if seconds:
         print("Second load of the same pack in the same process (first load's tensors still held; a cold run "
               "evicts again before it, but pages the first load still maps stay cached):")

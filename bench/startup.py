@@ -11,6 +11,9 @@ Peers (each a fresh ``fal run --local`` process per run, the store already conve
 - ``ours-odirect``: the same with ``MODEL_LOADER_MAP=hot`` (a pack not in the page cache is read
   with O_DIRECT into owned memory instead of mapped);
 - ``stock``: a fal.App whose setup() calls ``DiffusionPipeline.from_pretrained(dir, torch_dtype=fp16)``;
+- ``fal-preread``: fal's documented recipe ("parallel file loading"): setup() pre-reads every file of
+  the model directory with ``find DIR -type f | xargs -P 32 -I{} cat {} > /dev/null``, then
+  ``DiffusionPipeline.from_pretrained``;
 - ``flashpack``: flashpack 0.4.5's recipe: modules built empty, ``assign_from_file`` per component;
 - ``imports-only``: the floor of any recipe: setup() imports torch, diffusers' SDXL classes and
   transformers' CLIP encoders and loads nothing (no first image).
@@ -18,7 +21,16 @@ Peers (each a fresh ``fal run --local`` process per run, the store already conve
 Each round runs every peer with the page cache hot (its files read just before) and cold (its
 files fsynced and evicted with POSIX_FADV_DONTNEED, checked with mincore), interleaved. Reported:
 median seconds to /health 200 and to the first image, peak RSS of the app process, and our phase
-breakdown from the app's log. Raw runs go to bench/results/startup-<machine>-<date>.json, rewritten
+breakdown from the app's log.
+
+On fal's storage: ``--volume juicefs --tiers hot,node,object`` runs the same peers on a real JuiceFS
+volume over a shaped object store (bench/volume.py): the model's source and the store (our
+APP_DATA_ROOT) on the mount, the store converted there once before the rounds, each run's files
+(ours and flashpack: the store entry; stock and fal-preread: the source) put in its tier just
+before it starts. Each run also reports the CPU (in cores) the mount and the object store used
+from the process start to the first image; the volume's shaping goes into the results JSON.
+
+    python bench/startup.py --volume juicefs --size small --rounds 1   # a few minutes Raw runs go to bench/results/startup-<machine>-<date>.json, rewritten
 after every run (with a ``partial`` key until the last), so a bench stopped midway leaves them.
 """
 
@@ -42,10 +54,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import on_volume  # noqa: E402
 from common import evict, machine_info, machine_slug, median, resident_fraction, warm  # noqa: E402
 
-PEERS = ("ours", "ours-odirect", "stock", "flashpack", "imports-only")
-CACHES = ("hot", "cold")
+PEERS = ("ours", "ours-odirect", "stock", "fal-preread", "flashpack", "imports-only")
+CACHES = ("hot", "cold")  # on the local disk; on a volume, its tiers (on_volume.TIERS)
 # The first image: as small as SDXL allows, one step (on a CPU an fp16 SDXL image takes minutes at 1024).
 SIDE = 64
 REQUEST = {"prompt": "a lighthouse on a cliff", "width": SIDE, "height": SIDE, "num_inference_steps": 1,
@@ -139,30 +152,49 @@ def write_source(dst: Path, size: str, seed: int = 0) -> None:
     os.rename(tmp, dst)
 
 
-def prepare(workdir: Path, size: str) -> dict:
-    """The source directory, its conversion in a store, and our app's copy; built once per size."""
-    base = workdir / size
-    source = base / "source"
+def local_source(workdir: Path, size: str) -> Path:
+    """The benchmark model's source directory on the local disk, written once per size."""
+    source = workdir / size / "source"
     if not (source / "model_index.json").is_file():
         log(f"writing an SDXL-shaped ({size}) random fp16 pipeline to {source} ...")
-        base.mkdir(parents=True, exist_ok=True)
+        source.parent.mkdir(parents=True, exist_ok=True)
         write_source(source, size)
+    return source
+
+
+def prepare(workdir: Path, size: str, volume_dir: Path | None = None) -> dict:
+    """The source directory, its conversion in a store, and our app's copy; built once per size.
+
+    With ``volume_dir`` (a directory on a mounted volume) the source is copied there and the store
+    is built there (as on fal: APP_DATA_ROOT on the volume); the app's code stays on the local disk.
+    """
+    base = workdir / size
+    source = local_source(workdir, size)
     data_root = base / "data"
+    setup_s = {}
+    if volume_dir is not None:
+        on_mount = volume_dir / size / "source"
+        log(f"copying the source to the volume: {on_mount} ...")
+        setup_s["copy_source_s"] = round(on_volume.copy_in(source, on_mount), 2)
+        source, data_root = on_mount, volume_dir / size / "data"
     from conversion.store import ensure_converted
 
     log(f"finding (or, the first time, converting) {source} in the store under {data_root} ...")
+    t0 = time.perf_counter()
     store = Path(ensure_converted(str(source), root=data_root, dtype="float16"))
-    app_dir = base / "app-ours"
+    setup_s["store_s"] = round(time.perf_counter() - t0, 2)
+    app_dir = base / ("app-ours-volume" if volume_dir is not None else "app-ours")
     write_app_copy(app_dir, source)
     files = {
-        "ours": sorted(str(p) for p in store.rglob("*") if p.is_file()),
-        "stock": sorted(str(p) for p in source.rglob("*") if p.is_file()),
+        "ours": on_volume.files_under(store),
+        "stock": on_volume.files_under(source),
     }
     files["flashpack"] = files["ours-odirect"] = files["ours"]
+    files["fal-preread"] = files["stock"]
     files["imports-only"] = []
     payload = sum(p.stat().st_size for p in store.glob("*/model.flashpack"))
     return {"size": size, "source": str(source), "store": str(store), "data_root": str(data_root),
-            "app_dir": str(app_dir), "files": files, "payload_bytes": payload}
+            "app_dir": str(app_dir), "files": files, "payload_bytes": payload, "prepare": setup_s}
 
 
 def write_app_copy(app_dir: Path, source: Path) -> None:
@@ -218,7 +250,8 @@ def _command(peer: str, data: dict, port: int, metrics: int) -> tuple[list[str],
             env["MODEL_LOADER_MAP"] = "hot"
         return [fal_cli, "run", "--local", *ports, "flashpack-t2i"], data["app_dir"], env
     env.update(BENCH_SOURCE_DIR=data["source"], BENCH_STORE_DIR=data["store"])
-    cls = {"stock": "StockApp", "flashpack": "FlashpackApp", "imports-only": "ImportsOnlyApp"}[peer]
+    cls = {"stock": "StockApp", "fal-preread": "FalPrereadApp", "flashpack": "FlashpackApp",
+           "imports-only": "ImportsOnlyApp"}[peer]
     return [fal_cli, "run", "--local", *ports, f"{REPO / 'bench' / 'apps' / 'recipes.py'}::{cls}"], str(REPO), env
 
 
@@ -267,12 +300,35 @@ def _our_phases(output: str) -> dict:
     return phases
 
 
-def run_once(peer: str, cache: str, data: dict, timeout: float, first_image: bool) -> dict:
+def _recipe_phases(output: str) -> dict:
+    """The phases a recipe logs (fal-preread: its pre-read; every recipe: its setup)."""
+    phases = {}
+    if m := re.search(r"recipe: pre-read (\d+\.\d+) s", output):
+        phases["preread"] = float(m[1])
+    if m := re.search(r"recipe: setup done in (\d+\.\d+) s", output):
+        phases["setup"] = float(m[1])
+    return phases
+
+
+class LocalCaches:
+    """The local disk's two states: ``hot`` (files read just before) and ``cold`` (evicted)."""
+
+    def set(self, cache: str, files: list[str]) -> None:
+        if cache == "hot":
+            warm(files)
+        else:
+            evict(files)
+
+    def cpu(self) -> dict[str, float]:
+        return {}
+
+
+def run_once(peer: str, cache: str, data: dict, timeout: float, first_image: bool, tiers=None) -> dict:
+    """One run of ``peer``, its files first put in ``cache`` by ``tiers`` (:class:`LocalCaches`, or an
+    :class:`on_volume.Tiers`, whose mount and object store CPU over the run is recorded)."""
     files = data["files"][peer]
-    if cache == "hot":
-        warm(files)
-    else:
-        evict(files)
+    tiers = tiers or LocalCaches()
+    tiers.set(cache, files)
     resident = [resident_fraction(f) or 0.0 for f in files]
     sizes = [os.path.getsize(f) for f in files]
     resident_before = sum(r * s for r, s in zip(resident, sizes, strict=True)) / max(1, sum(sizes))
@@ -281,6 +337,7 @@ def run_once(peer: str, cache: str, data: dict, timeout: float, first_image: boo
     out_path = Path(data["app_dir"]).parent / f"run-{peer}-{cache}.log"
     record = {"peer": peer, "cache": cache, "resident_before": round(resident_before, 4)}
     with open(out_path, "w") as out:
+        cpu0 = tiers.cpu()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -299,6 +356,10 @@ def run_once(peer: str, cache: str, data: dict, timeout: float, first_image: boo
             record["health_s"] = round(time.perf_counter() - t0, 3)
             if peer != "imports-only" and first_image:
                 _first_image(peer, port, timeout, record)
+            cpu1, wall = tiers.cpu(), time.perf_counter() - t0
+            if share := on_volume.cpu_share(cpu0, cpu1, wall):
+                record["cpu_share"] = share  # cores, on average from the process start to the first image
+                record["cpu_s"] = {k: round(v, 3) for k, v in on_volume.cpu_used(cpu0, cpu1).items()}
             record["peak_rss_gb"] = _peak_rss_gb(proc.pid)
         except Exception as exc:  # noqa: BLE001 - recorded, the bench goes on
             record["error"] = str(exc)
@@ -310,8 +371,7 @@ def run_once(peer: str, cache: str, data: dict, timeout: float, first_image: boo
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     output = out_path.read_text(errors="replace")
-    if peer.startswith("ours"):
-        record["phases"] = _our_phases(output)
+    record["phases"] = _our_phases(output) if peer.startswith("ours") else _recipe_phases(output)
     if "error" in record:
         record["output_tail"] = output[-3000:]
     return record
@@ -363,39 +423,60 @@ def hash_rates(nbytes: int = 512 << 20, repeats: int = 3) -> dict[str, float]:
 # Summary
 
 
+def states_of(runs: list[dict]) -> list[str]:
+    """The cache states or tiers of ``runs``, in the order they first ran."""
+    return list(dict.fromkeys(r["cache"] for r in runs))
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     rows = []
-    for cache in CACHES:
-        ours = median([r.get("health_s") for r in runs if r["peer"] == "ours" and r["cache"] == cache])
-        floor = median([r.get("health_s") for r in runs if r["peer"] == "imports-only" and r["cache"] == cache])
+    for cache in states_of(runs):
+        def ok(peer: str) -> list[dict]:
+            return [r for r in runs if r["peer"] == peer and r["cache"] == cache]  # noqa: B023
+
+        def ready(rs: list[dict]) -> float:
+            return median([r["health_s"] + r["first_image_s"] for r in rs
+                           if r.get("health_s") is not None and r.get("first_image_s") is not None])
+
+        ours = median([r.get("health_s") for r in ok("ours")])
+        ours_ready = ready(ok("ours"))
+        floor = median([r.get("health_s") for r in ok("imports-only")])
         for peer in PEERS:
-            mine = [r for r in runs if r["peer"] == peer and r["cache"] == cache]
+            mine = ok(peer)
             if not mine:
                 continue
             health = median([r.get("health_s") for r in mine])
-            rows.append({
+            total = ready(mine)
+            row = {
                 "cache": cache, "peer": peer, "health_s": health,
                 "first_image_s": median([r.get("first_image_s") for r in mine]),
-                "ready_s": median([r["health_s"] + r["first_image_s"] for r in mine
-                                   if r.get("health_s") is not None and r.get("first_image_s") is not None]),
-                "load_s": round(health - floor, 2) if floor == floor else None,
-                "vs_ours": round(health / ours, 2) if ours == ours and ours > 0 else None,
+                "ready_s": total,
+                "load_s": round(health - floor, 2) if floor == floor and health == health else None,
+                "vs_ours": round(health / ours, 2) if ours == ours and ours > 0 and health == health else None,
+                "ready_vs_ours": round(total / ours_ready, 2) if ours_ready == ours_ready and ours_ready > 0
+                and total == total else None,
                 "peak_rss_gb": median([r.get("peak_rss_gb") for r in mine]),
                 "runs": f"{sum('error' not in r for r in mine)}/{len(mine)}",
                 "all_health_s": [r.get("health_s") for r in mine],
-            })
+            }
+            shares = [r["cpu_share"] for r in mine if r.get("cpu_share")]
+            if shares:
+                row["cpu_share"] = {k: median([s.get(k) for s in shares]) for k in ("mount", "object_store")}
+            rows.append(row)
     return rows
 
 
+PHASE_KEYS = ("lookup", "import_torch", "import_diffusers", "build", "reads", "wait_reads", "assemble", "load",
+              "warmup", "setup")
+
+
 def phase_table(runs: list[dict]) -> str:
-    keys = ("lookup", "import_torch", "import_diffusers", "build", "reads", "wait_reads", "assemble", "load",
-            "warmup", "setup")
-    lines = ["| peer | cache | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    lines = ["| peer | cache | " + " | ".join(PHASE_KEYS) + " |", "|---" * (len(PHASE_KEYS) + 2) + "|"]
     for peer in ("ours", "ours-odirect"):
-        for cache in CACHES:
+        for cache in states_of(runs):
             mine = [r.get("phases", {}) for r in runs if r["peer"] == peer and r["cache"] == cache]
             if mine:
-                cells = " | ".join(f"{median([p.get(k) for p in mine]):.2f}" for k in keys)
+                cells = " | ".join(_num(median([p.get(k) for p in mine])) for k in PHASE_KEYS)
                 lines.append(f"| {peer} | {cache} | {cells} |")
     return "\n".join(lines)
 
@@ -404,14 +485,26 @@ def _num(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.2f}"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value}x"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| cache | peer | /health 200 s (median) | above the floor s | first image s | /health + first image s "
-             "| time vs ours | peak RSS GB | runs | all /health s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """The table of medians; on a volume (rows with a CPU share) also the CPU the mount and the object
+    store used from the process start to the first image, in cores."""
+    cpu = any("cpu_share" in r for r in rows)
+    state = "tier" if cpu else "cache"
+    head = (f"| {state} | peer | /health 200 s (median) | above the floor s | first image s | /health + first image s "
+            "| sum vs ours | /health vs ours |" + (" mount / object store CPU (cores) |" if cpu else "")
+            + " peak RSS GB | runs | all /health s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['cache']} | {r['peer']} | {r['health_s']:.2f} | {r['load_s'] if r['load_s'] is not None else '-'} "
-                     f"| {_num(r['first_image_s'])} | {_num(r['ready_s'])} | "
-                     f"{r['vs_ours'] if r['vs_ours'] is not None else '-'}x | {r['peak_rss_gb']} | {r['runs']} | "
-                     f"{', '.join(f'{v:.2f}' if v else '-' for v in r['all_health_s'])} |")
+        cells = [r["cache"], r["peer"], _num(r["health_s"]), "-" if r["load_s"] is None else f"{r['load_s']}",
+                 _num(r["first_image_s"]), _num(r["ready_s"]), _ratio(r.get("ready_vs_ours")), _ratio(r["vs_ours"])]
+        if cpu:
+            cells.append(on_volume.cpu_text(r.get("cpu_share")))
+        cells += [f"{r['peak_rss_gb']}", r["runs"], ", ".join(f"{v:.2f}" if v else "-" for v in r["all_health_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -421,7 +514,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="sdxl: SDXL base 1.0's shapes (6.9 GB fp16); small (~0.8 GB); tiny (for smoke tests)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every peer and cache)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
-    ap.add_argument("--caches", default=",".join(CACHES), help="comma-separated subset of hot,cold")
+    ap.add_argument("--caches", default=",".join(CACHES), help="on the local disk: comma-separated subset of hot,cold")
     ap.add_argument("--first-image-rounds", type=int, default=None,
                     help="rounds that also time the first image (default: all)")
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "startup")
@@ -429,6 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--machine", default=None, help="a name for the results file (default: from the CPU/GPU)")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--report", type=Path, default=None, help="print the tables of a results JSON and exit")
+    on_volume.add_arguments(ap)
     args = ap.parse_args(argv)
     args.peers = [p for p in args.peers.split(",") if p]
     args.caches = [c for c in args.caches.split(",") if c]
@@ -436,6 +530,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(values) - set(allowed))
         if unknown or not values:
             ap.error(f"{name}: unknown or empty {unknown or values} (choose from {', '.join(allowed)})")
+    try:
+        args.tiers = on_volume.parse_tiers(args.tiers)
+    except ValueError as exc:
+        ap.error(str(exc))
+    # What each round runs through: the local disk's cache states, or the volume's tiers.
+    args.states = args.tiers if args.volume else args.caches
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     if args.first_image_rounds is None:
@@ -443,16 +543,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def headline(saved: dict) -> str:
+    info = saved["hardware"]
+    where = "local disk"
+    if saved.get("volume"):
+        v = saved["volume"]
+        where = f"{v['filesystem']} over {v['object_store']} ({v['shaping_text']})"
+    return (f"Model: SDXL-shaped ({saved['config']['size']}), {saved['payload_bytes'] / 1e9:.2f} GB fp16 packs; "
+            f"{saved['config']['rounds']} rounds; on the {where}; {info['cpu']}, {info['cores']} cores, "
+            f"{info['ram_gb']} GB RAM, torch {info['torch']}\n")
+
+
+def tables(saved: dict) -> str:
+    runs = saved["runs"]
+    text = headline(saved) + "\n" + markdown(summarize(runs)) + "\n\nOur phases (medians, seconds):\n\n" + phase_table(runs)
+    preread = {c: median([r.get("phases", {}).get("preread") for r in runs if r["peer"] == "fal-preread"
+                          and r["cache"] == c]) for c in states_of(runs)}
+    if any(v == v for v in preread.values()):
+        text += "\n\nfal-preread's pre-read (xargs -P 32 cat), median s: " + ", ".join(
+            f"{c} {_num(v)}" for c, v in preread.items())
+    if "hash_rates_gbps" in saved:
+        text += "\n\nChecksum rates, one thread, GB/s: " + ", ".join(f"{k} {v}" for k, v in saved["hash_rates_gbps"].items())
+    return text
+
+
 def report(path: Path) -> None:
     """The tables of an earlier run, from its raw JSON."""
-    saved = json.loads(path.read_text())
-    runs, info = saved["runs"], saved["hardware"]
-    print(f"Model: SDXL-shaped ({saved['config']['size']}), {saved['payload_bytes'] / 1e9:.2f} GB fp16 packs; "
-          f"{saved['config']['rounds']} rounds; {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, "
-          f"torch {info['torch']}\n")
-    print(markdown(summarize(runs)) + "\n\nOur phases (medians, seconds):\n\n" + phase_table(runs))
-    if "hash_rates_gbps" in saved:
-        print("\nChecksum rates, one thread, GB/s: " + ", ".join(f"{k} {v}" for k, v in saved["hash_rates_gbps"].items()))
+    print(tables(json.loads(path.read_text())))
 
 
 def _terminate(signum, frame) -> None:
@@ -467,21 +584,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.report is not None:
         report(args.report)
         return 0
-    data = prepare(args.workdir, args.size)
-    info = machine_info(args.workdir)
+    if args.volume:
+        with on_volume.open_volume(args) as vol:
+            log(f"volume: {vol.describe()['shaping_text']}; mounted at {vol.mount()}")
+            return bench(args, vol)
+    return bench(args, None)
+
+
+def bench(args: argparse.Namespace, vol) -> int:
+    data = prepare(args.workdir, args.size, vol.mount() / "startup" if vol else None)
+    tiers = on_volume.Tiers(vol) if vol else LocalCaches()
+    info = machine_info(data["data_root"])
     log(f"model: {args.size}, {data['payload_bytes'] / 1e9:.2f} GB of packs; machine: {info['cpu']}, {info['cores']} cores")
     runs = []
     args.results.mkdir(parents=True, exist_ok=True)
     name = args.machine or machine_slug(info)
-    out = args.results / f"startup-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    planned = args.rounds * len(args.caches) * len(args.peers)
+    kind = "startup-volume" if vol else "startup"
+    out = args.results / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    planned = args.rounds * len(args.states) * len(args.peers)
+    volume = vol.describe() if vol else None
 
-    def save(rates: dict | None) -> list[dict]:
+    def save(rates: dict | None) -> dict:
         """Write the results so far (after every run, so a bench stopped midway leaves them)."""
-        rows = summarize(runs)
         saved = {"machine": name, "hardware": info, "config": vars(args) | {
             "workdir": str(args.workdir), "results": str(args.results)}, "request": REQUEST,
-            "payload_bytes": data["payload_bytes"], "summary": rows, "runs": runs}
+            "payload_bytes": data["payload_bytes"], "prepare": data["prepare"], "summary": summarize(runs),
+            "runs": runs}
+        if volume:
+            saved["volume"] = volume
+            saved["shaping"] = volume["shaping"]
         if rates is None:
             saved["partial"] = f"{len(runs)} of {planned} planned runs (stopped before the end, or still running)"
         else:
@@ -489,27 +620,24 @@ def main(argv: list[str] | None = None) -> int:
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(saved, indent=2, default=str) + "\n")
         os.replace(tmp, out)
-        return rows
+        return saved
 
     for round_ in range(args.rounds):
-        for cache in args.caches:
+        for cache in args.states:
             for peer in args.peers:
-                record = run_once(peer, cache, data, args.timeout, round_ < args.first_image_rounds)
+                record = run_once(peer, cache, data, args.timeout, round_ < args.first_image_rounds, tiers)
                 record["round"] = round_
                 runs.append(record)
                 save(None)
-                log(f"round {round_ + 1}/{args.rounds} {cache:4} {peer:10} /health {record.get('health_s', '-')} s, "
+                cpu = f", CPU mount/store {on_volume.cpu_text(record['cpu_share'])}" if "cpu_share" in record else ""
+                pre = f", pre-read {record['phases']['preread']} s" if "preread" in record.get("phases", {}) else ""
+                log(f"round {round_ + 1}/{args.rounds} {cache:6} {peer:12} /health {record.get('health_s', '-')} s, "
                     f"first image {record.get('first_image_s', '-')} s, peak RSS {record.get('peak_rss_gb', '-')} GB"
-                    + (f"  ERROR {record['error']}" if "error" in record else ""))
-                if cache == "cold" and record["resident_before"] > 0.02:
+                    + pre + cpu + (f"  ERROR {record['error']}" if "error" in record else ""))
+                if cache != "hot" and record["resident_before"] > 0.02:
                     log(f"  warning: {record['resident_before']:.0%} of the files were still cached at the start")
-    rates = hash_rates()
-    rows = save(rates)
-    table, phases = markdown(rows), phase_table(runs)
-    print(f"Model: SDXL-shaped ({args.size}), {data['payload_bytes'] / 1e9:.2f} GB fp16 packs; {args.rounds} rounds; "
-          f"{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, torch {info['torch']}\n")
-    print(table + "\n\nOur phases (medians, seconds):\n\n" + phases)
-    print("\nChecksum rates, one thread, GB/s: " + ", ".join(f"{k} {v}" for k, v in rates.items()))
+    saved = save(hash_rates())
+    print(tables(saved))
     log(f"raw runs: {out}")
     return 0 if all("error" not in r for r in runs) else 1
 

@@ -200,3 +200,115 @@ def test_ceiling_grid_arguments_are_parsed_and_checked():
     assert defaults.ceiling_threads == [4, 8, 16] and defaults.ceiling_chunks_mib == [16, 32, 64]
     with pytest.raises(SystemExit):
         loader.parse_args(["--ceiling-threads", "0"])
+
+
+# --- on a JuiceFS volume ---------------------------------------------------------------------------
+
+
+def test_the_loaders_a_user_would_pick_are_peers_and_a_missing_package_skips_one():
+    for name in ("safetensors-pread", "fastsafetensors", "runai-streamer", "ours-staged"):
+        assert name in PEERS_BY_NAME
+    assert PEERS_BY_NAME["fastsafetensors"].requires == "fastsafetensors"
+    assert PEERS_BY_NAME["ours-staged"].devices == ("cpu",)
+    assert loader.missing_package(PEERS_BY_NAME["ours"]) is None
+    fake = loader.Peer("x", "state_dict", "safetensors", "x", requires="no_such_package_anywhere")
+    assert loader.missing_package(fake) == "no_such_package_anywhere"
+
+
+def test_volume_arguments_pick_the_mounts_ceiling_grid():
+    args = loader.parse_args(["--volume", "juicefs", "--tiers", "node,object", "--size-gb", "0.1", "--runs", "1"])
+    assert args.volume == "juicefs" and args.tiers == ["node", "object"]
+    assert args.ceiling_threads == [1, 4, 8, 16] and args.ceiling_chunks_mib == [4, 32]
+    mine = loader.parse_args(["--volume", "juicefs", "--ceiling-threads", "2", "--ceiling-chunks-mib", "8"])
+    assert mine.ceiling_threads == [2] and mine.ceiling_chunks_mib == [8]
+    with pytest.raises(SystemExit):
+        loader.parse_args(["--volume", "juicefs", "--tiers", "warm"])
+
+
+def test_the_model_is_moved_onto_the_mount_with_every_path(tmp_path):
+    root = tmp_path / "local" / "unet-c32"
+    for sub in ("source/unet", "converted/unet"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text("{}")
+    data = {"source_dir": str(root / "source" / "unet"), "converted_dir": str(root / "converted" / "unet"),
+            "pack": str(root / "converted" / "unet" / "model.flashpack"), "tensors": 3, "dtype": "float16"}
+    moved = loader.on_mount(data, tmp_path / "mnt" / "loader")
+    assert moved["pack"] == str(tmp_path / "mnt" / "loader" / "unet-c32" / "converted" / "unet" / "model.flashpack")
+    assert (tmp_path / "mnt" / "loader" / "unet-c32" / "source" / "unet" / "config.json").is_file()
+    assert moved["tensors"] == 3 and moved["dtype"] == "float16"
+
+
+def _ceilings(tier, best=1.0):
+    return {"tier": tier, "bytes": 10**9, "o_direct": True, "sequential_gb_s": 0.6, "points": [
+        {"kind": "sequential", "gb_s": 0.6, "cpu_share": {"mount_a": 0.7, "object_store": 0.1}},
+        {"kind": "split", "threads": 4, "gb_s": best, "cpu_share": {"mount_a": 1.0, "object_store": 0.2}},
+        {"kind": "grid", "threads": 8, "chunk_mib": 32, "gb_s": 0.4, "cpu_share": {"mount_a": 0.5, "object_store": 0.1}},
+        {"kind": "split_direct", "threads": 4, "gb_s": best * 0.9, "cpu_share": {"mount_a": 0.9, "object_store": 0.2}}],
+        "best": {"kind": "split", "threads": 4, "gb_s": best}}
+
+
+def test_the_ceilings_table_gives_each_kind_of_read_its_best_point():
+    from bench import on_volume
+
+    s = on_volume.ceiling_summary(_ceilings("node"))
+    assert s["split"]["threads"] == 4 and s["grid"]["chunk_mib"] == 32 and s["split_direct"]["gb_s"] == 0.9
+    table = on_volume.ceilings_table([_ceilings("node"), {**_ceilings("object", 0.5), "o_direct": False}])
+    assert "| node | 1000 | 0.60 (CPU 0.70 / 0.10) | 1.00 (4 thr; CPU 1.00 / 0.20) | 0.40 (8 thr x 32 MiB; CPU 0.50 / 0.10) " \
+           "| 0.90 (4 thr; CPU 0.90 / 0.20) | 1.00 |" in table
+    assert "| refused | 0.50 |" in table
+    assert on_volume.percent_of(0.85, _ceilings("node")) == 85.0
+    assert on_volume.percent_of(None, _ceilings("node")) is None and on_volume.percent_of(1.0, None) is None
+
+
+def test_volume_rows_carry_their_share_of_the_ceiling_and_the_mounts_cpu():
+    runs = [_run("node", ready=1.25) | {"device": "cpu", "cpu_share": {"mount": 0.8, "object_store": 0.0}},
+            _run("object", ready=2.5) | {"device": "cpu", "cpu_share": {"mount": 0.6, "object_store": 0.2}},
+            _run("object", peer="safetensors", ready=5.0) | {"device": "cpu"}]
+    rows = loader.summarize(runs, payload=10**9)
+    assert [(r["cache"], r["peer"]) for r in rows] == [("node", "ours"), ("object", "ours"), ("object", "safetensors")]
+    loader.add_volume_figures(rows, runs, {"node": _ceilings("node"), "object": _ceilings("object", 0.5)})
+    assert rows[0]["pct_of_ceiling"] == 80.0 and rows[1]["pct_of_ceiling"] == 80.0
+    assert rows[1]["cpu_share"] == {"mount": 0.6, "object_store": 0.2} and "cpu_share" not in rows[2]
+    table = loader.volume_table(rows)
+    assert "| cpu | object | state_dict | ours | 2.500 | 0.40 | 80 % | 1.00x | 2.250 | 0.250 | 0.60 / 0.20 |" in table
+    assert "| cpu | object | state_dict | safetensors | 5.000 | 0.20 | 40 % | 2.00x |" in table
+
+
+def test_the_staged_pipeline_with_a_host_copy_reads_every_tensor_exactly(tmp_path):
+    from bench.host_staging import read_pack_staged
+    from conversion.writer import pack_state_dict
+
+    sd = {f"w{i}": torch.randn(300 + i, 129) for i in range(12)}
+    sd["half"] = torch.randn(4099).half()
+    sd["ints"] = torch.arange(77, dtype=torch.int64)
+    path = tmp_path / "model.flashpack"
+    pack_state_dict(sd, path)
+    pack = read_pack_staged(str(path), threads=3, chunk_bytes=1 << 20)
+    tensors = pack.tensors()
+    assert pack.stats.threads >= 1 and not pack.stats.mapped
+    assert all(torch.equal(tensors[k], v) for k, v in sd.items())
+
+
+def test_on_a_juicefs_volume_the_bench_runs_end_to_end(tmp_path, capsys):
+    """The smoke test: a tiny UNet, three peers, two tiers, one run, on a real JuiceFS volume."""
+    import sys
+
+    sys.path.insert(0, str(loader.REPO / "bench"))
+    from volume import unavailable_reason
+
+    if reason := unavailable_reason():
+        pytest.skip(f"no JuiceFS volume: {reason}")
+    rc = loader.main(["--volume", "juicefs", "--tiers", "hot,object", "--size-gb", "0.005", "--runs", "1",
+                      "--peers", "ours,ours-staged,safetensors-pread", "--ceiling-threads", "2",
+                      "--ceiling-chunks-mib", "4", "--workdir", str(tmp_path / "work"),
+                      "--results-dir", str(tmp_path / "results"), "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    saved = json.loads(next((tmp_path / "results").glob("loader-volume-*.json")).read_text())
+    assert saved["volume"]["shaping"] == saved["shaping"] and [c["tier"] for c in saved["ceilings"]] == ["hot", "object"]
+    rows = {(r["cache"], r["peer"]): r for r in saved["summary"]}
+    assert set(rows) == {(t, p) for t in ("hot", "object") for p in ("ours", "ours-staged", "safetensors-pread")}
+    assert all(r["runs"] == 1 and r["verified"] is True and r["pct_of_ceiling"] for r in rows.values())
+    # measured over each load (a tiny one may use less than the 10 ms a CPU tick counts)
+    assert all(set(r["cpu_share"]) == {"mount", "object_store"} for r in rows.values())
+    assert "% of best parallel ceiling" in out and "read ceilings on each tier" in out

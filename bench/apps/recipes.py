@@ -2,6 +2,10 @@
 
 - ``StockApp``: ``setup()`` calls ``DiffusionPipeline.from_pretrained(dir, torch_dtype=float16)``
   on the original diffusers directory ($BENCH_SOURCE_DIR).
+- ``FalPrereadApp``: fal's documented recipe ("parallel file loading", docs.fal.ai/documentation/
+  serverless/optimizations/parallel-file-loading): ``setup()`` imports torch and diffusers, pre-reads
+  every file of the model directory in parallel (``find DIR -type f | xargs -P 32 -I {} cat {} >
+  /dev/null``, through a shell, as the page shows), then ``DiffusionPipeline.from_pretrained``.
 - ``FlashpackApp``: flashpack 0.4.5's recipe on the converted directory ($BENCH_STORE_DIR): each
   torch component built empty (accelerate's ``init_empty_weights``) and filled with
   ``flashpack.assign_from_file``; tokenizers and scheduler with their own ``from_pretrained``.
@@ -88,6 +92,30 @@ class StockApp(_PipelineRecipe, name="bench-stock"):
         kwargs = {"device_map": "cuda"} if device == "cuda" else {}
         self.pipe = DiffusionPipeline.from_pretrained(os.environ["BENCH_SOURCE_DIR"], torch_dtype=torch.float16,
                                                       **kwargs)
+        self.pipe.set_progress_bar_config(disable=True)
+        _log_setup(started)
+
+
+class FalPrereadApp(_PipelineRecipe, name="bench-fal-preread"):
+    def setup(self) -> None:
+        started = time.perf_counter()
+        import subprocess
+
+        import torch
+        from diffusers import DiffusionPipeline
+
+        model_dir = os.environ["BENCH_SOURCE_DIR"]
+        t0 = time.perf_counter()
+        # Pre-read all model files in parallel (fal's page, word for word)
+        subprocess.check_call(
+            f"find '{model_dir}' -type f | xargs -P 32 -I {{}} cat {{}} > /dev/null",
+            shell=True,
+        )
+        logging.basicConfig(level=logging.INFO)
+        log.info("recipe: pre-read %.3f s", time.perf_counter() - t0)
+        device = _device()
+        kwargs = {"device_map": "cuda"} if device == "cuda" else {}
+        self.pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float16, **kwargs)
         self.pipe.set_progress_bar_config(disable=True)
         _log_setup(started)
 
