@@ -251,8 +251,10 @@ class FileSource:
     ``fd`` is the caller's descriptor; without one (:meth:`open`) the source opens its own and
     closes it with :meth:`close` (a ``split`` reader thread's own file handle)."""
 
-    def __init__(self, path: str, fd: int | None, size: int, direct_io: bool | None, stats: ReadStats):
+    def __init__(self, path: str, fd: int | None, size: int, direct_io: bool | None, stats: ReadStats,
+                 request_bytes: int | None = None):
         self.path = path
+        self.request_bytes = request_bytes
         self._own_fd = fd is None
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         self.stats = stats
@@ -293,13 +295,14 @@ class FileSource:
             base = at - lead
             if base >= 0 and (mem_addr + base) % ALIGN == 0 and base + (a1 - a0) <= len(mem):
                 try:
-                    got = posix_io.pread_direct(self.fd_direct, mem[base : base + a1 - a0], a0, lead + n)
+                    got = posix_io.pread_direct(self.fd_direct, mem[base : base + a1 - a0], a0, lead + n,
+                                                self.request_bytes)
                     done = max(0, min(n, got - lead))
                 except OSError:
                     done = 0
             self.stats.add_direct(done, done < n)
         if done < n:
-            posix_io.pread_exact(self.fd, mem[at + done : at + n], chunk.offset + done, self.path)
+            posix_io.pread_exact(self.fd, mem[at + done : at + n], chunk.offset + done, self.path, self.request_bytes)
 
 
 def check_segments(checksum: Checksum | None, chunk: Chunk, data: memoryview, path: str) -> None:
@@ -334,12 +337,15 @@ class SourceFactory:
     """The :class:`FileSource` each reader thread reads through: one shared by all (``grid``),
     or each thread its own descriptors (``split``: a file handle per sequential stream)."""
 
-    def __init__(self, path: str, fd: int, size: int, direct_io: bool | None, stats: ReadStats, layout: str):
-        self.path, self.size, self.direct_io, self.stats, self.layout = path, size, direct_io, stats, layout
-        self.shared = FileSource(path, fd, size, direct_io, stats) if layout != "split" else None
+    def __init__(self, path: str, fd: int, size: int, plan: ReadPlan, stats: ReadStats):
+        self.path, self.size, self.plan, self.stats = path, size, plan, stats
+        self.shared = None if plan.layout == "split" else self._source(fd)
+
+    def _source(self, fd: int | None) -> FileSource:
+        return FileSource(self.path, fd, self.size, self.plan.direct_io, self.stats, self.plan.request_bytes)
 
     def acquire(self) -> FileSource:
-        return self.shared or FileSource(self.path, None, self.size, self.direct_io, self.stats)
+        return self.shared or self._source(None)
 
     def release(self, source: FileSource) -> None:
         if source is not self.shared:
@@ -356,6 +362,8 @@ class _HostWorker:
         self.source = sources.acquire()
 
     def process(self, chunk: Chunk) -> None:
+        a0, a1 = chunk.span
+        posix_io.populate_write(self.addr + a0, min(a1, len(self.mem)) - a0)
         self.source.read(chunk, self.mem, self.addr, chunk.offset)
         check_segments(self.checksum, chunk, self.mem[chunk.offset : chunk.offset + chunk.length], self.source.path)
 
@@ -435,7 +443,7 @@ def read_file(
             if opts.hugepages:
                 posix_io.advise_hugepages(posix_io.buffer_address(memoryview(buffer)), len(buffer))
             mem = memoryview(buffer)
-            sources = SourceFactory(path, fd, size, plan.direct_io, stats, plan.layout)
+            sources = SourceFactory(path, fd, size, plan, stats)
             try:
                 addr = posix_io.buffer_address(mem)
                 run_workers(chunks, n_threads, lambda: _HostWorker(sources, mem, addr, checksum), "model_loader-reader",

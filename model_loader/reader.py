@@ -279,7 +279,7 @@ def _read_staged(
                       layout=plan.layout, storage=plan.storage.name)
     dest = engine.empty(max(1, payload), torch.uint8)[:payload]
     blocks = [dest.narrow(0, b.offset_bytes, b.length_bytes).view(b.dtype) for b in layout.blocks]
-    sources = SourceFactory(path, fd, size, plan.direct_io, stats, plan.layout)
+    sources = SourceFactory(path, fd, size, plan, stats)
     engine.begin()
     lease = pool.lease()
     try:

@@ -47,12 +47,12 @@ def big_pack(tmp_path_factory):
 
 def test_a_local_disk_maps_the_pack_and_shares_one_descriptor():
     plan = plan_read(LOCAL, resident=0.0)
-    assert (plan.mapped, plan.layout, plan.direct_io) == (True, "grid", None)
+    assert (plan.mapped, plan.layout, plan.direct_io, plan.request_bytes) == (True, "grid", None, None)
 
 
 def test_fuse_reads_a_cold_pack_split_into_owned_memory_with_o_direct_where_not_cached():
     plan = plan_read(FUSE, resident=0.0)
-    assert (plan.mapped, plan.layout, plan.direct_io) == (False, "split", None)
+    assert (plan.mapped, plan.layout, plan.direct_io, plan.request_bytes) == (False, "split", None, 1 << 20)
 
 
 def test_fuse_maps_a_pack_that_is_in_the_page_cache():
