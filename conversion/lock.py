@@ -71,9 +71,12 @@ class BuildLock:
 
 
 def _write_holder(fd: int) -> None:
-    """Record who holds the lock, for the message of a runner that waits (best effort)."""
+    """Record who holds the lock, for the message of a runner that waits (best effort). fsynced: a
+    network filesystem (JuiceFS) shows other hosts what a file holds only once it is flushed, and
+    the holder keeps the file open until it releases the lock."""
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{host_tag()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+        os.fsync(fd)
     except OSError:
         pass

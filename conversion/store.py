@@ -306,7 +306,19 @@ class Store:
     # -- checks ----------------------------------------------------------------------------------
 
     def check(self, entry: Entry, verify: Verify = "cheap") -> str | None:
-        """None when ``entry`` is complete and intact, ``"missing"``, or what is wrong with it."""
+        """None when ``entry`` is complete and intact, ``"missing"``, or what is wrong with it.
+
+        A problem is checked again when this host was looking at an out-of-date ``entry.path``
+        (:func:`_current_inode`): what another host has just published is judged, never the
+        directory it replaced, which a rename by name (quarantine) would then take for it.
+        """
+        seen = _inode(entry.path)
+        problem = self._check(entry, verify)
+        if problem is not None and _current_inode(entry.path) != seen:
+            problem = self._check(entry, verify)
+        return problem
+
+    def _check(self, entry: Entry, verify: Verify) -> str | None:
         if not entry.path.exists():
             return "missing"
         try:
@@ -436,6 +448,34 @@ def _slug(source: Source) -> str:
 def _remove_scratch(prepared: Prepared) -> None:
     for scratch in prepared.scratch:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except OSError:
+        return None
+
+
+def _current_inode(path: Path, wait_s: float = 2.0) -> int | None:
+    """The inode ``path`` names now, with this host's view of the name brought up to date.
+
+    On a volume that hosts share, the kernel keeps what a name resolved to for a while (JuiceFS: 1 s
+    for names and attributes): a host may still see the directory another host has just moved aside
+    and replaced. Listing the parent refreshes the names it returns (FUSE's readdirplus); where it
+    does not, this waits, at most ``wait_s``, until the name resolves to the inode the listing reports.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with os.scandir(path.parent) as listing:
+                listed = next((e.inode() for e in listing if e.name == path.name), None)
+        except OSError:
+            return _inode(path)
+        now = _inode(path)
+        if now == listed or time.monotonic() >= deadline:
+            return now
+        time.sleep(0.05)
 
 
 def _newest_mtime(path: Path) -> float:
