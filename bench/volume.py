@@ -266,7 +266,11 @@ class Mount:
         return [p for p in self.cache_dir.rglob("*") if p.is_file()] if self.cache_dir.exists() else []
 
     def cached_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.cache_files())
+        total = 0
+        for p in self.cache_files():
+            with contextlib.suppress(FileNotFoundError):  # JuiceFS renames its .tmp blocks as it goes
+                total += p.stat().st_size
+        return total
 
     def pids(self) -> list[int]:
         return [self.proc.pid, *_children(self.proc.pid)] if self.proc else []
