@@ -312,3 +312,9 @@ def test_on_a_juicefs_volume_the_bench_runs_end_to_end(tmp_path, capsys):
     # measured over each load (a tiny one may use less than the 10 ms a CPU tick counts)
     assert all(set(r["cpu_share"]) == {"mount", "object_store"} for r in rows.values())
     assert "% of best parallel ceiling" in out and "read ceilings on each tier" in out
+
+
+def test_on_a_volume_the_disk_ceiling_line_points_to_the_mounts_ceilings():
+    lines = loader.hardware_lines({"odirect_read": {"skipped": "on a volume: the mount's ceilings"},
+                                   "cuda_skipped": "no CUDA device"})
+    assert lines[0] == "- disk O_DIRECT read: on a volume: the mount's ceilings"

@@ -141,3 +141,15 @@ def test_the_first_start_is_compared_with_a_byte_copy_per_tier():
     assert "| object | - | 4.00 | 1.00 | - | - | -x |" in table
     args = fs.parse_args(["--size", "tiny", "--tiers", "node,object", "--rounds", "1"])
     assert args.volume == "juicefs" and args.tiers == ["node", "object"]
+
+
+def test_a_saved_volume_run_reports_its_filesystem_and_shaping(monkeypatch):
+    startup = _startup_module(monkeypatch)
+    saved = {"config": {"size": "small", "rounds": 1}, "payload_bytes": 10**9,
+             "hardware": {"cpu": "EPYC", "cores": 2, "ram_gb": 24, "torch": "2.x"},
+             "volume": {"filesystem": "JuiceFS 1.4.2", "object_store": "nginx WebDAV", "shaping_text": "20 ms"},
+             "runs": [_run("ours", "node", 5.0, 1.0, cpu=0.5, phases={"reads": 2.0}),
+                      _run("fal-preread", "node", 6.0, 1.0, cpu=0.5, phases={"preread": 1.5})]}
+    text = startup.tables(saved)
+    assert "on the JuiceFS 1.4.2 over nginx WebDAV (20 ms)" in text
+    assert "| ours | node | - | - | - | - | 2.00 |" in text and "pre-read (xargs -P 32 cat), median s: node 1.50" in text
