@@ -23,11 +23,13 @@ from pathlib import Path
 
 VOLUMES = ("juicefs",)
 TIERS = ("hot", "node", "object")
-SHAPING_DEFAULTS = {"latency_ms": 20.0, "conn_mb_s": 80.0, "total_mb_s": 1200.0}  # bench/volume.py's Shaping
 
 
 def add_arguments(ap: argparse.ArgumentParser, default_tiers: str = ",".join(TIERS)) -> None:
-    """``--volume``, ``--tiers`` and the object store's shaping."""
+    """``--volume``, ``--tiers`` and the object store's shaping (defaults: bench/volume.py's Shaping)."""
+    from volume import Shaping
+
+    shaping = Shaping()
     g = ap.add_argument_group("on a JuiceFS volume (bench/volume.py; needs root, /dev/fuse, juicefs, nginx-extras)")
     g.add_argument("--volume", choices=VOLUMES, default=None,
                    help="run on a real JuiceFS volume over a shaped object store, as on fal's /data "
@@ -35,11 +37,11 @@ def add_arguments(ap: argparse.ArgumentParser, default_tiers: str = ",".join(TIE
     g.add_argument("--tiers", default=default_tiers,
                    help="with --volume: comma-separated subset of hot (page cache), node (JuiceFS's node "
                         f"cache), object (every block from the object store); default {default_tiers}")
-    g.add_argument("--latency-ms", type=float, default=SHAPING_DEFAULTS["latency_ms"],
+    g.add_argument("--latency-ms", type=float, default=shaping.latency_ms,
                    help="object store: first-byte latency of every GET")
-    g.add_argument("--conn-mb-s", type=float, default=SHAPING_DEFAULTS["conn_mb_s"],
+    g.add_argument("--conn-mb-s", type=float, default=shaping.conn_mb_s,
                    help="object store: MB/s per connection (0: no cap)")
-    g.add_argument("--total-mb-s", type=float, default=SHAPING_DEFAULTS["total_mb_s"],
+    g.add_argument("--total-mb-s", type=float, default=shaping.total_mb_s,
                    help="object store: MB/s shared by all connections (0: no cap)")
 
 

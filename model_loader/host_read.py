@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from . import posix_io
@@ -236,6 +236,7 @@ class ReadStats:
     checked: bool = False
     layout: str = "grid"
     storage: str = ""
+    prefetched: bool = False  # read into the page cache through the threads' own handles, then mapped
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_direct(self, nbytes: int, fell_back: bool) -> None:
@@ -390,6 +391,30 @@ class _MapWorker:
         pass
 
 
+class _PrefetchWorker:
+    """Reads its chunks through its own buffered descriptor into one reused buffer: the pages land
+    in the page cache, each segment is hashed from the buffer as it passes, and the chunk's pages
+    are then mapped (``MADV_POPULATE_READ``, no I/O left), so the mapping needs no second pass and
+    its first use no page faults."""
+
+    def __init__(self, sources: SourceFactory, chunk_bytes: int, checksum: Checksum | None, map_addr: int):
+        self.sources, self.checksum, self.map_addr = sources, checksum, map_addr
+        self.source = sources.acquire()
+        self.buffer = mmap.mmap(-1, chunk_bytes)
+        self.mem = memoryview(self.buffer)
+
+    def process(self, chunk: Chunk) -> None:
+        view = self.mem[: chunk.length]
+        posix_io.pread_exact(self.source.fd, view, chunk.offset, self.source.path, self.source.request_bytes)
+        check_segments(self.checksum, chunk, view, self.source.path)
+        posix_io.populate_read(self.map_addr + chunk.offset, chunk.length)
+
+    def close(self) -> None:
+        self.mem.release()
+        self.buffer.close()
+        self.sources.release(self.source)
+
+
 def open_checked(path: str) -> tuple[int, os.stat_result]:
     """An open read-only descriptor of the regular file ``path`` and its stat."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -434,9 +459,18 @@ def read_file(
         elif mapped:
             buffer = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             stats.mapped = True
+            stats.prefetched = plan.prefetch
             mem = memoryview(buffer)
             addr = posix_io.buffer_address(mem)
-            run_workers(chunks, n_threads, lambda: _MapWorker(mem, addr, checksum, path), "model_loader-map")
+            if plan.prefetch:
+                sources = SourceFactory(path, fd, size, replace(plan, direct_io=False), stats)
+                try:
+                    run_workers(chunks, n_threads, lambda: _PrefetchWorker(sources, chunk, checksum, addr),
+                                "model_loader-reader", plan.layout)
+                finally:
+                    sources.close()
+            else:
+                run_workers(chunks, n_threads, lambda: _MapWorker(mem, addr, checksum, path), "model_loader-map")
             mem.release()
         else:
             buffer = mmap.mmap(-1, align_up(size, ALIGN))  # anonymous, page-aligned, writable

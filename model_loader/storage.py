@@ -9,9 +9,11 @@ with the caller's settings winning. Measured with ``bench/volume.py`` (docs/BENC
 - **FUSE** (fal's ``/data`` is JuiceFS): the mount's readahead follows each open file handle, so
   chunks interleaved on one shared descriptor, or page faults scattered over a mapping, look random
   to it (0.3-0.7 GB/s where one thread reading in order gets 0.6-1.4). Each thread opens its own
-  descriptor and reads its own contiguous part in order, with O_DIRECT for what is not in the page
-  cache (no page-cache copy in the kernel; the mount's own cache serves it): the best of every
-  pattern measured on the node and object tiers. A file already in the page cache is mapped.
+  descriptor and reads one contiguous part in order, in 1 MiB reads. A pack to be mapped is read
+  that way into the page cache first (hashed as it passes), then mapped: of every pattern measured
+  it costs the fewest CPU seconds per GB, the mount's and ours together, which is what counts
+  while the reads overlap the imports. A pack read into owned memory (``MODEL_LOADER_MAP=hot`` or
+  ``never``) or into the CUDA staging buffers is read the same way with O_DIRECT.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class ReadPlan:
     direct_io: bool | None
     storage: Storage
     request_bytes: int | None = None
+    prefetch: bool = False  # mapped, after the threads have read the file into the page cache
 
 
 def default_threads(resident: float = 0.0, mapped: bool = False, storage: Storage | None = None) -> int:
@@ -152,15 +155,24 @@ def plan_read(
     can_map: bool = True,
 ) -> ReadPlan:
     """The plan for a file on ``storage`` of which ``resident`` is in the page cache. Each setting
-    given wins over what the storage suggests: ``mapping`` (``always``, ``hot``, ``never``; by
-    default ``always`` on a local disk, ``hot`` elsewhere), ``layout``, ``threads``, ``direct_io``.
-    ``can_map`` is False where the bytes must land elsewhere (the CUDA staging buffers)."""
+    given wins over what the storage suggests: ``mapping`` (``always``, ``hot``, ``never``; default
+    ``always``), ``layout``, ``threads``, ``direct_io``. ``can_map`` is False where the bytes must
+    land elsewhere (the CUDA staging buffers).
+
+    On FUSE a cold file that is to be mapped is first read into the page cache by the reader
+    threads, each through its own descriptor (``prefetch``): walking a mapping of it would look
+    random to the mount."""
+    per_handle = storage.reads_ahead_per_handle
+    hot = resident >= HOT_FRACTION
     if mapping is None:
-        mapping = "hot" if storage.reads_ahead_per_handle else "always"
+        mapping = "always"
     if direct_io is True:
         mapping = "never"
-    mapped = can_map and (mapping == "always" or (mapping == "hot" and resident >= HOT_FRACTION))
+    mapped = can_map and (mapping == "always" or (mapping == "hot" and hot))
+    prefetch = mapped and per_handle and not hot
     if layout is None:
-        layout = "split" if storage.reads_ahead_per_handle and not mapped else "grid"
-    request = FUSE_REQUEST_BYTES if storage.reads_ahead_per_handle else None
-    return ReadPlan(mapped, threads or default_threads(resident, mapped, storage), layout, direct_io, storage, request)
+        layout = "split" if per_handle and (prefetch or not mapped) else "grid"
+    if threads is None:
+        threads = default_threads(resident, mapped and not prefetch, storage)
+    request = FUSE_REQUEST_BYTES if per_handle else None
+    return ReadPlan(mapped, threads, layout, direct_io, storage, request, prefetch)

@@ -50,14 +50,19 @@ def test_a_local_disk_maps_the_pack_and_shares_one_descriptor():
     assert (plan.mapped, plan.layout, plan.direct_io, plan.request_bytes) == (True, "grid", None, None)
 
 
-def test_fuse_reads_a_cold_pack_split_into_owned_memory_with_o_direct_where_not_cached():
+def test_fuse_reads_a_cold_pack_split_into_the_page_cache_then_maps_it():
     plan = plan_read(FUSE, resident=0.0)
-    assert (plan.mapped, plan.layout, plan.direct_io, plan.request_bytes) == (False, "split", None, 1 << 20)
+    assert (plan.mapped, plan.prefetch, plan.layout, plan.request_bytes) == (True, True, "split", 1 << 20)
 
 
-def test_fuse_maps_a_pack_that_is_in_the_page_cache():
+def test_fuse_maps_a_pack_that_is_in_the_page_cache_without_reading_it_first():
     plan = plan_read(FUSE, resident=1.0)
-    assert (plan.mapped, plan.layout) == (True, "grid")
+    assert (plan.mapped, plan.prefetch, plan.layout) == (True, False, "grid")
+
+
+def test_fuse_reads_a_cold_pack_into_owned_memory_split_with_o_direct_when_mapping_is_only_for_hot_packs():
+    plan = plan_read(FUSE, resident=0.0, mapping="hot")
+    assert (plan.mapped, plan.prefetch, plan.layout, plan.direct_io) == (False, False, "split", None)
 
 
 def test_settings_win_over_what_the_storage_suggests():
@@ -69,7 +74,8 @@ def test_settings_win_over_what_the_storage_suggests():
 
 def test_the_staging_path_never_maps():
     assert not plan_read(FUSE, resident=1.0, can_map=False).mapped
-    assert plan_read(FUSE, resident=0.0, can_map=False).layout == "split"
+    plan = plan_read(FUSE, resident=0.0, can_map=False)
+    assert (plan.mapped, plan.prefetch, plan.layout) == (False, False, "split")
 
 
 def test_default_threads_exceed_the_cores_only_for_files_not_in_the_page_cache(monkeypatch):
@@ -192,14 +198,41 @@ def test_a_juicefs_mount_is_fuse_storage(pack_on_volume):
     assert (found.kind, found.name) == ("fuse", "fuse.juicefs")
 
 
-def test_a_cold_pack_on_juicefs_is_read_split_with_o_direct_and_checked(juicefs_volume, pack_on_volume):
+def test_a_cold_pack_on_juicefs_is_read_split_into_the_page_cache_checked_and_mapped(juicefs_volume, pack_on_volume):
     path, sd = pack_on_volume
     checksum = file_checksum(str(path))
     juicefs_volume.set_tier("object", [path])
     if not cold_cache_supported(path):
         pytest.skip("the page cache of the mount could not be dropped")
     data = read_pack(path, checksum=checksum)
-    assert (data.stats.mapped, data.stats.layout, data.stats.storage) == (False, "split", "fuse.juicefs")
+    stats = data.stats
+    assert (stats.mapped, stats.prefetched, stats.layout, stats.storage) == (True, True, "split", "fuse.juicefs")
+    assert stats.checked and stats.direct_bytes == 0
+    assert_bit_exact(data.tensors(), sd)
+
+
+def test_a_damaged_cold_pack_on_juicefs_is_named_by_its_checksum(juicefs_volume, pack_on_volume):
+    from model_loader.errors import ChecksumMismatchError
+
+    path, _ = pack_on_volume
+    checksum = file_checksum(str(path))
+    bad = path.with_name("damaged.flashpack")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    bad.write_bytes(bytes(raw))
+    juicefs_volume.set_tier("object", [bad])
+    with pytest.raises(ChecksumMismatchError, match="damaged.flashpack"):
+        read_pack(bad, checksum=checksum)
+
+
+def test_a_cold_pack_on_juicefs_read_into_owned_memory_uses_o_direct(juicefs_volume, pack_on_volume):
+    path, sd = pack_on_volume
+    checksum = file_checksum(str(path))
+    juicefs_volume.set_tier("object", [path])
+    if not cold_cache_supported(path):
+        pytest.skip("the page cache of the mount could not be dropped")
+    data = read_pack(path, checksum=checksum, mapping="hot")
+    assert (data.stats.mapped, data.stats.layout) == (False, "split")
     assert data.stats.direct_bytes == data.stats.bytes
     assert_bit_exact(data.tensors(), sd)
 
