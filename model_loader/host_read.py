@@ -252,10 +252,8 @@ class FileSource:
     ``fd`` is the caller's descriptor; without one (:meth:`open`) the source opens its own and
     closes it with :meth:`close` (a ``split`` reader thread's own file handle)."""
 
-    def __init__(self, path: str, fd: int | None, size: int, direct_io: bool | None, stats: ReadStats,
-                 request_bytes: int | None = None):
+    def __init__(self, path: str, fd: int | None, size: int, direct_io: bool | None, stats: ReadStats):
         self.path = path
-        self.request_bytes = request_bytes
         self._own_fd = fd is None
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         self.stats = stats
@@ -296,14 +294,13 @@ class FileSource:
             base = at - lead
             if base >= 0 and (mem_addr + base) % ALIGN == 0 and base + (a1 - a0) <= len(mem):
                 try:
-                    got = posix_io.pread_direct(self.fd_direct, mem[base : base + a1 - a0], a0, lead + n,
-                                                self.request_bytes)
+                    got = posix_io.pread_direct(self.fd_direct, mem[base : base + a1 - a0], a0, lead + n)
                     done = max(0, min(n, got - lead))
                 except OSError:
                     done = 0
             self.stats.add_direct(done, done < n)
         if done < n:
-            posix_io.pread_exact(self.fd, mem[at + done : at + n], chunk.offset + done, self.path, self.request_bytes)
+            posix_io.pread_exact(self.fd, mem[at + done : at + n], chunk.offset + done, self.path)
 
 
 def check_segments(checksum: Checksum | None, chunk: Chunk, data: memoryview, path: str) -> None:
@@ -343,7 +340,7 @@ class SourceFactory:
         self.shared = None if plan.layout == "split" else self._source(fd)
 
     def _source(self, fd: int | None) -> FileSource:
-        return FileSource(self.path, fd, self.size, self.plan.direct_io, self.stats, self.plan.request_bytes)
+        return FileSource(self.path, fd, self.size, self.plan.direct_io, self.stats)
 
     def acquire(self) -> FileSource:
         return self.shared or self._source(None)
@@ -405,7 +402,7 @@ class _PrefetchWorker:
 
     def process(self, chunk: Chunk) -> None:
         view = self.mem[: chunk.length]
-        posix_io.pread_exact(self.source.fd, view, chunk.offset, self.source.path, self.source.request_bytes)
+        posix_io.pread_exact(self.source.fd, view, chunk.offset, self.source.path)
         check_segments(self.checksum, chunk, view, self.source.path)
         posix_io.populate_read(self.map_addr + chunk.offset, chunk.length)
 

@@ -49,18 +49,16 @@ def buffer_address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def pread_exact(fd: int, view: memoryview, offset: int, path: str, max_request: int | None = None) -> None:
-    """Fill ``view`` with the file bytes at ``[offset, offset + len(view))`` (buffered), in reads
-    of at most ``max_request`` bytes (None: as few as the kernel allows).
+def pread_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill ``view`` with the file bytes at ``[offset, offset + len(view))`` (buffered).
 
     A file that ends early raises FlashPackFormatError; an I/O error raises PackReadError.
     """
     want = len(view)
-    step = max_request or want
     got = 0
     while got < want:
         try:
-            n = os.preadv(fd, [view[got : got + step]], offset + got)
+            n = os.preadv(fd, [view[got:]], offset + got)
         except InterruptedError:
             continue
         except OSError as exc:
@@ -75,9 +73,8 @@ def pread_exact(fd: int, view: memoryview, offset: int, path: str, max_request: 
         got += n
 
 
-def pread_direct(fd_direct: int, view: memoryview, offset: int, need: int, max_request: int | None = None) -> int:
-    """Read the aligned span ``view`` at aligned ``offset`` through an O_DIRECT descriptor, in
-    reads of at most ``max_request`` bytes (a multiple of ALIGN; None: as few as possible).
+def pread_direct(fd_direct: int, view: memoryview, offset: int, need: int) -> int:
+    """Read the aligned span ``view`` at aligned ``offset`` through an O_DIRECT descriptor.
 
     Returns the bytes read, which is at least ``need`` unless the file ends sooner (the span may
     run past the end of the file: its last partial block is read short). Raises OSError when the
@@ -85,10 +82,9 @@ def pread_direct(fd_direct: int, view: memoryview, offset: int, need: int, max_r
     """
     got = 0
     end = len(view)
-    step = max_request or end
     while got < need:
         try:
-            n = os.preadv(fd_direct, [view[got : min(end, got + step)]], offset + got)
+            n = os.preadv(fd_direct, [view[got:end]], offset + got)
         except InterruptedError:
             continue
         if n == 0:

@@ -9,7 +9,8 @@ with the caller's settings winning. Measured with ``bench/volume.py`` (docs/BENC
 - **FUSE** (fal's ``/data`` is JuiceFS): the mount's readahead follows each open file handle, so
   chunks interleaved on one shared descriptor, or page faults scattered over a mapping, look random
   to it (0.3-0.7 GB/s where one thread reading in order gets 0.6-1.4). Each thread opens its own
-  descriptor and reads one contiguous part in order, in 1 MiB reads. A pack to be mapped is read
+  descriptor and reads one contiguous part in order, a whole chunk (32 MiB) per read: smaller
+  reads were faster alone but not beside the imports, each read taking the GIL back once more. A pack to be mapped is read
   that way into the page cache first (hashed as it passes), then mapped: of every pattern measured
   it costs the fewest CPU seconds per GB, the mount's and ours together, which is what counts
   while the reads overlap the imports. A pack read into owned memory (``MODEL_LOADER_MAP=hot`` or
@@ -33,9 +34,6 @@ _NETWORK_MAGICS = {
 }
 # A file at least this resident is "in the page cache": mapped, and read with fewer threads.
 HOT_FRACTION = 0.9
-# The largest single read on FUSE: JuiceFS served 1 MiB requests faster than 8-32 MiB ones
-# (a large O_DIRECT read waits for all its pieces before the next is asked for).
-FUSE_REQUEST_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -110,15 +108,13 @@ def cpus() -> int:
 class ReadPlan:
     """How one file is read: mapped or read into owned memory, by how many threads, in which
     layout (``grid``: chunks handed out in file order from one descriptor; ``split``: each thread
-    its own descriptor and one contiguous part), O_DIRECT (None: for chunks not cached), and the
-    largest single read (None: a whole chunk at once)."""
+    its own descriptor and one contiguous part), and O_DIRECT (None: for chunks not cached)."""
 
     mapped: bool
     threads: int
     layout: str
     direct_io: bool | None
     storage: Storage
-    request_bytes: int | None = None
     prefetch: bool = False  # mapped, after the threads have read the file into the page cache
 
 
@@ -174,5 +170,4 @@ def plan_read(
         layout = "split" if per_handle and (prefetch or not mapped) else "grid"
     if threads is None:
         threads = default_threads(resident, mapped and not prefetch, storage)
-    request = FUSE_REQUEST_BYTES if per_handle else None
-    return ReadPlan(mapped, threads, layout, direct_io, storage, request, prefetch)
+    return ReadPlan(mapped, threads, layout, direct_io, storage, prefetch)

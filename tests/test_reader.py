@@ -372,14 +372,14 @@ def test_read_error_in_one_thread_stops_the_others_and_propagates(pack, monkeypa
     calls = []
     lock = threading.Lock()
 
-    def flaky(fd, view, offset, p, *rest):
+    def flaky(fd, view, offset, p):
         with lock:
             calls.append(offset)
             n = len(calls)
         if n == 3:
             raise PackReadError(errno.EIO, f"{p}: read failed at byte {offset}: Input/output error")
         time.sleep(0.01)
-        original(fd, view, offset, p, *rest)
+        original(fd, view, offset, p)
 
     monkeypatch.setattr(posix_io, "pread_exact", flaky)
     total = len(plan_chunks(path.stat().st_size, ALIGN))
@@ -456,11 +456,11 @@ def test_staged_error_releases_the_lease_after_pending_copies(pack, monkeypatch)
     original = posix_io.pread_exact
     calls = []
 
-    def flaky(fd, view, offset, p, *rest):
+    def flaky(fd, view, offset, p):
         calls.append(offset)
         if len(calls) == 5:
             raise PackReadError(errno.EIO, f"{p}: boom")
-        original(fd, view, offset, p, *rest)
+        original(fd, view, offset, p)
 
     monkeypatch.setattr(posix_io, "pread_exact", flaky)
     engine = HostEngine(max_delay=0.02)

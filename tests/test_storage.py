@@ -47,12 +47,12 @@ def big_pack(tmp_path_factory):
 
 def test_a_local_disk_maps_the_pack_and_shares_one_descriptor():
     plan = plan_read(LOCAL, resident=0.0)
-    assert (plan.mapped, plan.layout, plan.direct_io, plan.request_bytes) == (True, "grid", None, None)
+    assert (plan.mapped, plan.prefetch, plan.layout, plan.direct_io) == (True, False, "grid", None)
 
 
 def test_fuse_reads_a_cold_pack_split_into_the_page_cache_then_maps_it():
     plan = plan_read(FUSE, resident=0.0)
-    assert (plan.mapped, plan.prefetch, plan.layout, plan.request_bytes) == (True, True, "split", 1 << 20)
+    assert (plan.mapped, plan.prefetch, plan.layout, plan.direct_io) == (True, True, "split", None)
 
 
 def test_fuse_maps_a_pack_that_is_in_the_page_cache_without_reading_it_first():
