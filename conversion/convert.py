@@ -52,7 +52,7 @@ from .config import ConversionConfig
 from .durable import fsync_dir
 from .errors import ConversionError
 from .sources import warn_broken_symlink
-from .writer import index_safetensors, write_pack
+from .writer import PackDigest, index_safetensors, write_pack
 
 logger = logging.getLogger("conversion.convert")
 
@@ -81,6 +81,7 @@ def convert_pipeline(
 
     total_source = sum(f.stat().st_size for _, w in components.values() if w for f in w[0])
     written = 0
+    digests: dict[Path, PackDigest] = {}  # each pack hashed as it is written: the manifest reads none back
     show = ConversionConfig.from_env().show_progress
     with tqdm(total=total_source, unit="B", unit_scale=True, desc="convert", disable=not show or None) as bar:
         for name, (cls, weights) in components.items():
@@ -91,14 +92,14 @@ def convert_pipeline(
             bar.set_postfix_str(name)
             if variant and weights[1] is None:
                 logger.info("convert: %s has no %s variant; using its default weights", name, variant)
-            written += _convert_model(name, cls, comp_src, comp_dst, dtype, weights, bar)
+            written += _convert_model(name, cls, comp_src, comp_dst, dtype, weights, bar, digests)
     _copy_file(src / MODEL_INDEX_NAME, dst / MODEL_INDEX_NAME)
     fsync_dir(dst)
 
     info = dict(source or {})
     info["dtype"] = dtype_name(dtype) if dtype is not None else None
     info["variant"] = variant
-    write_manifest(dst, info)
+    write_manifest(dst, info, digests)
     elapsed = time.perf_counter() - start
     logger.info("convert: %s %s -> %s", rate_text(written, elapsed), src, dst)
     return dst
@@ -177,7 +178,7 @@ def _shards(index: Path) -> list[Path]:
 
 def _convert_model(
     name: str, cls: type, comp_src: Path, comp_dst: Path, dtype: torch.dtype | None,
-    weights: _Weights, bar: tqdm,
+    weights: _Weights, bar: tqdm, digests: dict[Path, PackDigest],
 ) -> int:
     """Write one torch component's pack and side files; returns the pack's payload bytes."""
     start = time.perf_counter()
@@ -194,10 +195,11 @@ def _convert_model(
     layout = None
     how = "streamed"
     if files:
-        layout = _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar)
+        layout = _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar, digests)
     if layout is None:
         how = "loaded"
-        layout = _load_and_write(cls, comp_src, used_variant, model, pack_path, dtype, keep_fp32, files, bar)
+        layout = _load_and_write(cls, comp_src, used_variant, model, pack_path, dtype, keep_fp32, files, bar,
+                                 digests)
     for f in sorted(comp_src.iterdir()):
         if f.is_file() and not is_weight_file(f.name):
             _copy_file(f, comp_dst / f.name)
@@ -217,7 +219,7 @@ def _target(dtype: torch.dtype | None, keep_fp32: Callable[[str], bool]) -> Call
     return stored
 
 
-def _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar):
+def _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar, digests):
     """Stream tensors file to pack if the files' keys fit the model (after the renames its
     library applies on load, e.g. a legacy prefix); None when they don't."""
     index = index_safetensors(files)
@@ -250,7 +252,7 @@ def _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar):
             bar.update(t.nbytes)
             return t
 
-        return write_pack(specs, get, pack_path)
+        return write_pack(specs, get, pack_path, digests=digests)
     finally:
         index.clear()  # close the shard handles now, not at garbage collection
 
@@ -275,7 +277,7 @@ def checkpoint_key_map(model: torch.nn.Module, keys: list[str]) -> dict[str, str
     return {k: k for k in keys}
 
 
-def _load_and_write(cls, comp_src, variant, model, pack_path, dtype, keep_fp32, files, bar):
+def _load_and_write(cls, comp_src, variant, model, pack_path, dtype, keep_fp32, files, bar, digests):
     """Load the component with its own ``from_pretrained`` on the CPU and write its state dict."""
     kwargs: dict[str, Any] = {"local_files_only": True}
     if variant:
@@ -307,7 +309,7 @@ def _load_and_write(cls, comp_src, variant, model, pack_path, dtype, keep_fp32, 
         bar.update(t.nbytes)
         return t
 
-    return write_pack(specs, get, pack_path)
+    return write_pack(specs, get, pack_path, digests=digests)
 
 
 def _dominant_float_dtype(files: list[Path]) -> torch.dtype | None:

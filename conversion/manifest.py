@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import sys
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import metadata
@@ -114,15 +115,24 @@ def _json_default(value: object) -> str:
     raise TypeError(f"manifest source field of type {type(value).__name__} is not JSON-serializable")
 
 
-def write_manifest(converted_dir: str | os.PathLike[str], source: dict) -> dict:
+def write_manifest(
+    converted_dir: str | os.PathLike[str],
+    source: dict,
+    known: Mapping[Path, tuple[str, Checksum]] | None = None,
+) -> dict:
     """Record every file's size and sha256 plus ``source`` in ``converted_dir``'s manifest.
 
+    ``known`` holds packs hashed as they were written (path -> sha256 and segment checksum, see
+    :func:`conversion.writer.write_pack`); they are not read again when their size still matches.
     Call it last: the manifest is written atomically (temp file, fsync, rename, directory
     fsync), so a directory with a manifest is a finished conversion.
     """
     root = Path(converted_dir)
     rel_paths = list_files(root)
-    digests = _hash_all(root, rel_paths, segments=True)
+    known = known or {}
+    reuse = {rel: known[root / rel] for rel in rel_paths
+             if root / rel in known and known[root / rel][1].size == (root / rel).stat().st_size}
+    digests = {**_hash_all(root, [r for r in rel_paths if r not in reuse], segments=True), **reuse}
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -6,6 +6,7 @@ so a reader sees either the old file, the complete new one, or nothing.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from model_loader.checksum import Checksum, SegmentHasher
 from model_loader.format import (
     DEFAULT_ALIGN_BYTES,
     PackLayout,
@@ -25,6 +27,26 @@ from .durable import atomic_file
 from .errors import ConversionError
 
 _ZEROS = bytes(1 << 16)
+# What a pack's bytes hashed to as they were written: (sha256 hex, load-time segment checksum).
+PackDigest = tuple[str, Checksum]
+
+
+class _HashingFile:
+    """Hashes every byte written through it (sha256 and the segment checksum), so the manifest
+    needs no second read of the pack (on a network volume, a read back through the mount)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha256 = hashlib.sha256()
+        self.segments = SegmentHasher()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.segments.update(data)
+        return self.f.write(data)
+
+    def digest(self) -> PackDigest:
+        return self.sha256.hexdigest(), self.segments.result()
 
 
 def stored_dtype(dtype: torch.dtype, target_dtype: torch.dtype | None) -> torch.dtype:
@@ -44,18 +66,23 @@ def write_pack(
     path: str | os.PathLike[str],
     target_dtype: torch.dtype | None = None,
     align_bytes: int = DEFAULT_ALIGN_BYTES,
+    digests: dict[Path, PackDigest] | None = None,
 ) -> PackLayout:
     """Write a FlashPack file from tensor specs ``(name, shape, dtype)`` and a per-name getter.
 
     ``get_tensor`` is called once per tensor, in file order, so peak memory is one tensor (plus
-    its cast), never the whole state dict.
+    its cast), never the whole state dict. With ``digests``, the pack's :data:`PackDigest` is
+    stored there under ``path`` once the file is in place.
     """
     path = Path(path)
     planned = [(n, shape, stored_dtype(dtype, target_dtype)) for n, shape, dtype in specs]
     layout = plan_layout(planned, align_bytes)
     with atomic_file(path) as f:
-        _write_payload(f, layout, get_tensor)
-        f.write(encode_footer(layout))
+        out = _HashingFile(f) if digests is not None else f
+        _write_payload(out, layout, get_tensor)
+        out.write(encode_footer(layout))
+    if digests is not None:
+        digests[path] = out.digest()
     return layout
 
 

@@ -333,3 +333,30 @@ def test_not_a_directory_fails(tmp_path):
 
 def test_verification_error_is_a_conversion_error():
     assert issubclass(VerificationError, ConversionError)
+
+
+def test_packs_hashed_while_written_are_not_read_again_and_get_the_same_record(converted, monkeypatch):
+    from conversion import manifest as manifest_module
+
+    before = json.loads((converted / MANIFEST_NAME).read_text())["files"]
+    packs = [rel for rel in before if rel.endswith(".flashpack")]
+    known = {converted / rel: manifest_module.hash_file(converted / rel, segments=True) for rel in packs}
+    hashed: list[str] = []
+    real = manifest_module.hash_file
+    monkeypatch.setattr(manifest_module, "hash_file", lambda path, segments=False: hashed.append(str(path))
+                        or real(path, segments))
+    write_manifest(converted, SOURCE, known)
+    assert not any(h.endswith(".flashpack") for h in hashed) and hashed
+    assert json.loads((converted / MANIFEST_NAME).read_text())["files"] == before
+
+
+def test_a_known_digest_whose_size_no_longer_matches_is_hashed_again(converted):
+    from conversion import manifest as manifest_module
+
+    pack = converted / "unet" / "model.flashpack"
+    sha, checksum = manifest_module.hash_file(pack, segments=True)
+    with open(pack, "ab") as f:
+        f.write(b"\0")
+    write_manifest(converted, SOURCE, {pack: (sha, checksum)})
+    entry = json.loads((converted / MANIFEST_NAME).read_text())["files"]["unet/model.flashpack"]
+    assert entry["sha256"] == hashlib.sha256(pack.read_bytes()).hexdigest() != sha

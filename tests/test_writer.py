@@ -169,3 +169,28 @@ def test_pack_safetensors_rejects_a_file_that_is_not_safetensors(tmp_path):
 
 def test_disk_full_error_is_a_conversion_error():
     assert issubclass(DiskFullError, ConversionError)
+
+
+def test_a_pack_is_hashed_as_it_is_written_to_the_digests_of_its_bytes(tmp_path):
+    import hashlib
+
+    from model_loader.checksum import file_checksum
+
+    sd = small_state_dict()
+    path = tmp_path / "m.flashpack"
+    digests = {}
+    write_pack(specs_of(sd), sd.__getitem__, path, digests=digests)
+    data = path.read_bytes()
+    assert digests == {path: (hashlib.sha256(data).hexdigest(), file_checksum(str(path)))}
+
+
+def test_a_failed_write_records_no_digest(tmp_path):
+    sd = small_state_dict()
+    digests = {}
+
+    def broken(name):
+        raise RuntimeError("source went away")
+
+    with pytest.raises(RuntimeError):
+        write_pack(specs_of(sd), broken, tmp_path / "m.flashpack", digests=digests)
+    assert digests == {}
