@@ -2,10 +2,11 @@
 and for each pack the per-segment checksum the loader checks while it reads.
 
 Written last (atomically), so its presence means the conversion finished. Three checks:
-``verify_converted(full=True)`` (every sha256; ``verify`` and publication), ``full=False``
+``verify_converted(full=True)`` (every sha256; ``python -m conversion verify``), ``full=False``
 (sizes and pack footers) and ``check_warm`` (the warm start's: sizes, the small files' sha256,
-checksums present; the packs themselves are checked by the loader as it reads them). All of
-them refuse a file the manifest does not list.
+checksums present; the packs themselves are checked by the loader as it reads them). Publication
+runs the last two (the packs' digests were taken as they were written). All of them refuse a file
+the manifest does not list.
 """
 
 from __future__ import annotations
