@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # Tests and the demo never reach the network: no Hub calls, no telemetry.
 OFFLINE := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 
-.PHONY: test lint serve bench bench-startup device-check venv clean
+.PHONY: test lint system serve bench bench-startup device-check venv clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,13 @@ $(STAMP):
 	@touch $@
 	@sync  # write the install out now: the tests' fsyncs would otherwise wait for its writeback
 
-test: lint
+test: lint system
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# What the JuiceFS tests need beyond Python packages (nginx-extras, fuse3), installed with apt when
+# root; elsewhere those tests skip with the reason in pytest's summary.
+system:
+	@bash .ci/install-system
 
 # ruff's findings fail the build (rules in pyproject.toml's [tool.ruff]).
 lint: $(STAMP)
@@ -50,7 +55,7 @@ bench: $(STAMP)
 bench-startup: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(OFFLINE) $(PY) bench/startup.py $(BENCH_ARGS)
 
-# On a GPU machine, one command (under 8 minutes, no network; carry the wheels as bench/device_check.sh
+# On a GPU machine, one command (under 9 minutes, no network; carry the wheels as bench/device_check.sh
 # says): the tests that need CUDA, bench/loader.py and bench/startup.py, then $(OUT)/SUMMARY.md and
 # $(OUT)/device_check.json. `make device-check DEVICE=cpu` is a dry run here. No .venv install step:
 # the machine cannot pip install; the script uses .venv/bin/python when it exists.

@@ -14,6 +14,10 @@
 #             on CUDA, the second load of a pack in one process
 #   startup   bench/startup.py: fal run --local to /health 200 and the first image, vs the stock
 #             recipes (the app picks cuda itself: fal.toml device = "auto")
+#   volume-loader, volume-startup
+#             the two benches again on a real JuiceFS volume (bench/volume.py), node and object
+#             tiers, where the machine can mount one (root, /dev/fuse, juicefs, nginx-extras);
+#             otherwise the reason is printed and they are not run
 # Then $OUT/device_check.json (every step's exit code, time, output paths and results) and
 # $OUT/SUMMARY.md (the same as tables; also printed). Exits non-zero if any step failed.
 #
@@ -28,7 +32,7 @@
 #                        cuda, 0.05 on cpu;  LOADER_PEERS default: bench/loader.py's local-disk peers
 #                        (not the volume bench's additions: safetensors-pread, fastsafetensors,
 #                        runai-streamer, ours-staged, which would not fit the step's time)
-#   BUDGET_S             default 450 (cuda) / 360 (cpu): the whole run stays under it (under 8 min);
+#   BUDGET_S             default 540 (cuda) / 480 (cpu): the whole run stays under it (under 9 min);
 #                        a step gets at most its own limit and what is left of the budget less
 #                        RESERVE_S (default 20, for the summary); a step with under 3 s left is skipped
 #
@@ -49,9 +53,9 @@ DEVICE=${DEVICE:-cuda}
 case "$DEVICE" in cuda|cpu) ;; *) echo "device_check: DEVICE must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/out/device_check}
 if [ "$DEVICE" = cuda ]; then
-    SIZE=${SIZE:-sdxl}; LOADER_RUNS=${LOADER_RUNS:-2}; LOADER_SIZE_GB=${LOADER_SIZE_GB:-}; BUDGET_S=${BUDGET_S:-450}
+    SIZE=${SIZE:-sdxl}; LOADER_RUNS=${LOADER_RUNS:-2}; LOADER_SIZE_GB=${LOADER_SIZE_GB:-}; BUDGET_S=${BUDGET_S:-540}
 else
-    SIZE=${SIZE:-tiny}; LOADER_RUNS=${LOADER_RUNS:-1}; LOADER_SIZE_GB=${LOADER_SIZE_GB:-0.05}; BUDGET_S=${BUDGET_S:-360}
+    SIZE=${SIZE:-tiny}; LOADER_RUNS=${LOADER_RUNS:-1}; LOADER_SIZE_GB=${LOADER_SIZE_GB:-0.05}; BUDGET_S=${BUDGET_S:-480}
 fi
 ROUNDS=${ROUNDS:-1}
 STARTUP_PEERS=${STARTUP_PEERS:-ours,stock,flashpack,imports-only}
@@ -62,7 +66,7 @@ fi
 
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
-rm -rf "$OUT/logs" "$OUT/loader" "$OUT/startup"
+rm -rf "$OUT/logs" "$OUT/loader" "$OUT/startup" "$OUT/volume-loader" "$OUT/volume-startup"
 rm -f "$OUT/steps.tsv" "$OUT/tests-junit.xml" "$OUT/machine.json" "$OUT/packages.json" "$OUT/device_check.json" "$OUT/SUMMARY.md"
 mkdir -p "$OUT/logs" "$OUT/loader" "$OUT/startup"
 
@@ -118,6 +122,18 @@ step loader 180 "${loader[@]}"
 
 step startup 180 "$PYTHON" bench/startup.py --size "$SIZE" --rounds "$ROUNDS" --peers "$STARTUP_PEERS" \
     --results "$OUT/startup" --timeout 120
+
+# The same on a real JuiceFS volume (bench/volume.py), as fal's /data: node and object tiers, where
+# the machine can mount one (root, /dev/fuse, juicefs, nginx-extras); otherwise the reason is printed.
+if volume_reason=$("$PYTHON" bench/volume.py check 2>&1); then
+    step volume-loader 150 "$PYTHON" bench/loader.py --volume juicefs --tiers node,object --devices "$DEVICE" \
+        --runs 1 --peers "${VOLUME_LOADER_PEERS:-ours,ours-staged,safetensors,safetensors-pread}" \
+        --results-dir "$OUT/volume-loader" --timeout 120 ${LOADER_SIZE_GB:+--size-gb "$LOADER_SIZE_GB"}
+    step volume-startup 200 "$PYTHON" bench/startup.py --volume juicefs --tiers node,object --size "$SIZE" \
+        --rounds 1 --peers "${VOLUME_STARTUP_PEERS:-ours,stock,fal-preread}" --results "$OUT/volume-startup" --timeout 150
+else
+    echo "== volume steps: not run: $volume_reason"
+fi
 
 echo "== summary (after $(elapsed)s)"
 timeout -k 5 "$((RESERVE_S > 5 ? RESERVE_S : 5))" "$PYTHON" bench/device_check.py summarize --out "$OUT" --device "$DEVICE" --size "$SIZE"

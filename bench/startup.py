@@ -9,7 +9,8 @@ Peers (each a fresh ``fal run --local`` process per run, the store already conve
 - ``ours``: this app (a copy of app.py, model_loader/, conversion/, serving/ with a fal.toml profile that
   serves the benchmark model from a local source; no warm-up shapes, so /health is setup alone);
 - ``ours-odirect``: the same with ``MODEL_LOADER_MAP=hot`` (a pack not in the page cache is read
-  with O_DIRECT into owned memory instead of mapped);
+  with O_DIRECT into owned memory instead of mapped; on FUSE too, where a cold pack is otherwise
+  read into the page cache by the reader threads and then mapped);
 - ``stock``: a fal.App whose setup() calls ``DiffusionPipeline.from_pretrained(dir, torch_dtype=fp16)``;
 - ``fal-preread``: fal's documented recipe ("parallel file loading"): setup() pre-reads every file of
   the model directory with ``find DIR -type f | xargs -P 32 -I{} cat {} > /dev/null``, then
@@ -30,8 +31,10 @@ APP_DATA_ROOT) on the mount, the store converted there once before the rounds, e
 before it starts. Each run also reports the CPU (in cores) the mount and the object store used
 from the process start to the first image; the volume's shaping goes into the results JSON.
 
-    python bench/startup.py --volume juicefs --size small --rounds 1   # a few minutes Raw runs go to bench/results/startup-<machine>-<date>.json, rewritten
-after every run (with a ``partial`` key until the last), so a bench stopped midway leaves them.
+    python bench/startup.py --volume juicefs --size small --rounds 1   # a few minutes
+
+Raw runs go to bench/results/startup-<machine>-<date>.json, rewritten after every run (with a
+``partial`` key until the last), so a bench stopped midway leaves them.
 """
 
 from __future__ import annotations

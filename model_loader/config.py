@@ -7,10 +7,10 @@ variable                       default    meaning
 ``MODEL_LOADER_CHUNK_MB``      32         MiB read per chunk and per pinned staging buffer
 ``MODEL_LOADER_DIRECT_IO``     auto       ``auto`` (O_DIRECT for chunks not in the page cache),
                                           ``1`` (always) or ``0`` (never)
-``MODEL_LOADER_MAP``           auto       on the CPU, when to map a pack instead of reading it:
-                                          ``always``, ``hot`` (only when in the page cache),
-                                          ``never``; ``auto``: ``always`` on a local disk,
-                                          ``hot`` on FUSE and network file systems
+``MODEL_LOADER_MAP``           always     on the CPU, when to map a pack instead of reading it:
+                                          ``always`` (on FUSE a cold pack is first read into
+                                          the page cache), ``hot`` (only when in the page
+                                          cache), ``never``
 ``MODEL_LOADER_LAYOUT``        auto       how reader threads share a file: ``grid`` (chunks in
                                           file order from one descriptor), ``split`` (each
                                           thread its own descriptor and contiguous part);
@@ -55,7 +55,7 @@ class LoaderConfig:
     threads: int | None = None  # MODEL_LOADER_THREADS; None: chosen per file by its page-cache residency
     chunk_bytes: int = 32 << 20  # MODEL_LOADER_CHUNK_MB, in bytes
     direct_io: bool | None = None  # MODEL_LOADER_DIRECT_IO; None: per chunk, O_DIRECT when not cached
-    mapping: str | None = None  # MODEL_LOADER_MAP: one of MAP_MODES; None: by the file system
+    mapping: str = "always"  # MODEL_LOADER_MAP: one of MAP_MODES
     hugepages: bool = False  # MODEL_LOADER_HUGEPAGES
     pinned_max_bytes: int = 4096 << 20  # MODEL_LOADER_PINNED_MAX_MB, in bytes
     layout: str | None = None  # MODEL_LOADER_LAYOUT: one of LAYOUTS; None: by the file system
@@ -71,7 +71,7 @@ class LoaderConfig:
             threads=_integer(env, "MODEL_LOADER_THREADS", minimum=1),
             chunk_bytes=default.chunk_bytes if chunk_mb is None else chunk_mb << 20,
             direct_io=_choice(env, "MODEL_LOADER_DIRECT_IO", {"auto": None, **_SWITCH}, default.direct_io),
-            mapping=_choice(env, "MODEL_LOADER_MAP", {"auto": None, **{m: m for m in MAP_MODES}}, default.mapping),
+            mapping=_choice(env, "MODEL_LOADER_MAP", {m: m for m in MAP_MODES}, default.mapping),
             layout=_choice(env, "MODEL_LOADER_LAYOUT", {"auto": None, **{m: m for m in LAYOUTS}}, default.layout),
             hugepages=_choice(env, "MODEL_LOADER_HUGEPAGES", _SWITCH, default.hugepages),
             pinned_max_bytes=default.pinned_max_bytes if pinned_mb is None else pinned_mb << 20,

@@ -1,20 +1,23 @@
 """Read a whole pack file into host memory, torch-free, checking its checksum as the bytes pass.
 
 The result is a :class:`HostFile`: one buffer holding the file's bytes ``[0, size)``, from which
-the reader makes each dtype's block a zero-copy tensor view. Two ways to fill it:
+the reader makes each dtype's block a zero-copy tensor view. Two ways to fill it, chosen per file
+by :func:`model_loader.storage.plan_read` (the file system, the page cache, the settings):
 
 - **mapped** (the default): the file is mapped privately (copy-on-write): writable, no copy, a
-  write changes only this process's page. Parallel threads walk the mapping chunk by chunk,
-  hashing it (or, without a checksum, ``MADV_POPULATE_READ``), so a file not yet in the page cache
-  is brought in by the kernel's readahead at the disk's rate and no page is left to fault later;
-- **read**: parallel threads ``preadv`` a grid of chunks into owned anonymous memory, with
-  O_DIRECT for chunks not in the page cache and buffered reads for the rest.
+  write changes only this process's page. On a local disk parallel threads walk the mapping chunk
+  by chunk, hashing it (or, without a checksum, ``MADV_POPULATE_READ``), so the kernel's readahead
+  brings a cold file in at the disk's rate and no page is left to fault later. On FUSE a cold file
+  is first read into the page cache by threads that each open it and read one contiguous part
+  (``split``), hashing each chunk from their own buffer, then the chunk's pages are mapped;
+- **read**: parallel threads ``preadv`` chunks into owned anonymous memory, with O_DIRECT for
+  chunks not in the page cache and buffered reads for the rest.
 
 ``MODEL_LOADER_MAP`` chooses: ``always`` (default), ``hot`` (map only a file that is in the page
 cache, read the others) or ``never``. On the benchmark VM (docs/BENCHMARKS.md) mapping a cold 5 GB
-pack this way ran at 2.1 GB/s and slowed a concurrent Python thread by about 0.7 s, against
-1.6 GB/s and 2.9 s for O_DIRECT into owned memory (whose kernel time, page faults on fresh memory
-and pinning, starves the imports it should overlap).
+pack from the local disk ran at 2.1 GB/s and slowed a concurrent Python thread by about 0.7 s,
+against 1.6 GB/s and 2.9 s for O_DIRECT into owned memory (whose kernel time, page faults on fresh
+memory and pinning, starves the imports it should overlap).
 
 Either way every segment of a :class:`~model_loader.checksum.Checksum` is hashed once (by the
 thread that read it, or by a pool over the mapping) and a mismatch raises. Nothing here imports
@@ -62,7 +65,7 @@ class ReadOptions:
     threads: int | None  # None: storage.default_threads() for the file's storage and residency
     chunk_bytes: int
     direct_io: bool | None  # None: per chunk, O_DIRECT when not in the page cache
-    mapping: str | None  # one of MAP_MODES, or None: by the file system
+    mapping: str  # one of MAP_MODES
     hugepages: bool = False  # ask for transparent huge pages behind owned read buffers
     layout: str | None = None  # one of LAYOUTS, or None: by the file system
 

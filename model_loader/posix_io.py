@@ -245,8 +245,8 @@ _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
 def populate_write(address: int, nbytes: int) -> bool:
     """Fault in fresh anonymous memory for writing (``MADV_POPULATE_WRITE``) in one call, before a
     read fills it: a read into untouched memory faults each page from inside the read, which on
-    FUSE serialises the reader threads (measured on JuiceFS: 0.72 -> 0.89 GB/s). False where the
-    kernel lacks it (then the read faults the pages in)."""
+    FUSE serialises the reader threads (measured once, on a loaded machine: 0.72 -> 0.89 GB/s from
+    JuiceFS's node tier). False where the kernel lacks it (then the read faults the pages in)."""
     libc = _load_libc()
     if libc is None or nbytes <= 0:
         return False

@@ -1,20 +1,22 @@
 """What kind of file system a pack is on, and how to read a pack from it (the read plan).
 
 The plan is chosen from the file system (``statfs``) and how much of the file is in the page cache,
-with the caller's settings winning. Measured with ``bench/volume.py`` (docs/BENCHMARKS.md):
+with the caller's settings winning. Measured on a real JuiceFS volume with ``bench/volume.py`` and
+``bench/read_patterns.py`` (docs/BENCHMARKS.md; 1 GB pack, 2-core VM):
 
 - **local disk**: the kernel's readahead serves any pattern; a private mapping walked by a few
   threads reads a cold pack fastest and costs concurrent imports the least. Threads share a grid
   of chunks from one descriptor.
 - **FUSE** (fal's ``/data`` is JuiceFS): the mount's readahead follows each open file handle, so
   chunks interleaved on one shared descriptor, or page faults scattered over a mapping, look random
-  to it (0.3-0.7 GB/s where one thread reading in order gets 0.6-1.4). Each thread opens its own
-  descriptor and reads one contiguous part in order, a whole chunk (32 MiB) per read: smaller
-  reads were faster alone but not beside the imports, each read taking the GIL back once more. A pack to be mapped is read
-  that way into the page cache first (hashed as it passes), then mapped: of every pattern measured
-  it costs the fewest CPU seconds per GB, the mount's and ours together, which is what counts
-  while the reads overlap the imports. A pack read into owned memory (``MODEL_LOADER_MAP=hot`` or
-  ``never``) or into the CUDA staging buffers is read the same way with O_DIRECT.
+  to it: the local-disk plan read 0.49 GB/s from the node tier at 3.6 CPU-s per GB (ours and the
+  mount's). Each thread opens its own descriptor and reads one contiguous part in order, a whole
+  chunk (32 MiB) per read: 1.20 GB/s at 1.56 CPU-s per GB. 1 MiB reads were as fast alone but 1.7x
+  slower beside a busy Python thread (the imports), each read taking the GIL back once more. A pack
+  to be mapped is read that way into the page cache (hashed as it passes) and then mapped, so its
+  memory stays the page cache's as on a local disk; a pack read into owned memory
+  (``MODEL_LOADER_MAP=hot`` or ``never``) or into the CUDA staging buffers is read the same way
+  with O_DIRECT, which measured the same rate and CPU.
 """
 
 from __future__ import annotations
@@ -151,8 +153,8 @@ def plan_read(
     can_map: bool = True,
 ) -> ReadPlan:
     """The plan for a file on ``storage`` of which ``resident`` is in the page cache. Each setting
-    given wins over what the storage suggests: ``mapping`` (``always``, ``hot``, ``never``; default
-    ``always``), ``layout``, ``threads``, ``direct_io``. ``can_map`` is False where the bytes must
+    given wins over what the storage suggests: ``mapping`` (``always``, ``hot``, ``never``; None
+    means ``always``), ``layout``, ``threads``, ``direct_io``. ``can_map`` is False where the bytes must
     land elsewhere (the CUDA staging buffers).
 
     On FUSE a cold file that is to be mapped is first read into the page cache by the reader

@@ -51,7 +51,7 @@ class RecordingEnv(Mapping[str, str]):
 
 def test_defaults_when_no_variable_is_set():
     assert LoaderConfig.from_env({}) == LoaderConfig(
-        threads=None, chunk_bytes=32 << 20, direct_io=None, mapping=None, hugepages=False,
+        threads=None, chunk_bytes=32 << 20, direct_io=None, mapping="always", hugepages=False,
         pinned_max_bytes=4096 << 20, layout=None,
     )
 
@@ -101,7 +101,7 @@ def test_os_environ_is_read_by_default(monkeypatch):
 def test_a_typo_in_the_map_mode_names_the_variable_and_the_allowed_values():
     with pytest.raises(ConfigError) as err:
         LoaderConfig.from_env({"MODEL_LOADER_MAP": "hto"})
-    assert str(err.value) == "MODEL_LOADER_MAP='hto': expected one of auto, always, hot, never"
+    assert str(err.value) == "MODEL_LOADER_MAP='hto': expected one of always, hot, never"
 
 
 def test_an_unknown_direct_io_mode_names_the_variable_and_the_allowed_values():
