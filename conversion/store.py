@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from model_loader.bounded_json import load_file_bounded
-from model_loader.rates import rate_text
 
 from .config import ConversionConfig
 from .dtypes import dtype_key, dtype_name
@@ -406,8 +405,8 @@ class Store:
             except VerificationError as exc:
                 raise ConversionError(f"the conversion of {prepared.path} does not verify: {exc}") from exc
             fsync_tree(tmp)
-            log.info("verify: %s (listing, sizes, pack footers, small files' sha256; fsync)",
-                     rate_text(nbytes, time.monotonic() - t1))
+            log.info("verify: %.2f GB in %.2f s (listing, sizes, pack footers, small files' sha256; fsync)",
+                     nbytes / 1e9, time.monotonic() - t1)
             return self._publish(tmp, entry)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
