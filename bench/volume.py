@@ -42,11 +42,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from conversion.durable import pid_alive  # noqa: E402
+from model_loader.storage import storage_of  # noqa: E402
+
 TIERS = ("hot", "node", "object")
 # Every harness registers its directory here, so a later one can clean up after a killed one.
 REGISTRY = Path(tempfile.gettempdir()) / "juicefs-harness"
 NGINX_MODULES = Path("/usr/share/nginx/modules")
-FUSE_SUPER_MAGIC = 0x65735546
 
 
 class VolumeUnavailable(RuntimeError):
@@ -600,24 +606,7 @@ def ceilings(volume: Volume, path: str | os.PathLike[str], tier: str, mount: str
 
 
 def _is_fuse_mount(path: Path) -> bool:
-    try:
-        return os.path.ismount(path) and statfs_type(path) == FUSE_SUPER_MAGIC
-    except OSError:
-        return False
-
-
-def statfs_type(path: str | os.PathLike[str]) -> int:
-    """The filesystem magic number of ``path`` (statfs's f_type)."""
-
-    class _Statfs(ctypes.Structure):
-        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
-
-    buf = _Statfs()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(os.fsencode(os.fspath(path)), ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    return buf.f_type & 0xFFFFFFFF
+    return os.path.ismount(path) and storage_of(path).kind == "fuse"
 
 
 def _unmount(path: Path) -> None:
@@ -687,7 +676,7 @@ def sweep_stale() -> list[Path]:
             owner = int((root / "owner").read_text())
         except (OSError, ValueError):
             owner = None
-        if owner is not None and _alive(owner):
+        if owner is not None and pid_alive(owner):
             continue
         pid_file = root / "nginx.pid"
         with contextlib.suppress(OSError, ValueError):
@@ -695,16 +684,6 @@ def sweep_stale() -> list[Path]:
         _remove_tree(root)
         removed.append(root)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _close_on_signals(close: Callable[[], None]) -> Callable[[], None] | None:
