@@ -192,6 +192,16 @@ def pack_on_volume(juicefs_volume, big_pack):
     return dst, sd
 
 
+def cold_on_the_mount(volume, path):
+    """The pack's checksum, taken before every block of it is dropped from the page cache and the
+    node cache (the object tier); skips where the page cache cannot be dropped."""
+    checksum = file_checksum(str(path))
+    volume.set_tier("object", [path])
+    if not cold_cache_supported(path):
+        pytest.skip("the page cache of the mount could not be dropped")
+    return checksum
+
+
 def test_a_juicefs_mount_is_fuse_storage(pack_on_volume):
     path, _ = pack_on_volume
     found = storage.storage_of(path)
@@ -200,10 +210,7 @@ def test_a_juicefs_mount_is_fuse_storage(pack_on_volume):
 
 def test_a_cold_pack_on_juicefs_is_read_split_into_the_page_cache_checked_and_mapped(juicefs_volume, pack_on_volume):
     path, sd = pack_on_volume
-    checksum = file_checksum(str(path))
-    juicefs_volume.set_tier("object", [path])
-    if not cold_cache_supported(path):
-        pytest.skip("the page cache of the mount could not be dropped")
+    checksum = cold_on_the_mount(juicefs_volume, path)
     data = read_pack(path, checksum=checksum)
     stats = data.stats
     assert (stats.mapped, stats.prefetched, stats.layout, stats.storage) == (True, True, "split", "fuse.juicefs")
@@ -227,10 +234,7 @@ def test_a_damaged_cold_pack_on_juicefs_is_named_by_its_checksum(juicefs_volume,
 
 def test_a_cold_pack_on_juicefs_read_into_owned_memory_uses_o_direct(juicefs_volume, pack_on_volume):
     path, sd = pack_on_volume
-    checksum = file_checksum(str(path))
-    juicefs_volume.set_tier("object", [path])
-    if not cold_cache_supported(path):
-        pytest.skip("the page cache of the mount could not be dropped")
+    checksum = cold_on_the_mount(juicefs_volume, path)
     data = read_pack(path, checksum=checksum, mapping="hot")
     assert (data.stats.mapped, data.stats.layout) == (False, "split")
     assert data.stats.direct_bytes == data.stats.bytes
