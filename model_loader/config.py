@@ -23,8 +23,9 @@ variable                       default    meaning
 An unset or empty variable means its default; values are case-insensitive, and ``true`` /
 ``false`` are accepted for ``1`` / ``0``. A value outside these raises :class:`ConfigError`
 naming the variable and what it accepts. Function arguments (``read_pack(threads=...)``) win over
-the environment; ``auto`` settings are chosen per file by :mod:`model_loader.storage`. Huge pages are opt-in: on the 2-core VM of docs/BENCHMARKS.md the hint helped or
-hurt depending on how fragmented memory was.
+the environment; ``auto`` settings are chosen per file by :mod:`model_loader.storage`. Huge pages
+are opt-in: on the 2-core VM of docs/BENCHMARKS.md the hint helped or hurt depending on how
+fragmented memory was.
 
 Each load reads the environment anew (:meth:`LoaderConfig.from_env`), so every variable is
 checked before the first byte is read. Torch-free and cheap: the first reads start before torch

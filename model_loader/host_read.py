@@ -252,8 +252,8 @@ class ReadStats:
 class FileSource:
     """One open file: the buffered and O_DIRECT descriptors and the per-chunk read policy.
 
-    ``fd`` is the caller's descriptor; without one (:meth:`open`) the source opens its own and
-    closes it with :meth:`close` (a ``split`` reader thread's own file handle)."""
+    ``fd`` is the caller's descriptor; with ``None`` the source opens its own and closes it with
+    :meth:`close` (a ``split`` reader thread's own file handle)."""
 
     def __init__(self, path: str, fd: int | None, size: int, direct_io: bool | None, stats: ReadStats):
         self.path = path

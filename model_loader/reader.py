@@ -324,8 +324,8 @@ def read_pack(
     ``threads``, ``chunk_bytes``, ``direct_io`` (None: O_DIRECT for chunks not in the page
     cache), ``mapping`` (CPU: ``always``, ``hot`` or ``never`` map the file) and ``layout``
     (``grid`` or ``split``) default to the environment, then to what suits the file's storage
-    (see :func:`model_loader.host_read.resolve_options` and :mod:`model_loader.storage`). ``pool`` is the pinned staging pool for
-    CUDA targets (the process-wide one by default). ``engine`` replaces the CUDA copy engine
+    (see :func:`model_loader.host_read.resolve_options` and :mod:`model_loader.storage`).
+    ``pool`` is the pinned staging pool for CUDA targets (the process-wide one by default). ``engine`` replaces the CUDA copy engine
     (tests run the staged pipeline on the host with it).
     """
     t0 = time.perf_counter()
