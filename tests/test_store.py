@@ -163,6 +163,20 @@ def test_local_source_is_converted_once_and_again_when_it_changes(local_src, tmp
     assert "999" in (second / "scheduler" / "scheduler_config.json").read_text()
 
 
+def test_building_an_entry_reads_no_pack_back_and_publishes_the_digests_of_its_bytes(local_src, tmp_path,
+                                                                                      monkeypatch):
+    import conversion.manifest
+
+    hashed: list[str] = []
+    real = conversion.manifest.hash_file
+    monkeypatch.setattr(conversion.manifest, "hash_file",
+                        lambda path, segments=False: hashed.append(str(path)) or real(path, segments))
+    entry = ensure_converted(str(local_src), root=tmp_path)
+    assert hashed and not [p for p in hashed if p.endswith(".flashpack")]
+    monkeypatch.undo()
+    verify_converted(entry, full=True)  # the digests written are those of the bytes on disk
+
+
 def test_local_source_with_broken_symlinks_converts_and_skips_them(local_src, tmp_path):
     (local_src / "README.link").symlink_to(tmp_path / "nowhere")
     (local_src / "tokenizer" / "notes.link").symlink_to(tmp_path / "nowhere")
