@@ -43,6 +43,7 @@ from fal.toolkit import Image
 from fastapi import FastAPI, HTTPException, Request
 from starlette.responses import StreamingResponse
 
+from conversion.errors import FetchCancelled
 from serving.billing import BillableUnits, image_units
 from serving.cancel import (
     REQUEST_ENDED,
@@ -71,6 +72,7 @@ from serving.schema import (
     preset_size,
     request_models,
     requested_size,
+    runner_load,
 )
 from serving.settings import SettingsError, load_settings, model_source, read_requirements
 from serving.stream import document_stream, event_stream
@@ -288,16 +290,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
         """Generate ``num_images`` images for ``prompt`` (one pipeline call). A client that disconnects,
         or fal's ``POST /cancel``, stops the generation at its next denoising step."""
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
-        loras = await anyio.to_thread.run_sync(self._loras.resolve, input.loras, abandon_on_cancel=True)  # or a 422
-        with self._in_flight.register(request_id_of(request.headers)) as (request_id, flag):
-            async with cancel_on_disconnect(request, flag):
-                try:  # abandoned if this task is cancelled: the flag (below) stops the thread at its next step
-                    return await anyio.to_thread.run_sync(self._text_to_image, input, seed, loras, request_id, flag,
-                                                          None, abandon_on_cancel=True)
-                except GenerationCancelled as exc:
-                    raise RequestCancelledException(str(exc)) from exc
-                finally:
-                    flag.cancel(REQUEST_ENDED)  # a no-op once the generation is over
+        return await self._serve(request, input.loras, partial(self._text_to_image, input, seed))
 
     @fal.endpoint("/stream")
     async def stream(self, input: TextToImageInput, request: Request) -> StreamingResponse:
@@ -305,7 +298,12 @@ class TextToImageApp(fal.App, name=APP_NAME):
         small preview of each image), then a ``result`` event with what POST / returns. A client that
         disconnects, or fal's ``POST /stream/cancel``, stops the generation at its next step."""
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
-        loras = await anyio.to_thread.run_sync(self._loras.resolve, input.loras, abandon_on_cancel=True)  # 422 first
+        with self._in_flight.register(request_id_of(request.headers)) as (_, flag):  # a 422 before any event
+            async with cancel_on_disconnect(request, flag):
+                try:
+                    loras = await self._loras.resolve_async(input.loras, flag)
+                except FetchCancelled as exc:
+                    raise RequestCancelledException(str(exc)) from exc
         width, height = requested_size(input.image_size, self.settings.serving)
         units = image_units(width, height) * input.num_images
         return event_stream(request, self._in_flight, partial(self._text_to_image, input, seed, loras), self._preview,
@@ -349,17 +347,21 @@ class TextToImageApp(fal.App, name=APP_NAME):
         health_check=fal.HealthCheck(start_period_seconds=SETTINGS.deploy.startup_timeout, timeout_seconds=5,
                                      failure_threshold=3, call_regularly=True),
     )
-    def health(self) -> HealthOutput:
-        """Readiness and setup timings (fal also serves this method on GET /health)."""
+    async def health(self) -> HealthOutput:
+        """Readiness, setup timings and the runner's load (fal also serves this method on GET /health).
+        Async, so it answers even when every worker thread is taken."""
         if getattr(self, "pipe", None) is None:
             raise RuntimeError("setup() has not finished: no pipeline is loaded")
+        threads = anyio.to_thread.current_default_thread_limiter()
         return HealthOutput(status="ok", profile=self.settings.profile, model=self.source.display,
                             device=str(self.device), store=str(self.store_path),
                             safety_checker=str(self.checker_path) if self.checker_path else None,
-                            setup_seconds=self.phase_seconds)
+                            setup_seconds=self.phase_seconds,
+                            load=runner_load(self._loras.fetches_in_flight, self._loras.settings.max_fetches,
+                                             int(threads.borrowed_tokens), int(threads.total_tokens)))
 
     def _text_to_image(self, input: Any, seed: int, loras: RequestLoras, request_id: str, flag: CancelFlag,
-                       on_step: Callable[[Step], None] | None) -> TextToImageOutput:
+                       on_step: Callable[[Step], None] | None = None) -> TextToImageOutput:
         """What POST / returns (and POST /stream's last event): all images in one pipeline call, under
         the pipeline lock (with the request's LoRAs, removed after it), then encoded. Runs in a worker thread."""
         width, height = requested_size(input.image_size, self.settings.serving)
@@ -370,21 +372,26 @@ class TextToImageApp(fal.App, name=APP_NAME):
         return TextToImageOutput(**self._screened_and_encoded(input, seed, pictures, timings))
 
     async def _edit(self, kind: str, input: Any, request: Request) -> ImageToImageOutput:
-        """POST /image-to-image and /inpaint: :meth:`_edit_images` in a worker thread, stopped as POST / is."""
+        """POST /image-to-image and /inpaint: :meth:`_edit_images`, served as POST / is."""
         pipe = self._image_pipes.get(kind)
         if pipe is None:
             raise HTTPException(501, f"{kind} is not available for this model ({type(self.pipe).__name__})")
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
-        loras = await anyio.to_thread.run_sync(self._loras.resolve, input.loras, abandon_on_cancel=True)  # or a 422
+        return await self._serve(request, input.loras, partial(self._edit_images, pipe, input, seed))
+
+    async def _serve(self, request: Request, loras: Any, work: Callable[[RequestLoras, str, CancelFlag], Any]) -> Any:
+        """One request: its ``loras`` resolved (or a 422), then ``work(loras, request_id, flag)`` in a
+        worker thread. A client that disconnects, or fal's cancellation call, stops it: a LoRA or image
+        fetch at once (its child killed), a generation at its next denoising step."""
         with self._in_flight.register(request_id_of(request.headers)) as (request_id, flag):
             async with cancel_on_disconnect(request, flag):
-                try:
-                    return await anyio.to_thread.run_sync(self._edit_images, pipe, input, seed, loras, request_id,
-                                                          flag, abandon_on_cancel=True)
-                except GenerationCancelled as exc:
+                try:  # abandoned if this task is cancelled: the flag (below) stops the thread
+                    resolved = await self._loras.resolve_async(loras, flag)
+                    return await anyio.to_thread.run_sync(work, resolved, request_id, flag, abandon_on_cancel=True)
+                except (GenerationCancelled, FetchCancelled) as exc:
                     raise RequestCancelledException(str(exc)) from exc
                 finally:
-                    flag.cancel(REQUEST_ENDED)
+                    flag.cancel(REQUEST_ENDED)  # a no-op once the work is over
 
     def _edit_images(self, pipe: Any, input: Any, seed: int, loras: RequestLoras, request_id: str,
                      flag: CancelFlag) -> ImageToImageOutput:
@@ -392,7 +399,7 @@ class TextToImageApp(fal.App, name=APP_NAME):
         all images in one call of ``pipe`` under the pipeline lock (with the request's LoRAs, removed after
         it), screened and encoded as POST /'s."""
         reading = time.perf_counter()
-        source = read_sources(input, self.settings.serving, self._fetch)
+        source = read_sources(input, self.settings.serving, self._fetch, flag.is_set)
         read = time.perf_counter() - reading
         params = GenerationParams(input.prompt, input.negative_prompt, source.width, source.height,
                                   input.num_inference_steps, input.guidance_scale,

@@ -1,6 +1,8 @@
-"""Single-file checkpoints: which format a file is, and whether it is visibly damaged (truncated).
+"""Single-file checkpoints: which format a file is, and whether it is visibly damaged (truncated,
+or a safetensors header that safetensors would refuse).
 
-Torch-free: the header is parsed within limits (``model_loader.bounded_json``), never executed.
+Torch-free: the header is parsed within limits (``model_loader.bounded_json``), never executed,
+and each tensor's fields are checked before anything indexes them.
 """
 
 from __future__ import annotations
@@ -12,30 +14,80 @@ from typing import Any
 
 from model_loader.bounded_json import loads_bounded
 
+from .errors import shown
+
 _MAX_HEADER_BYTES = 100 << 20  # safetensors caps its header at 100 MB
 
 
 class HeaderError(ValueError):
-    """A file starts like safetensors but its header cannot be read."""
+    """A file starts like safetensors but its header cannot be read, or a field of it is not valid."""
 
 
 def safetensors_header(path: str | os.PathLike[str]) -> tuple[int, dict[str, Any]] | None:
-    """(header length, parsed header) of a safetensors file; None when the file is not safetensors."""
+    """(header length, parsed header) of a safetensors file; None when the file is not safetensors.
+    :class:`HeaderError` when the header is not JSON or a field of it is not what safetensors
+    requires, so callers may index ``dtype``, ``shape`` and ``data_offsets`` as they are."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(9)
-        if len(head) < 9 or head[8:9] != b"{":
+        n = _header_length(f.read(9), size)
+        if n is None:
             return None
-        n = int.from_bytes(head[:8], "little")
-        if not 0 < n < min(size, _MAX_HEADER_BYTES):
-            return None
-        try:
-            header = loads_bounded(b"{" + f.read(n - 1), max_bytes=n)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HeaderError(str(exc)) from None
+        return n, _parse_header(b"{" + f.read(n - 1), n)
+
+
+def safetensors_header_of_bytes(data: bytes) -> tuple[int, dict[str, Any]] | None:
+    """:func:`safetensors_header` of a safetensors file held in memory."""
+    n = _header_length(data[:9], len(data))
+    if n is None:
+        return None
+    return n, _parse_header(data[8:8 + n], n)
+
+
+def _header_length(head: bytes, size: int) -> int | None:
+    """The header length the first 9 bytes of a file of ``size`` bytes declare; None when they are
+    not safetensors' (8-byte length, then ``{``) or the length cannot be right."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    n = int.from_bytes(head[:8], "little")
+    return n if 0 < n < min(size, _MAX_HEADER_BYTES) else None
+
+
+def _parse_header(raw: bytes, n: int) -> dict[str, Any]:
+    try:
+        header = loads_bounded(raw, max_bytes=n)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HeaderError(str(exc)) from None
     if not isinstance(header, dict):
         raise HeaderError("not a JSON object")
-    return n, header
+    _check_header(header)
+    return header
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    """Raise :class:`HeaderError` naming the first tensor and field of a parsed safetensors header
+    that safetensors would refuse: a tensor's ``dtype`` must be a string, its ``shape`` a list of
+    sizes, its ``data_offsets`` two integers ``0 <= begin <= end``; ``__metadata__`` maps strings
+    to strings."""
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise HeaderError("__metadata__ must be a JSON object of strings")
+            continue
+        if not isinstance(info, dict):
+            raise HeaderError(f"tensor {shown(name)} must be a JSON object (dtype, shape, data_offsets)")
+        if not isinstance(info.get("dtype"), str):
+            raise HeaderError(f"tensor {shown(name)}: dtype must be a string")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+            raise HeaderError(f"tensor {shown(name)}: shape must be a list of integers >= 0")
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise HeaderError(f"tensor {shown(name)}: data_offsets must be two integers 0 <= begin <= end")
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def is_safetensors(path: str | os.PathLike[str]) -> bool:
@@ -46,27 +98,30 @@ def is_safetensors(path: str | os.PathLike[str]) -> bool:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why a single-file checkpoint is visibly damaged (truncated), or None.
+    """Why a single-file checkpoint is visibly damaged (truncated, or its header not valid), or None.
 
     safetensors: the header must parse and the file must end where its last tensor ends.
     ``.ckpt`` (a zip): the central directory at the end must be there. Other formats pass.
     """
     try:
         parsed = safetensors_header(path)
-    except HeaderError:
-        return "unreadable safetensors header"
-    size = os.path.getsize(path)
+    except HeaderError as exc:
+        return f"unreadable safetensors header: {exc}"
     if parsed is not None:
-        n, header = parsed
-        ends = [v["data_offsets"][1] for k, v in header.items()
-                if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
-        expected = 8 + n + max(ends, default=0)
-        if size != expected:
-            return f"safetensors file is {size} bytes, its header says {expected}"
-        return None
+        return safetensors_size_problem(*parsed, os.path.getsize(path))
     with open(path, "rb") as f:
         if f.read(2) == b"PK" and not zipfile.is_zipfile(path):
             return "zip (.ckpt) file without its central directory"
+    return None
+
+
+def safetensors_size_problem(n: int, header: dict[str, Any], size: int) -> str | None:
+    """Why a safetensors file of ``size`` bytes is truncated (or has bytes past its last tensor)
+    by its checked header of ``n`` bytes, or None."""
+    ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"safetensors file is {size} bytes, its header says {expected}"
     return None
 
 
@@ -113,8 +168,7 @@ def tensor_shapes(path: str | os.PathLike[str]) -> dict[str, list[int]] | None:
     parsed = safetensors_header(path)
     if parsed is None:
         return None
-    return {name: list(info.get("shape") or []) for name, info in parsed[1].items()
-            if name != "__metadata__" and isinstance(info, dict)}
+    return {name: list(info["shape"]) for name, info in parsed[1].items() if name != "__metadata__"}
 
 
 def detect_pipeline_class(shapes: dict[str, list[int]]) -> tuple[str, str]:

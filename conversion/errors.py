@@ -38,3 +38,25 @@ class DownloadStalledError(DownloadError):
 
 class StoreError(ConversionError):
     """The store on the persistent volume cannot be used (unwritable, busy too long, bad entry)."""
+
+
+class CallerUrlError(SourceError):
+    """A caller's URL (a request's LoRA or input image) could not be fetched; ``kind`` says why
+    (``private_host``, ``status``, ``deadline``, ``too_large``, ...), the message in words, no URL."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class FetchCancelled(ConversionError):
+    """The request a fetch was for was cancelled, or its client went away."""
+
+
+SHOWN_CHARS = 100  # how much of a caller's text a message echoes (a request's fields can be megabytes)
+
+
+def shown(text: str) -> str:
+    """``text`` as a message echoes caller input: the repr of its first :data:`SHOWN_CHARS`
+    characters, with ``...`` after it when it was cut."""
+    return repr(text[:SHOWN_CHARS]) + ("..." if len(text) > SHOWN_CHARS else "")

@@ -1,8 +1,10 @@
 """LoRA files: read into memory (safetensors only), checked against a pipeline, loaded as adapters
 through diffusers' PEFT integration, removed again, or fused into a pipeline before it is packed.
 
-- :func:`read_lora` reads a fetched file: its tensors on the CPU and diffusers' adapter metadata.
-  Anything but safetensors is refused (pickled weights run code when loaded).
+- :func:`read_lora` reads a fetched file (:func:`read_lora_bytes` one held in memory): its tensors
+  on the CPU and diffusers' adapter metadata. Anything but safetensors is refused (pickled weights
+  run code when loaded), and so are values that would wreck the image (NaN, infinity, absurd
+  weights or alphas).
 - :class:`LoraTargets` is what LoRAs can attach to in one pipeline, taken once from the loaded
   pipeline: its LoRA-loadable components and the in/out sizes of their Linear, Conv and Embedding
   modules. :meth:`LoraTargets.check` refuses a LoRA whose layers name modules the pipeline lacks or
@@ -23,10 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 from model_loader import private_api
 from model_loader.bounded_json import loads_bounded
 
-from .checkpoint import HeaderError, checkpoint_problem, safetensors_header
-from .errors import ConversionError, LoraError
+from .checkpoint import HeaderError, safetensors_header, safetensors_header_of_bytes, safetensors_size_problem
+from .errors import SHOWN_CHARS, ConversionError, LoraError, shown
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +52,9 @@ _LAYER_KEY = re.compile(
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+?)\.lora_magnitude_vector(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
 _SHOWN = 3  # examples named in an error
 _MAX_METADATA_BYTES = 1 << 20
+# The largest absolute value a LoRA weight or alpha may have: trained ones are orders of magnitude
+# smaller, and larger ones overflow half precision into an all-black image (which is billed).
+MAX_ABS_VALUE = 1e4
 
 
 @dataclass
@@ -64,27 +70,90 @@ class LoraWeights:
 
 
 def read_lora(path: str | os.PathLike[str], name: str, identity: str) -> LoraWeights:
-    """The LoRA file at ``path``; :class:`LoraError` when it is not a complete safetensors file."""
+    """The LoRA file at ``path``; :class:`LoraError` when it is not a complete safetensors file, or
+    when its values would wreck an image (NaN, infinity, weights or alphas above
+    :data:`MAX_ABS_VALUE`)."""
     import safetensors.torch
 
+    return _read_checked(name, identity, lambda: safetensors_header(path), os.path.getsize(path),
+                         lambda: safetensors.torch.load_file(os.fspath(path), device="cpu"))
+
+
+def read_lora_bytes(data: bytes, name: str, identity: str) -> LoraWeights:
+    """:func:`read_lora` of a LoRA file held in memory (a ``data:`` URI's payload): the same
+    checks, errors and result."""
+    import safetensors.torch
+
+    return _read_checked(name, identity, lambda: safetensors_header_of_bytes(data), len(data),
+                         lambda: safetensors.torch.load(data))
+
+
+def _read_checked(name: str, identity: str, header_of: Callable[[], tuple[int, dict[str, Any]] | None], size: int,
+                  load: Callable[[], dict[str, torch.Tensor]]) -> LoraWeights:
+    """What :func:`read_lora` and :func:`read_lora_bytes` share, for a file of ``size`` bytes:
+    its header checked (``header_of``), then its tensors read (``load``) and checked."""
     try:
-        parsed = safetensors_header(path)
+        parsed = header_of()
     except HeaderError as exc:
         raise LoraError(f"{name}: not a readable safetensors file ({exc})") from None
     if parsed is None:
         raise LoraError(f"{name}: not a safetensors file (LoRAs are read from .safetensors only: pickled "
                         ".bin/.ckpt weights can run code when loaded)")
-    problem = checkpoint_problem(Path(path))
+    problem = safetensors_size_problem(*parsed, size)
     if problem is not None:
         raise LoraError(f"{name}: damaged safetensors file ({problem})")
+    metadata = _adapter_metadata(parsed[1], name)
+    _check_metadata_alphas(metadata, name)
     try:
-        state_dict = safetensors.torch.load_file(os.fspath(path), device="cpu")
+        state_dict = load()
     except Exception as exc:  # safetensors' SafetensorError, or a dtype it cannot map
         raise LoraError(f"{name}: cannot read its tensors: {exc}") from None
     if not state_dict:
         raise LoraError(f"{name}: the safetensors file holds no tensors")
-    return LoraWeights(name, identity, state_dict, _adapter_metadata(parsed[1], name),
+    _check_values(state_dict, name)
+    return LoraWeights(name, identity, state_dict, metadata,
                        sum(t.numel() * t.element_size() for t in state_dict.values()))
+
+
+def _check_values(state_dict: dict[str, torch.Tensor], name: str) -> None:
+    """:class:`LoraError` naming the first tensor holding NaN or infinity, or a value above
+    :data:`MAX_ABS_VALUE` in absolute value (kohya's ``.alpha`` tensors included). One pass and
+    no copy per tensor (``aminmax`` propagates NaN); a tensor of a type it does not take (float8,
+    uint16 to uint64) is copied to float32, one at a time."""
+    import torch
+
+    native = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+              torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    for key, tensor in state_dict.items():
+        if tensor.numel() == 0 or tensor.dtype == torch.bool or tensor.is_complex():
+            continue
+        low, high = (float(v) for v in torch.aminmax(tensor if tensor.dtype in native else tensor.float()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise LoraError(f"{name}: tensor {shown(key)} holds NaN or infinite values")
+        largest = max(-low, high)
+        if largest > MAX_ABS_VALUE:
+            raise LoraError(f"{name}: tensor {shown(key)} holds values up to {largest:g} in absolute value, more "
+                            f"than {MAX_ABS_VALUE:g} (no real LoRA's weights or alphas are that large)")
+
+
+def _check_metadata_alphas(metadata: dict[str, Any] | None, name: str) -> None:
+    """:class:`LoraError` for an alpha in diffusers' ``lora_adapter_metadata`` (``lora_alpha``,
+    ``alpha_pattern``'s values; per component, ``unet.lora_alpha``) that is not a finite number
+    of at most :data:`MAX_ABS_VALUE` in absolute value: PEFT scales the weights by it."""
+    for field_name, value in (metadata or {}).items():
+        if field_name == "lora_alpha" or field_name.endswith(".lora_alpha"):
+            alphas = [(shown(field_name), value)]
+        elif (field_name == "alpha_pattern" or field_name.endswith(".alpha_pattern")) and isinstance(value, dict):
+            alphas = [(f"{shown(field_name)} [{shown(k)}]", v) for k, v in value.items()]
+        else:
+            continue
+        for where, alpha in alphas:
+            # abs(nan) <= bound is False and inf is above it; a bool is no alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not abs(alpha) <= MAX_ABS_VALUE:
+                text = repr(alpha)
+                text = text[:SHOWN_CHARS] + ("..." if len(text) > SHOWN_CHARS else "")
+                raise LoraError(f"{name}: lora_adapter_metadata {where} is {text}: an alpha must be a finite number "
+                                f"of at most {MAX_ABS_VALUE:g} in absolute value")
 
 
 def _adapter_metadata(header: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -11,7 +11,8 @@ raises at the next denoising step once it is set). Two things set it:
   ``x-fal-request-id`` header (fal's "Handle request cancellations" docs); :class:`InFlight` finds
   the request's flag by that id.
 
-Torch-free and without fal imports (FastAPI and pydantic only, for the cancel endpoints).
+Torch-free and without fal imports (FastAPI and pydantic only, for the cancel endpoints; conversion.errors
+for how messages echo caller input).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
+
+from conversion.errors import shown
 
 # fal's request id header: on the request itself and on its cancellation (POST <path>/cancel).
 REQUEST_ID_HEADER = "x-fal-request-id"
@@ -65,11 +68,15 @@ class CancelFlag:
 
 
 class InFlight:
-    """The requests being served, by request id, so a cancellation call can find its request."""
+    """The requests being served, by request id, so a cancellation call can find its request.
+
+    Every flag registered under an id is kept: two requests in flight under one id (a caller
+    reusing ``x-fal-request-id``) are both cancelled by it, and each leaves on its own.
+    """
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._flags: dict[str, CancelFlag] = {}
+        self._flags: dict[str, list[CancelFlag]] = {}
         self._local_ids = itertools.count(1)
 
     @contextlib.contextmanager
@@ -79,22 +86,23 @@ class InFlight:
         flag = CancelFlag()
         with self._guard:
             key = request_id or f"local-{next(self._local_ids)}"
-            self._flags[key] = flag
+            self._flags.setdefault(key, []).append(flag)
         try:
             yield key, flag
         finally:
             with self._guard:
-                if self._flags.get(key) is flag:
+                flags = self._flags[key]
+                flags.remove(flag)
+                if not flags:
                     del self._flags[key]
 
     def cancel(self, request_id: str, reason: str) -> bool:
-        """Set the flag of the request ``request_id``; False when no such request is in flight."""
+        """Set the flag of every request in flight under ``request_id``; False when there is none."""
         with self._guard:
-            flag = self._flags.get(request_id)
-        if flag is None:
-            return False
-        flag.cancel(reason)
-        return True
+            flags = list(self._flags.get(request_id, ()))
+        for flag in flags:
+            flag.cancel(reason)
+        return bool(flags)
 
 
 def cancel_request(in_flight: InFlight, request: Any) -> CancelOutput:
@@ -104,7 +112,7 @@ def cancel_request(in_flight: InFlight, request: Any) -> CancelOutput:
     if request_id is None:
         raise HTTPException(400, f"the {REQUEST_ID_HEADER} header is required: it names the request to cancel")
     if not in_flight.cancel(request_id, f"cancelled through POST {request.url.path}"):
-        raise HTTPException(404, f"no request {request_id!r} is in flight (finished, or never started)")
+        raise HTTPException(404, f"no request {shown(request_id)} is in flight (finished, or never started)")
     return CancelOutput(request_id=request_id, cancelled=True)
 
 

@@ -9,10 +9,12 @@ What an input must be, checked in this order (each failure is a fal ``FieldExcep
 ``{"detail": [{"loc": ["body", "<field>"], "msg": "<field>: ...", "type": "..."}]}``):
 
 - **readable**: a ``data:`` URI whose payload decodes (base64 or percent-encoded), or an https URL
-  that answers 2xx within :data:`FETCH_TIMEOUT_S` per connect/read with at most
-  :data:`MAX_DOWNLOAD_BYTES` (fal's own limit for input images, ``fal.toolkit.image``). The fetch is
-  fal's SSRF-safe client (``fal.toolkit.utils.ssrf``): https only, also after redirects, and never to
-  a private, loopback or link-local address. A ``data:`` URI is bounded by the request body limit.
+  that answers 2xx within :data:`FETCH_TIMEOUT_S` per connect/read and ``[serving]
+  image_fetch_timeout_s`` in all, with at most :data:`MAX_DOWNLOAD_BYTES` (fal's own limit for input
+  images, ``fal.toolkit.image``). The fetch is fal's SSRF-safe client (``fal.toolkit.utils.ssrf``) in
+  a child that is killed at the deadline or when the request is cancelled: https only, also after
+  redirects, and never to a private, loopback or link-local address (refused before any
+  connection). A ``data:`` URI is bounded by the request body limit.
 - **an image**: PNG, JPEG, WebP, GIF or BMP, identified from its bytes (the declared media type is
   not trusted); anything else, or bytes that fail to decode, is refused. Of an animated image the
   first frame is used.
@@ -29,17 +31,18 @@ What an input must be, checked in this order (each failure is a fal ``FieldExcep
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote_to_bytes
 
 from fal.exceptions import FieldException
+from fastapi import HTTPException
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from conversion.download.caller_url import FetchLimits
 
 # fal's limit for an input image it downloads (fal.toolkit.image.MAX_IMAGE_DOWNLOAD_SIZE: 50 MiB).
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
@@ -53,8 +56,8 @@ FORMATS_TEXT = "PNG, JPEG, WebP, GIF or BMP"
 # Modes refused: more than 8 bits per channel, or floats.
 DEEP_MODES = ("I", "F")
 
-# What reads the bytes of an https URL: (url, timeout_s, max_bytes) -> bytes; raises on failure.
-Fetch = Callable[[str, float, int], bytes]
+# What reads the bytes of an https URL: (url, limits, cancelled) -> bytes; raises on failure.
+Fetch = Callable[["str", "FetchLimits", Callable[[], bool]], bytes]
 
 
 def url_problem(value: str, field: str) -> str | None:
@@ -68,36 +71,54 @@ def url_problem(value: str, field: str) -> str | None:
     return f"{field} must be an https:// URL or a data: URI"
 
 
-def fetch_https(url: str, timeout_s: float, max_bytes: int) -> bytes:
-    """The body of ``url`` through fal's SSRF-safe client: https only (redirects too), public
-    addresses only, at most ``max_bytes``; raises on any failure or non-2xx answer."""
-    from fal.toolkit.utils.ssrf import ssrf_safe_get
+def fetch_limits(deadline_s: float) -> FetchLimits:
+    """fal's size limit for an input image, :data:`FETCH_TIMEOUT_S` per read, ``deadline_s`` in all."""
+    from conversion.download.caller_url import FetchLimits
 
-    response = ssrf_safe_get(url, timeout=timeout_s, max_size=max_bytes, allowed_schemes=frozenset({"https"}))
-    return response.content
+    return FetchLimits(max_bytes=MAX_DOWNLOAD_BYTES, deadline_s=deadline_s, read_timeout_s=FETCH_TIMEOUT_S)
 
 
-def read_url(url: str, field: str, fetch: Fetch = fetch_https) -> bytes:
+def fetch_https(url: str, limits: FetchLimits, cancelled: Callable[[], bool]) -> bytes:
+    """The body of ``url`` through fal's SSRF-safe client in a killable child
+    (``conversion.download.caller_url``): https only (redirects too), public addresses only, within
+    ``limits``, stopped when ``cancelled()``; raises on any failure or non-2xx answer."""
+    import tempfile
+
+    from conversion.download.caller_url import fetch_to_file
+
+    with tempfile.TemporaryDirectory(prefix="image-fetch-") as tmp:
+        target = Path(tmp) / "body"
+        fetch_to_file(url, target, limits, cancelled)
+        return target.read_bytes()
+
+
+def read_url(url: str, field: str, fetch: Fetch, limits: FetchLimits,
+             cancelled: Callable[[], bool] = lambda: False) -> bytes:
     """The bytes ``url`` (a request's ``field``) stands for: a ``data:`` URI's payload, or an https
-    URL's body fetched with ``fetch``. Raises a 422 ``FieldException`` naming ``field``."""
+    URL's body fetched with ``fetch``. Raises a 422 ``FieldException`` naming ``field`` (a 507 when
+    the local disk is full; FetchCancelled when the request was cancelled meanwhile)."""
+    from conversion.errors import DiskFullError, FetchCancelled
+
     if url.startswith("data:"):
         return _data_uri_payload(url, field)
     try:
-        return fetch(url, FETCH_TIMEOUT_S, MAX_DOWNLOAD_BYTES)
-    except Exception as exc:  # DNS, connect, TLS, timeout, HTTP status, size: all the client's URL
+        return fetch(url, limits, cancelled)
+    except FetchCancelled:
+        raise
+    except DiskFullError as exc:
+        raise HTTPException(507, f"{field} could not be stored while it was fetched: {exc}") from None
+    except Exception as exc:  # DNS, connect, TLS, timeout, deadline, HTTP status, size: all the caller's URL
         raise _refused(field, "image_unreachable", f"could not be fetched: {_reason(exc)}") from exc
 
 
 def _data_uri_payload(url: str, field: str) -> bytes:
-    header, comma, payload = url[len("data:"):].partition(",")
-    if not comma:
-        raise _refused(field, "image_data_uri", "is not a valid data: URI (no comma before the data)")
-    if header.lower().endswith(";base64"):
-        try:
-            return base64.b64decode("".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise _refused(field, "image_data_uri", "is a data: URI whose base64 data is invalid") from exc
-    return unquote_to_bytes(payload)
+    from conversion.download.caller_url import data_uri_payload
+    from conversion.errors import CallerUrlError
+
+    try:
+        return data_uri_payload(url)
+    except CallerUrlError as exc:
+        raise _refused(field, "image_data_uri", f"is {exc}") from None
 
 
 def decode_image(data: bytes, field: str, max_pixels: int) -> Image:

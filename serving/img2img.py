@@ -25,12 +25,13 @@ torch and diffusers are imported inside the functions: importing this module sta
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fal.exceptions import FieldException
 
-from .images import Fetch, check_same_size, decode_image, decode_mask, fetch_https, read_url
+from .images import Fetch, check_same_size, decode_image, decode_mask, fetch_https, fetch_limits, read_url
 from .schema import requested_size
 from .settings import PIXEL_MULTIPLE, ServingSettings, size_problem
 
@@ -93,17 +94,21 @@ class SourceImages:
     height: int
 
 
-def read_sources(input: Any, serving: ServingSettings, fetch: Fetch = fetch_https) -> SourceImages:
+def read_sources(input: Any, serving: ServingSettings, fetch: Fetch = fetch_https,
+                 cancelled: Callable[[], bool] = lambda: False) -> SourceImages:
     """The input images of an image-to-image (``image_url``) or inpainting (``+ mask_url``) request,
     read, decoded and checked (:mod:`serving.images`), at the output size. Raises a 422
-    ``FieldException`` naming the field."""
+    ``FieldException`` naming the field; each https fetch ends by ``[serving] image_fetch_timeout_s``
+    or when ``cancelled()``."""
     from PIL import Image as PILImage
 
-    image = decode_image(read_url(input.image_url, "image_url", fetch), "image_url", serving.max_pixels)
+    limits = fetch_limits(serving.image_fetch_timeout_s)
+    image = decode_image(read_url(input.image_url, "image_url", fetch, limits, cancelled), "image_url",
+                         serving.max_pixels)
     mask_url = getattr(input, "mask_url", None)
     mask = None
     if mask_url is not None:
-        mask = decode_mask(read_url(mask_url, "mask_url", fetch), "mask_url", serving.max_pixels)
+        mask = decode_mask(read_url(mask_url, "mask_url", fetch, limits, cancelled), "mask_url", serving.max_pixels)
         check_same_size(image, mask, "mask_url")
     width, height = output_size(input.image_size, image, serving)
     if image.size != (width, height):

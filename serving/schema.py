@@ -400,6 +400,26 @@ class ImageToImageOutput(TextToImageOutput):
     answer the same fields)."""
 
 
+class RunnerLoad(BaseModel):
+    """What this runner is busy with, as /health reports it."""
+
+    lora_fetches: int = Field(description="LoRA fetches in flight on this runner.", examples=[1])
+    lora_fetch_limit: int = Field(description="At most this many at once ([lora] max_fetches); more get 503.",
+                                  examples=[4])
+    worker_threads_busy: int = Field(description="Worker threads in use (requests running or waiting for the model).",
+                                     examples=[2])
+    worker_threads: int = Field(description="Worker threads in all.", examples=[40])
+    saturated: bool = Field(description="True while every LoRA fetch slot or every worker thread is taken.",
+                            examples=[False])
+
+
+def runner_load(lora_fetches: int, lora_fetch_limit: int, threads_busy: int, threads: int) -> RunnerLoad:
+    """The load /health reports; saturated when either pool is full."""
+    return RunnerLoad(lora_fetches=lora_fetches, lora_fetch_limit=lora_fetch_limit, worker_threads_busy=threads_busy,
+                      worker_threads=threads,
+                      saturated=lora_fetches >= lora_fetch_limit or threads_busy >= threads)
+
+
 class HealthOutput(BaseModel):
     status: Literal["ok"] = Field(description="'ok' once setup() has finished.", examples=["ok"])
     profile: str = Field(description="The fal.toml profile being served.", examples=["default"])
@@ -416,6 +436,10 @@ class HealthOutput(BaseModel):
         description="Duration of each setup phase: lookup, store, load, warmup, total.",
         examples=[{"lookup": 0.01, "store": 0.0, "load": 1.9, "warmup": 1.2, "total": 3.4}],
     )
+    load: RunnerLoad | None = Field(
+        default=None, description="What the runner is busy with now.",
+        examples=[{"lora_fetches": 0, "lora_fetch_limit": 4, "worker_threads_busy": 1, "worker_threads": 40,
+                   "saturated": False}])
 
 
 # What a request's image_size means in pixels

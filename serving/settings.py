@@ -156,6 +156,7 @@ class ServingSettings(_Strict):
     output: Literal["cdn", "data_uri"] = "cdn"
     warmup_sizes: list[PresetName] = []
     warmup_steps: int = Field(default=1, ge=1)
+    image_fetch_timeout_s: float = Field(default=30.0, ge=1, le=600, allow_inf_nan=False)
     presets: PresetSettings
 
     @model_validator(mode="after")
@@ -180,13 +181,25 @@ class ServingSettings(_Strict):
 
 
 class LoraSettings(_Strict):
-    """A request's ``loras``: how many, how strong, how large a file, and how many bytes of read
-    LoRAs stay in memory (a least-recently-used cache; 0 keeps none)."""
+    """A request's ``loras``: how many, how strong, how large a file, how many bytes of read LoRAs
+    stay in memory (a least-recently-used cache; 0 keeps none), how many bytes of fetched files
+    stay on the volume (shared by every runner, least recently used evicted first), how long one
+    fetch may take and how many run at once on a runner."""
 
     max_loras: int = Field(default=3, ge=0, le=MAX_LORAS_LIMIT)
     max_scale: float = Field(default=1.0, gt=0, le=MAX_LORA_SCALE_LIMIT, allow_inf_nan=False)
     max_file_mb: int = Field(default=1024, ge=1, le=MAX_LORA_FILE_MB_LIMIT)
     cache_mb: int = Field(default=4096, ge=0, le=1024 * 1024)
+    volume_mb: int = Field(default=20480, ge=1, le=1024 * 1024)
+    fetch_timeout_s: float = Field(default=120.0, ge=1, le=3600, allow_inf_nan=False)
+    max_fetches: int = Field(default=4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LoraSettings":
+        if self.volume_mb < self.max_file_mb:
+            raise ValueError(f"volume_mb ({self.volume_mb}) is less than max_file_mb ({self.max_file_mb}): "
+                             "one LoRA file must fit in the volume's budget")
+        return self
 
 
 class CompileSettings(_Strict):

@@ -100,3 +100,30 @@ def juicefs_volume():
         pytest.skip(f"no JuiceFS volume: {exc}")
     with vol:
         yield vol
+
+
+@pytest.fixture(scope="session")
+def hostile_https(tmp_path_factory):
+    """tests/https_server.py's hostile https server on a public address of the loopback interface,
+    its certificate trusted through SSL_CERT_FILE (children inherit it). Skips, with the reason in
+    pytest's summary, where the machine cannot add the address (not root, no ``ip``)."""
+    import os
+
+    from https_server import Unavailable, start
+
+    if os.geteuid() != 0:
+        pytest.skip("no hostile https server: adding its address to the loopback interface needs root")
+    try:
+        server, ca_file, stop = start(tmp_path_factory.mktemp("hostile-https"))
+    except Unavailable as exc:
+        pytest.skip(f"no hostile https server: {exc}")
+    saved = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = ca_file
+    try:
+        yield server
+    finally:
+        stop()
+        if saved is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = saved

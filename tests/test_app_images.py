@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from test_app import BATCH_TOLERANCE_LEVELS, RecordingPipe, image_bytes, levels, pixels, served
 from tiny_models import make_tiny_sd_passthrough
 
+from conversion.download.caller_url import FetchLimits
 from serving.img2img import ImagePipelines
 from serving.settings import ModelSettings
 
@@ -299,7 +300,7 @@ BAD_INPUTS = [
     ("image_url", "/image-to-image", {"image_url": data_uri(PILImage.new("RGB", (16, 16)))},
      "is 16x16, served as 16x16: width 16 is outside [32, 512]; give image_size to resize it"),
     ("image_url", "/image-to-image", {"image_url": "https://localhost/cat.png"},
-     "could not be fetched: Hostname resolves to a non-routable address"),
+     "could not be fetched: its host is a private, loopback or link-local address"),
     ("image_url", "/image-to-image", {"image_url": "http://example.com/cat.png"}, "must be an https:// URL or a data: URI"),
     ("image_url", "/image-to-image", {"image_url": "ftp://example.com/cat.png"}, "must be an https:// URL or a data: URI"),
     ("image_url", "/image-to-image", {"image_url": "https://example.com/" + "x" * 2048}, "at most 2048 characters"),
@@ -345,15 +346,16 @@ def test_the_server_keeps_serving_after_bad_images(served):
 def test_a_fetched_image_is_decoded_like_a_data_uri(served, monkeypatch):
     png = png_bytes(PILImage.fromarray(noise(64, 48)))
     asked = []
-    monkeypatch.setattr(served.app, "_fetch", lambda url, timeout, limit: asked.append((url, timeout, limit)) or png)
+    monkeypatch.setattr(served.app, "_fetch", lambda url, limits, cancelled: asked.append((url, limits)) or png)
     fetched = edit(served.client, image_url="https://images.example.com/cat.png", seed=4)
     inline = edit(served.client, seed=4)
-    assert asked == [("https://images.example.com/cat.png", 10.0, 50 * 1024 * 1024)]
+    assert asked == [("https://images.example.com/cat.png", FetchLimits(50 * 1024 * 1024, deadline_s=30.0,
+                                                                        read_timeout_s=10.0))]
     assert image_bytes(fetched["images"][0]) == image_bytes(inline["images"][0])
 
 
 def test_an_unreachable_url_is_422_naming_it_with_the_reason(served, monkeypatch):
-    def timeout(url, timeout_s, limit):
+    def timeout(url, limits, cancelled):
         raise TimeoutError("timed out")
 
     monkeypatch.setattr(served.app, "_fetch", timeout)

@@ -209,7 +209,9 @@ def test_a_lora_changes_its_own_request_only_and_a_foreign_one_is_422_over_http(
     before = image_bytes(post(server, seed=31))
     with_lora = image_bytes(post(server, seed=31, loras=[{"path": lora, "scale": 1.0}]))
     assert image_bytes(post(server, seed=31)) == before and with_lora != before
-    assert (server["root"] / ".fal" / "model_weights" / url_hash(lora)).is_dir()  # fetched onto the volume
+    # a data: URI is read from the request: nothing reaches the volume
+    assert not (server["root"] / ".cache" / "loras").exists()
+    assert not (server["root"] / ".fal" / "model_weights" / url_hash(lora)).exists()
     foreign = data_uri(make_tiny_lora(tmp_path / "sdxl", tiny_sdxl_pipeline().unet, seed=1))
     for bad, message in ((foreign, "not a LoRA for this model's architecture"), ("http://example.com/a.safetensors",
                                                                                  "http: URLs are not accepted")):

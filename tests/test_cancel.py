@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
+
+import pytest
+from fastapi import HTTPException
 
 from serving.cancel import (
     CLIENT_DISCONNECTED,
@@ -11,6 +15,7 @@ from serving.cancel import (
     InFlight,
     acquire_unless_cancelled,
     cancel_on_disconnect,
+    cancel_request,
     request_id_of,
 )
 
@@ -40,6 +45,51 @@ def test_a_request_without_a_fal_id_gets_a_distinct_local_one():
 
 def test_cancelling_an_unknown_request_reports_false():
     assert InFlight().cancel("nobody", "test") is False
+
+
+def test_two_requests_in_flight_under_one_id_are_both_cancelled():
+    in_flight = InFlight()
+    with in_flight.register("dup") as (_, first), in_flight.register("dup") as (_, second):
+        assert in_flight.cancel("dup", "test") is True
+        assert first.is_set() and second.is_set()
+
+
+def test_the_first_of_two_requests_under_one_id_stays_reachable_after_the_second_ends():
+    in_flight = InFlight()
+    with in_flight.register("dup") as (_, first):
+        with in_flight.register("dup") as (_, second):
+            pass
+        assert in_flight.cancel("dup", "test") is True
+        assert first.is_set() and not second.is_set()
+    assert in_flight.cancel("dup", "test") is False
+
+
+def test_the_second_of_two_requests_under_one_id_stays_reachable_after_the_first_ends():
+    in_flight = InFlight()
+    first_block = in_flight.register("dup")
+    _, first = first_block.__enter__()
+    with in_flight.register("dup") as (_, second):
+        first_block.__exit__(None, None, None)
+        assert in_flight.cancel("dup", "test") is True
+        assert second.is_set() and not first.is_set()
+    assert in_flight.cancel("dup", "test") is False
+
+
+def cancel_call(request_id: str) -> SimpleNamespace:
+    return SimpleNamespace(headers={"x-fal-request-id": request_id}, url=SimpleNamespace(path="/cancel"))
+
+
+def test_the_404_for_an_unknown_request_echoes_its_id_cut_at_100_characters():
+    with pytest.raises(HTTPException) as refused:
+        cancel_request(InFlight(), cancel_call("x" * 100_000))
+    assert refused.value.status_code == 404
+    assert refused.value.detail == f"no request {'x' * 100!r}... is in flight (finished, or never started)"
+
+
+def test_the_404_for_an_unknown_request_echoes_a_short_id_whole():
+    with pytest.raises(HTTPException) as refused:
+        cancel_request(InFlight(), cancel_call("no-such-request"))
+    assert refused.value.detail == "no request 'no-such-request' is in flight (finished, or never started)"
 
 
 def test_the_request_id_comes_from_falls_header():

@@ -504,3 +504,16 @@ def test_convert_repo_id_goes_through_the_store(tmp_path, monkeypatch, capsys):
     assert cli.main(["convert", "org/tiny-sd", "--dtype", "bf16", "--revision", "abc123", "--variant", "fp16"]) == 0
     assert calls == [("org/tiny-sd", None, torch.bfloat16, {"revision": "abc123", "variant": "fp16"})]
     assert capsys.readouterr().out == f"{tmp_path / 'store' / 'entry'}\n"
+
+
+def test_convert_a_single_file_whose_header_is_damaged_names_the_source_and_the_field(tmp_path, monkeypatch, capsys):
+    from conversion.sources import parse_source
+    from tests.single_files import data_url
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, "16"]}}).encode()
+    url = data_url(len(header).to_bytes(8, "little") + header + bytes(16))
+    monkeypatch.setenv("APP_DATA_ROOT", str(tmp_path))
+    assert cli.main(["-q", "convert", url]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {parse_source(url).display}: the downloaded file is not a valid checkpoint (unreadable safetensors "
+        "header: tensor 'w': data_offsets must be two integers 0 <= begin <= end)")

@@ -247,11 +247,38 @@ def test_truncated_cached_checkpoint_is_downloaded_again(tmp_path, caplog):
     assert not cached.exists()
 
 
+def test_a_cached_download_whose_name_starts_with_dot_fal_is_found_beside_fals_own_files(tmp_path, monkeypatch):
+    payload = os.urandom(4096)
+    url = data_url(payload)
+    weights = fal_weights_dir(tmp_path, url)
+    weights.mkdir(parents=True)
+    (weights / ".fal_model.safetensors").write_bytes(payload)  # the server's Content-Disposition name
+    for own in (".fal_used", ".fal_download.tmp.k3j2", "..fal_download.tmp.k3j2.tmp.x9"):
+        (weights / own).write_bytes(b"fal's own")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was started for a cached file")
+
+    monkeypatch.setattr(url_download, "run_child", no_download)
+    assert fetch_url(parse_source(url), tmp_path, FAST) == weights / ".fal_model.safetensors"
+
+
+def test_fals_marker_and_temporary_files_alone_are_no_cached_download(tmp_path):
+    payload = os.urandom(4096)
+    url = data_url(payload)
+    weights = fal_weights_dir(tmp_path, url)
+    weights.mkdir(parents=True)
+    for own in (".fal_used", ".fal_download.tmp.k3j2", "..fal_download.tmp.k3j2.tmp.x9"):
+        (weights / own).write_bytes(b"fal's own")
+    path = fetch_url(parse_source(url), tmp_path, FAST)
+    assert path.parent == weights and path.read_bytes() == payload
+
+
 def test_safetensors_header_nested_100000_deep_is_reported_as_unreadable(tmp_path):
     header = b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     path = tmp_path / "model.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header)
-    assert checkpoint_problem(path) == "unreadable safetensors header"
+    assert checkpoint_problem(path) == "unreadable safetensors header: nested more than 64 levels deep"
 
 
 def test_url_download_outside_fals_volume_leaves_fals_download_paths_alone(tmp_path):

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 import conversion.download.lora as lora_download
+from conversion.download.lora_files import LoraFile
 from conversion.errors import LoraError
-from conversion.lora import LoraTargets, adapters, load_adapter, read_lora, remove_adapters
+from conversion.lora import LoraTargets, adapters, load_adapter, read_lora, read_lora_bytes, remove_adapters
 from conversion.sources import url_hash
 from model_loader import load_pipeline
 from serving.generate import GenerationParams, run_generation
@@ -224,6 +225,164 @@ def test_a_lora_for_this_architecture_passes_and_counts_its_layers_per_component
 
 
 # --------------------------------------------------------------------------------------------------
+# Refused when its values would wreck the image (NaN, infinity, absurd magnitudes)
+
+LORA_B = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"
+
+
+def rewritten(src: Path, dst: Path, tensors: dict | None = None, metadata: dict | None = None) -> Path:
+    """The LoRA file ``src`` written to ``dst`` with ``tensors`` replacing or adding some of its
+    own and ``metadata`` merged into its header's (a hostile or broken file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(src), "pt") as f:
+        header = f.metadata() or {}
+    save_file({**load_file(src), **(tensors or {})}, dst, metadata={**header, **(metadata or {})})
+    return dst
+
+
+def one_value(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    out = tensor.clone()
+    out.view(-1)[out.numel() // 2] = value
+    return out
+
+
+def lora_b(files) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(files.demo), "pt") as f:
+        return f.get_tensor(LORA_B)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_a_lora_with_one_nan_or_infinite_value_is_refused_naming_the_file_and_tensor(files, tmp_path, value):
+    path = rewritten(files.demo, tmp_path / "bad.safetensors", {LORA_B: one_value(lora_b(files), value)})
+    with pytest.raises(LoraError) as refused:
+        read_lora(path, "bad.safetensors", "t")
+    assert str(refused.value) == f"bad.safetensors: tensor {LORA_B!r} holds NaN or infinite values"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_half_precision_lora_with_a_nan_is_refused(files, tmp_path, dtype):
+    path = rewritten(files.demo, tmp_path / "half.safetensors", {LORA_B: one_value(lora_b(files), float("nan")).to(dtype)})
+    with pytest.raises(LoraError) as refused:
+        read_lora(path, "half", "t")
+    assert str(refused.value) == f"half: tensor {LORA_B!r} holds NaN or infinite values"
+
+
+def test_a_float8_lora_with_an_infinite_value_is_refused(files, tmp_path):
+    spoilt = one_value(lora_b(files), float("inf")).to(torch.float8_e5m2)
+    path = rewritten(files.demo, tmp_path / "f8.safetensors", {LORA_B: spoilt})
+    with pytest.raises(LoraError) as refused:
+        read_lora(path, "f8", "t")
+    assert str(refused.value) == f"f8: tensor {LORA_B!r} holds NaN or infinite values"
+
+
+def test_a_lora_whose_weights_are_all_infinite_is_refused(tmp_path):
+    path = tmp_path / "inf.safetensors"
+    save_file({"unet.a.to_q.lora_A.weight": torch.full((4, 8), float("inf")),
+               "unet.a.to_q.lora_B.weight": torch.full((8, 4), float("inf"))}, path)
+    with pytest.raises(LoraError) as refused:
+        read_lora(path, "inf", "t")
+    assert str(refused.value) == "inf: tensor 'unet.a.to_q.lora_A.weight' holds NaN or infinite values"
+
+
+def test_a_lora_weight_above_the_bound_is_refused_saying_the_bound(files, tmp_path):
+    path = rewritten(files.demo, tmp_path / "huge.safetensors", {LORA_B: one_value(lora_b(files), -2e4)})
+    with pytest.raises(LoraError) as refused:
+        read_lora(path, "huge", "t")
+    assert str(refused.value) == (f"huge: tensor {LORA_B!r} holds values up to 20000 in absolute value, more than "
+                                  "10000 (no real LoRA's weights or alphas are that large)")
+
+
+def test_a_lora_weight_at_the_bound_is_read(files, tmp_path):
+    path = rewritten(files.demo, tmp_path / "edge.safetensors", {LORA_B: one_value(lora_b(files), 1e4)})
+    assert read_lora(path, "edge", "t").state_dict[LORA_B].abs().max() == 1e4
+
+
+def test_a_kohya_network_alpha_above_the_bound_is_refused(files, tmp_path):
+    alpha = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q.alpha"
+    path = rewritten(files.demo, tmp_path / "alpha.safetensors", {alpha: torch.tensor(1e5)})
+    with pytest.raises(LoraError) as refused:
+        read_lora(path, "alpha", "t")
+    assert str(refused.value) == (f"alpha: tensor {alpha!r} holds values up to 100000 in absolute value, more than "
+                                  "10000 (no real LoRA's weights or alphas are that large)")
+
+
+def test_a_kohya_network_alpha_that_is_not_finite_is_refused(files, tmp_path):
+    alpha = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q.alpha"
+    path = rewritten(files.demo, tmp_path / "alpha.safetensors", {alpha: torch.tensor(float("nan"), dtype=torch.float16)})
+    with pytest.raises(LoraError) as refused:
+        read_lora(path, "alpha", "t")
+    assert str(refused.value) == f"alpha: tensor {alpha!r} holds NaN or infinite values"
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (1e38, "1e+38"), (-20000, "-20000"), (float("inf"), "inf"), (float("nan"), "nan"), ("8", "'8'"), (True, "True"),
+], ids=repr)
+def test_a_metadata_lora_alpha_that_is_not_a_finite_number_within_the_bound_is_refused(files, tmp_path, value, shown):
+    import json
+
+    metadata = {**json.loads(_metadata_of(files.alpha_meta)), "unet.lora_alpha": value}
+    path = rewritten(files.alpha_meta, tmp_path / "meta.safetensors",
+                     metadata={"lora_adapter_metadata": json.dumps(metadata)})
+    with pytest.raises(LoraError) as refused:
+        read_lora(path, "meta", "t")
+    assert str(refused.value) == (f"meta: lora_adapter_metadata 'unet.lora_alpha' is {shown}: an alpha must be a "
+                                  "finite number of at most 10000 in absolute value")
+
+
+def test_a_metadata_alpha_pattern_value_above_the_bound_is_refused(files, tmp_path):
+    import json
+
+    metadata = json.loads(_metadata_of(files.alpha_meta))
+    metadata["unet.alpha_pattern"] = {"down_blocks.0": 4, "up_blocks.1": 1e30}
+    path = rewritten(files.alpha_meta, tmp_path / "meta.safetensors",
+                     metadata={"lora_adapter_metadata": json.dumps(metadata)})
+    with pytest.raises(LoraError) as refused:
+        read_lora(path, "meta", "t")
+    assert str(refused.value) == ("meta: lora_adapter_metadata 'unet.alpha_pattern' ['up_blocks.1'] is 1e+30: an alpha "
+                                  "must be a finite number of at most 10000 in absolute value")
+
+
+def _metadata_of(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["lora_adapter_metadata"]
+
+
+def test_the_same_lora_as_bytes_reads_as_it_does_from_its_file(files):
+    from_file = read_lora(files.alpha_meta, "alpha", "t")
+    from_bytes = read_lora_bytes(files.alpha_meta.read_bytes(), "alpha", "t")
+    assert from_bytes.state_dict.keys() == from_file.state_dict.keys()
+    assert all(torch.equal(from_bytes.state_dict[k], v) for k, v in from_file.state_dict.items())
+    assert (from_bytes.name, from_bytes.identity, from_bytes.metadata, from_bytes.nbytes) == (
+        from_file.name, from_file.identity, from_file.metadata, from_file.nbytes)
+
+
+def test_truncated_lora_bytes_are_refused_saying_the_sizes(files):
+    data = files.demo.read_bytes()
+    with pytest.raises(LoraError) as refused:
+        read_lora_bytes(data[:-100], "cut", "t")
+    assert str(refused.value) == (f"cut: damaged safetensors file (safetensors file is {len(data) - 100} bytes, its "
+                                  f"header says {len(data)})")
+
+
+def test_lora_bytes_that_are_not_safetensors_are_refused(files):
+    with pytest.raises(LoraError, match=r"^notes: not a safetensors file \(LoRAs are read from \.safetensors only"):
+        read_lora_bytes(files.text.read_bytes(), "notes", "t")
+
+
+def test_lora_bytes_holding_a_nan_are_refused(files, tmp_path):
+    path = rewritten(files.demo, tmp_path / "bad.safetensors", {LORA_B: one_value(lora_b(files), float("nan"))})
+    with pytest.raises(LoraError) as refused:
+        read_lora_bytes(path.read_bytes(), "bad", "t")
+    assert str(refused.value) == f"bad: tensor {LORA_B!r} holds NaN or infinite values"
+
+
+# --------------------------------------------------------------------------------------------------
 # Fetched once; the cache in memory is bounded
 
 
@@ -242,16 +401,14 @@ def no_downloads(monkeypatch):
     monkeypatch.setattr(lora_download, "run_child", refuse)
 
 
-def test_a_data_uri_lora_is_fetched_once_into_fals_layout_and_found_there_offline_later(pipe, files, tmp_path,
-                                                                                      monkeypatch):
+def test_a_data_uri_lora_is_read_from_the_request_and_never_stored(pipe, files, tmp_path, monkeypatch):
     uri = data_uri(files.demo)
-    first = library(pipe, tmp_path).resolve([lora(uri)])
-    [stored] = (tmp_path / ".fal" / "model_weights" / url_hash(uri)).iterdir()
-    assert stored.read_bytes() == files.demo.read_bytes()
     no_downloads(monkeypatch)
+    first = library(pipe, tmp_path).resolve([lora(uri)])
     again = library(pipe, tmp_path).resolve([lora(uri, 0.5)])  # a fresh process's library: nothing in memory
     assert again.loras[0][1].identity == first.loras[0][1].identity == f"url:{url_hash(uri)}"
     assert again.loras[0][2] == 0.5
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_lora_over_the_file_size_limit_is_refused_and_nothing_is_kept(pipe, files, tmp_path):
@@ -266,8 +423,8 @@ def test_a_lora_over_the_file_size_limit_is_refused_and_nothing_is_kept(pipe, fi
 
 def test_the_cache_keeps_the_most_recently_used_loras_within_its_bytes(pipe, files, tmp_path, monkeypatch):
     paths = {f"org/lora-{i}": make_tiny_lora(tmp_path / f"l{i}", pipe.unet, seed=i, rank=30) for i in range(3)}
-    monkeypatch.setattr(lora_download, "fetch_lora",
-                        lambda ref, root, **kw: lora_download.FetchedLora(paths[ref.repo], f"hub:{ref.repo}"))
+    monkeypatch.setattr(lora_download, "fetch_request_lora",
+                        lambda ref, files, **kw: LoraFile(paths[ref.repo], f"hub:{ref.repo}"))
     lib = library(pipe, tmp_path, cache_mb=1)
     size = weights_of(paths["org/lora-0"]).nbytes
     assert 0.4 * MB < size <= 0.5 * MB  # two fit in 1 MiB, three do not

@@ -17,13 +17,16 @@ from conversion.sources import (
     HubCheckerSource,
     HubConfigSource,
     HubFileSource,
+    HubLora,
     HubSource,
     LocalCheckerSource,
     LocalSource,
+    LoraPathError,
     RandomDemoSource,
     UrlSource,
     directory_fingerprint,
     parse_checker_source,
+    parse_lora_path,
     parse_source,
 )
 from conversion.sources.demo import TRAINED_PIPELINE
@@ -459,3 +462,73 @@ def test_demo_without_its_committed_weights_says_they_are_missing(tmp_path, monk
     monkeypatch.setattr(demo, "TRAINED_PIPELINE", tmp_path / "pipeline")
     with pytest.raises(SourceError, match=r"the demo model's committed weights are missing .*conversion.demo train"):
         DemoSource().offline_identity(NoRefs())
+
+
+# ---------------------------------------------------------------------------------------------
+# A LoRA's path: lengths the Hub and filesystems allow, caller input echoed in part
+
+
+def test_a_lora_repo_at_the_hubs_length_limits_is_a_hub_lora():
+    org, name, file = "o" * 96, "n" * 96, "f" * 243 + ".safetensors"
+    assert parse_lora_path(f"{org}/{name}@{'r' * 255}/{file}") == HubLora(f"{org}/{name}", file, "r" * 255)
+
+
+def test_a_lora_repo_name_longer_than_96_characters_is_refused_saying_the_limit():
+    text = "org/" + "n" * 300
+    with pytest.raises(LoraPathError) as refused:
+        parse_lora_path(text)
+    assert str(refused.value) == (f"{text[:100]!r}...: the repo name {'n' * 100!r}... is 300 characters long; "
+                                  "Hugging Face allows at most 96")
+
+
+def test_a_lora_repo_org_longer_than_96_characters_is_refused_saying_the_limit():
+    text = "o" * 97 + "/name"
+    with pytest.raises(LoraPathError) as refused:
+        parse_lora_path(text)
+    assert str(refused.value) == (f"{text[:100]!r}...: the repo owner {'o' * 97!r} is 97 characters long; "
+                                  "Hugging Face allows at most 96")
+
+
+def test_a_lora_file_path_component_longer_than_255_bytes_is_refused():
+    text = "org/name/dir/" + "é" * 128 + ".safetensors"  # 128 characters of 2 bytes each, then 12
+    with pytest.raises(LoraPathError) as refused:
+        parse_lora_path(text)
+    assert str(refused.value) == (f"{text[:100]!r}...: {('é' * 100)!r}... is 268 bytes long; a file or folder name "
+                                  "in the repo is at most 255")
+
+
+def test_a_lora_revision_longer_than_255_characters_is_refused():
+    text = "org/name@" + "r" * 256
+    with pytest.raises(LoraPathError) as refused:
+        parse_lora_path(text)
+    assert str(refused.value) == f"{text[:100]!r}...: the revision is 256 characters long; at most 255"
+
+
+def test_a_lora_repo_path_longer_than_2048_characters_is_refused():
+    text = "org/name/" + "d/" * 1020 + "f.safetensors"
+    with pytest.raises(LoraPathError) as refused:
+        parse_lora_path(text)
+    assert str(refused.value) == (f"{text[:100]!r}...: a Hugging Face repo path is at most 2048 characters, this "
+                                  f"one has {len(text)}")
+
+
+def test_a_long_invalid_repo_part_is_echoed_cut_at_100_characters():
+    text = "org/" + "!" * 150
+    with pytest.raises(LoraPathError) as refused:
+        parse_lora_path(text)
+    assert str(refused.value).startswith(f"{text[:100]!r}...: {'!' * 100!r}... is not a valid Hugging Face repo id part;")
+
+
+def test_a_long_invalid_revision_is_echoed_cut_at_100_characters():
+    text = "org/name@" + "!" * 200
+    with pytest.raises(LoraPathError) as refused:
+        parse_lora_path(text)
+    assert str(refused.value) == (f"{text[:100]!r}...: {'!' * 100!r}... is not a revision (a branch, tag or commit "
+                                  "hash)")
+
+
+def test_a_lora_https_url_longer_than_2048_characters_is_refused_echoing_100():
+    with pytest.raises(LoraPathError) as refused:
+        parse_lora_path("https://example.com/" + "x" * 3000 + ".safetensors")
+    assert str(refused.value).endswith(": an https URL is at most 2048 characters")
+    assert len(str(refused.value)) < 200

@@ -29,10 +29,12 @@ from ..config import ConversionConfig
 from ..durable import NO_SPACE_ERRNOS
 from ..errors import (
     AuthError,
+    CallerUrlError,
     ConversionError,
     DiskFullError,
     DownloadError,
     DownloadStalledError,
+    FetchCancelled,
     SourceError,
     TooLargeError,
 )
@@ -50,9 +52,16 @@ Probe = Callable[[], tuple[int, int]]
 
 
 def run_child(request: dict[str, Any], probe: Probe, cleanup: Callable[[], None], what: str,
-              policy: DownloadPolicy) -> dict[str, Any]:
-    """Run one download in a child, restarting it when its bytes on disk stop growing."""
+              policy: DownloadPolicy, deadline_s: float | None = None,
+              cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run one download in a child, restarting it when its bytes on disk stop growing.
+
+    ``deadline_s``: the whole download, attempts included (a caller's fetch: CallerUrlError
+    ``deadline``); ``cancelled``: polled, FetchCancelled once it is true. Either kills the child.
+    """
     from tqdm.auto import tqdm
+
+    stop = _Stop(time.monotonic() + deadline_s if deadline_s is not None else None, deadline_s, cancelled)
 
     config = ConversionConfig.from_env()
     env = xet_environment(dict(os.environ))
@@ -66,7 +75,7 @@ def run_child(request: dict[str, Any], probe: Probe, cleanup: Callable[[], None]
                mininterval=1.0 if sys.stderr.isatty() else 15.0)  # a log line every 15 s on fal
     try:
         for attempt in range(1, policy.attempts + 1):
-            outcome = _watch_once(request, env, probe, policy, bar)
+            outcome = _watch_once(request, env, probe, policy, bar, stop)
             if outcome is None:  # stalled and killed
                 cleanup()
                 if attempt < policy.attempts:
@@ -94,7 +103,21 @@ def run_child(request: dict[str, Any], probe: Probe, cleanup: Callable[[], None]
     )
 
 
-def _watch_once(request: dict, env: dict[str, str], probe: Probe, policy: DownloadPolicy, bar: Any) -> dict | None:
+class _Stop:
+    """What ends a child early besides a stall: a deadline passed, or the caller cancelled."""
+
+    def __init__(self, at: float | None, deadline_s: float | None, cancelled: Callable[[], bool] | None) -> None:
+        self.at, self.deadline_s, self.cancelled = at, deadline_s, cancelled
+
+    def check(self) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise FetchCancelled("the request was cancelled while its file was being fetched")
+        if self.at is not None and time.monotonic() > self.at:
+            raise CallerUrlError("deadline", f"not fetched within {self.deadline_s:g} s")
+
+
+def _watch_once(request: dict, env: dict[str, str], probe: Probe, policy: DownloadPolicy, bar: Any,
+                stop: _Stop) -> dict | None:
     """One child run: its result, or None when it was killed for making no progress.
 
     The stall clock starts when the child says it has started (after its imports), so a slow
@@ -113,6 +136,7 @@ def _watch_once(request: dict, env: dict[str, str], probe: Probe, policy: Downlo
         last, last_change, steps = probe(), time.monotonic(), 0
         while proc.poll() is None:
             time.sleep(policy.poll_s)
+            stop.check()
             now, now_steps = probe(), _size(status)
             if now_steps != steps:
                 steps, last_change = now_steps, time.monotonic()
@@ -168,15 +192,16 @@ def dir_state(directory: Path) -> tuple[int, int]:
 
 
 def remove_stale_partials(directory: Path, policy: DownloadPolicy) -> None:
-    """Delete partial files of killed downloads: ``*.incomplete`` (Hub) and ``.fal_download.tmp*``
-    (fal) untouched for longer than the stall timeout (a live download keeps writing to its own)."""
+    """Delete partial files of killed downloads: ``*.incomplete`` (Hub), ``.fal_download.tmp*`` and
+    its client's ``..fal_download.tmp*`` (fal) untouched for longer than the stall timeout (a live
+    download keeps writing to its own)."""
     cutoff = time.time() - policy.stall_timeout_s
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return
     for entry in entries:
-        if not (entry.name.endswith(".incomplete") or entry.name.startswith(".fal_download.tmp")):
+        if not (entry.name.endswith(".incomplete") or entry.name.startswith((".fal_download.tmp", "..fal_download.tmp"))):
             continue
         with contextlib.suppress(FileNotFoundError):
             if entry.stat(follow_symlinks=False).st_mtime < cutoff:

@@ -1,5 +1,13 @@
-"""A LoRA file on the volume, fetched once: a URL in fal's ``download_model_weights`` layout
-(``<root>/.fal/model_weights/<sha256 of the URL>/<file>``), a Hub repo file in the Hub cache.
+"""A LoRA file on the volume, fetched once.
+
+- A request's LoRA (:func:`fetch_request_lora`): an https URL or a Hub file in :class:`LoraFiles`
+  (the byte-budgeted directory every runner shares), fetched under ``[lora] fetch_timeout_s`` in
+  all, never retried, stopped when the request is cancelled (the child killed, the partial
+  directory removed). A URL goes through ``caller_url`` (SSRF refused in-process, https on every
+  hop). A ``data:`` URI is never stored: serving reads its bytes from the request.
+- A LoRA fused at setup (``[[model.loras]]``, :func:`fetch_lora`): a URL in fal's
+  ``download_model_weights`` layout (``<root>/.fal/model_weights/<sha256 of the URL>/<file>``), a
+  Hub repo file in the Hub cache, with the model downloads' stall watch and retries.
 
 Offline first, as for models: a file already on the volume is used without a request (a Hub file
 is found through the cache's ``refs/`` and ``snapshots/``); the network is used only when it is
@@ -11,18 +19,22 @@ declared size over the limit and stops a body that grows past it).
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..config import ConversionConfig
-from ..durable import NO_SPACE_ERRNOS
-from ..errors import DownloadError, SourceError, TooLargeError
+from ..durable import NO_SPACE_ERRNOS, remove_tree, write_atomic
+from ..errors import CallerUrlError, DownloadError, SourceError, TooLargeError
 from ..sources.lora import HubLora, LoraPathError, LoraRef, UrlLora, choose_lora_file, repo_cache_dir, snapshot_dir
+from ..sources.url import url_hash
+from .caller_url import FetchLimits, data_uri_payload, fetch_to_file
 from .child import dir_state, remove_stale_partials, run_child
+from .lora_files import LORA_FILE, LoraFile, LoraFiles
 from .policy import DownloadPolicy, fal_weights_dir, hub_cache_dir, redact_secrets
 from .preread import preread
 from .url import fetch_fal_file
@@ -52,6 +64,58 @@ def fetch_lora(ref: LoraRef, root: Path, *, max_mb: int | None = None, policy: D
     if isinstance(ref, UrlLora):
         return _fetch_url(ref, root, max_mb, policy)
     return _fetch_hub(ref, root, max_mb, policy, config)
+
+
+def fetch_request_lora(ref: LoraRef, files: LoraFiles, *, max_mb: int, deadline_s: float,
+                       cancelled: Callable[[], bool], config: ConversionConfig) -> LoraFile:
+    """The file of a request's LoRA (an https URL or a Hub file): its entry in ``files`` when it is
+    there, else fetched now into a new entry (see the module docstring). Raises
+    :class:`CallerUrlError` (the URL's problem, or the deadline), FetchCancelled,
+    :class:`TooLargeError`, SourceError/AuthError, DownloadError or DiskFullError."""
+    if isinstance(ref, UrlLora) and ref.url.startswith("data:"):
+        raise ValueError("a data: URI LoRA is read from the request, not stored")
+    key = ref.key_text()
+    found = files.lookup(key)
+    if found is not None:
+        return found
+    limits = FetchLimits(max_bytes=max_mb * MB, deadline_s=deadline_s)
+    with files.building(key) as partial:
+        if isinstance(ref, UrlLora):
+            try:
+                fetch_to_file(ref.url, partial / LORA_FILE, limits, cancelled)
+            except CallerUrlError as exc:
+                if exc.kind == "too_large":
+                    raise TooLargeError(too_large(ref, None, max_mb)) from None
+                raise
+            identity = key
+        else:
+            identity = _fetch_hub_into(ref, partial, limits, max_mb, cancelled, config)
+        return files.publish(partial, key, identity)
+
+
+def _fetch_hub_into(ref: HubLora, partial: Path, limits: FetchLimits, max_mb: int, cancelled: Callable[[], bool],
+                    config: ConversionConfig) -> str:
+    """Download a Hub LoRA file into ``partial/lora.safetensors`` (through a Hub cache inside
+    ``partial``, checked against its checksum); its identity ``hub:org/name@<commit>/<file>``."""
+    cache_dir = partial / "hub"
+    policy = replace(DownloadPolicy.from_config(config), attempts=1,
+                     stall_timeout_s=min(config.stall_timeout_s, limits.deadline_s))
+    result = run_child(
+        {"op": "hub-lora", "kind": ref.kind, "source": asdict(ref), "cache_dir": str(cache_dir), "max_mb": max_mb},
+        probe=lambda: dir_state(repo_cache_dir(cache_dir, ref.repo) / "blobs"),
+        cleanup=lambda: None,
+        what=f"download LoRA {ref.display}",
+        policy=policy,
+        deadline_s=limits.deadline_s,
+        cancelled=cancelled,
+    )
+    path = Path(result["path"])
+    _check_size(path, max_mb, ref)
+    if preread([path], policy.preread_workers, check_blobs=True):
+        raise DownloadError(f"{ref.display}: the downloaded file does not match the Hub's checksum")
+    os.replace(path.resolve(), partial / LORA_FILE)
+    remove_tree(cache_dir)
+    return str(result["identity"])
 
 
 def _fetch_url(ref: UrlLora, root: Path, max_mb: int | None, policy: DownloadPolicy) -> FetchedLora:
@@ -116,32 +180,47 @@ def _drop(path: Path) -> None:
 
 
 def download_url_lora(ref: UrlLora, root: Path, max_mb: int | None, config: ConversionConfig) -> Path:
-    """Download in the child: fal's ``download_file`` into the ``download_model_weights`` layout
-    under ``root`` (``download_model_weights`` itself takes no size limit), with ``max_mb``."""
-    from fal.toolkit.utils import download_utils
+    """Download in the child: into fal's ``download_model_weights`` layout under ``root``, through
+    fal's SSRF-safe client with https on every hop (``download_file`` would follow a redirect to
+    http://), at most ``max_mb``; a ``data:`` URI's bytes are written as they are."""
+    from fal.toolkit.utils.ssrf import SSRFError, SSRFHTTPStatusError, ssrf_safe_get_to_file
 
-    target = fal_weights_dir(root, ref.url)
+    target_dir = fal_weights_dir(root, ref.url)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    if ref.url.startswith("data:"):
+        try:
+            payload = data_uri_payload(ref.url)
+        except CallerUrlError as exc:
+            raise SourceError(f"{ref.display}: {exc}") from None
+        if max_mb is not None and len(payload) > max_mb * MB:
+            raise TooLargeError(too_large(ref, len(payload), max_mb))
+        target = target_dir / url_hash(ref.url)
+        write_atomic(target, payload)
+        return target
+    target = target_dir / (Path(urlsplit(ref.url).path).name or url_hash(ref.url))
     headers = None
-    host = (ref.url.split("/")[2] if "://" in ref.url else "").lower()
+    host = (urlsplit(ref.url).hostname or "").lower()
     if config.hf_token and (host == "huggingface.co" or host.endswith(".huggingface.co")):
         headers = {"Authorization": f"Bearer {config.hf_token}"}
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # fal prints the whole URL (a data: URI, a signed URL)
-            return Path(download_utils.download_file(ref.url, target_dir=target, request_headers=headers,
-                                                     filesize_limit=max_mb))
-    except download_utils.DownloadError as exc:
+        ssrf_safe_get_to_file(ref.url, target, headers=headers, max_size=max_mb * MB if max_mb is not None else None,
+                              allowed_schemes=frozenset({"https"}))
+    except SSRFHTTPStatusError as exc:
+        if 400 <= exc.status_code < 500:
+            raise SourceError(f"{ref.display}: the server answered HTTP {exc.status_code}") from None
+        raise DownloadError(f"cannot download {ref.display}: the server answered HTTP {exc.status_code}") from None
+    except SSRFError as exc:
         cause = exc.__cause__
         if isinstance(cause, OSError) and cause.errno in NO_SPACE_ERRNOS:
             raise cause from None
-        text = f"{exc} {cause or ''}".lower()
-        if max_mb is not None and ("limit" in text or "exceed" in text):
-            raise TooLargeError(too_large(ref, None, max_mb)) from None
-        status = getattr(cause, "status_code", None)
-        if isinstance(status, int) and 400 <= status < 500:
-            raise SourceError(f"{ref.display}: the server answered HTTP {status}") from None
-        if ref.url.startswith("data:"):
-            raise SourceError(f"{ref.display}: not a readable data: URI") from None
-        raise DownloadError(f"cannot download {ref.display}: {redact_secrets(str(exc), config)}") from None
+        text = str(exc)
+        if "exceeded" in text:
+            raise TooLargeError(too_large(ref, None, max_mb or 0)) from None
+        if "scheme" in text or "non-routable" in text:
+            raise SourceError(f"{ref.display}: refused: {text} (https:// on every hop, public addresses only)") from None
+        reason = redact_secrets(f"{text} {cause or ''}".strip(), config)
+        raise DownloadError(f"cannot download {ref.display}: {reason}") from None
+    return target
 
 
 def hub_lora_file(ref: HubLora, cache_dir: Path, max_mb: int | None, token: str | None,

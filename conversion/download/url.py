@@ -11,7 +11,7 @@ from typing import Any
 from ..checkpoint import checkpoint_problem
 from ..config import ConversionConfig
 from ..durable import NO_SPACE_ERRNOS
-from ..errors import DownloadError
+from ..errors import DownloadError, SourceError
 from ..sources.url import UrlSource
 from .child import dir_state, remove_stale_partials, run_child
 from .policy import DownloadPolicy, fal_weights_dir, redact_secrets
@@ -57,14 +57,22 @@ def fetch_fal_file(url: str, root: Path, request: dict[str, Any], display: str,
     problem = checkpoint_problem(path)
     if problem is not None:
         path.unlink(missing_ok=True)
-        raise DownloadError(f"{display}: the downloaded file is damaged ({problem}); retry later")
+        raise SourceError(f"{display}: the downloaded file is not a valid checkpoint ({problem})")
     return path, False
 
 
+# fal's own files beside a download: download_file's temporary file (mkstemp's prefix), the one fal's
+# SSRF-safe client writes beside that (".<target name>.tmp."), and download_model_weights' marker.
+_FAL_TEMP_PREFIXES = (".fal_download.tmp.", "..fal_download.tmp.")
+_FAL_MARKER = ".fal_used"
+
+
 def _existing_weights(weights_dir: Path) -> Path | None:
-    """The file download_model_weights would return without a request (not its .fal* temp files)."""
+    """The file a download left in ``weights_dir``, whatever the server named it (even ``.fal...``);
+    fal's own temporary files and marker are not it."""
     try:
-        names = sorted(p for p in weights_dir.iterdir() if not p.name.startswith(".fal") and p.is_file())
+        names = sorted(p for p in weights_dir.iterdir()
+                       if p.name != _FAL_MARKER and not p.name.startswith(_FAL_TEMP_PREFIXES) and p.is_file())
     except FileNotFoundError:
         return None
     return names[0] if names else None

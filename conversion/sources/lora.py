@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import SourceError
+from ..errors import SourceError, shown
 from .hub import is_commit
 from .url import redact_url, url_hash
 
@@ -25,6 +25,12 @@ from .url import redact_url, url_hash
 DEFAULT_LORA_FILE = "pytorch_lora_weights.safetensors"
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
+# Lengths past which a Hub path names nothing (and would reach the filesystem as a too-long name):
+MAX_REPO_PART_CHARS = 96  # huggingface_hub's validate_repo_id: a repo name has 1 to 96 characters
+MAX_NAME_BYTES = 255  # a file or folder name (NAME_MAX on Linux)
+MAX_REVISION_CHARS = 255
+MAX_REPO_PATH_CHARS = 2048
+MAX_URL_CHARS = 2048  # an https URL, as fal's own limit for one (fal.toolkit.types.MAX_HTTPS_URL_LENGTH)
 
 
 class LoraPathError(SourceError):
@@ -103,30 +109,46 @@ def parse_lora_path(text: str) -> LoraRef:
     text = text.strip()
     scheme = urlsplit(text).scheme.lower() if ":" in text.split("/", 1)[0] else ""
     if scheme in ("https", "data"):
+        if scheme == "https" and len(text) > MAX_URL_CHARS:
+            raise LoraPathError(f"{shown(text)}: an https URL is at most {MAX_URL_CHARS} characters")
         if scheme == "https" and not urlsplit(text).hostname:
             raise LoraPathError(f"{redact_url(text)} has no host name")
         return UrlLora(text)
     if scheme:
         raise LoraPathError(f"{redact_url(text)}: {scheme}: URLs are not accepted; " + _ACCEPTED)
+    if len(text) > MAX_REPO_PATH_CHARS:
+        raise LoraPathError(f"{shown(text)}: a Hugging Face repo path is at most {MAX_REPO_PATH_CHARS} characters, "
+                            f"this one has {len(text)}")
     parts = text.split("/")
     if len(parts) < 2 or text.startswith(("/", ".", "~")):
-        raise LoraPathError(f"{text[:100]!r} is neither an https:// URL nor a Hugging Face repo: " + _ACCEPTED)
+        raise LoraPathError(f"{shown(text)} is neither an https:// URL nor a Hugging Face repo: " + _ACCEPTED)
     org, name = parts[0], parts[1]
     name, _, revision = name.partition("@")
-    for piece in (org, name):
+    for what, piece in (("owner", org), ("name", name)):
         if not _REPO_PART.match(piece) or ".." in piece:
-            raise LoraPathError(f"{text[:100]!r}: {piece!r} is not a valid Hugging Face repo id part; " + _ACCEPTED)
+            raise LoraPathError(f"{shown(text)}: {shown(piece)} is not a valid Hugging Face repo id part; " + _ACCEPTED)
+        if len(piece) > MAX_REPO_PART_CHARS:
+            raise LoraPathError(f"{shown(text)}: the repo {what} {shown(piece)} is {len(piece)} characters long; "
+                                f"Hugging Face allows at most {MAX_REPO_PART_CHARS}")
     if revision and (not _REVISION.match(revision) or ".." in revision):
-        raise LoraPathError(f"{text[:100]!r}: {revision!r} is not a revision (a branch, tag or commit hash)")
+        raise LoraPathError(f"{shown(text)}: {shown(revision)} is not a revision (a branch, tag or commit hash)")
+    if len(revision) > MAX_REVISION_CHARS:
+        raise LoraPathError(f"{shown(text)}: the revision is {len(revision)} characters long; "
+                            f"at most {MAX_REVISION_CHARS}")
     rest = parts[2:]
     filename = None
     if rest:
         if any(p in ("", ".", "..") for p in rest):
-            raise LoraPathError(f"{text[:100]!r}: the file inside the repo must be a relative path")
+            raise LoraPathError(f"{shown(text)}: the file inside the repo must be a relative path")
+        for part in rest:
+            size = len(part.encode("utf-8", "surrogatepass"))
+            if size > MAX_NAME_BYTES:
+                raise LoraPathError(f"{shown(text)}: {shown(part)} is {size} bytes long; a file or folder name in "
+                                    f"the repo is at most {MAX_NAME_BYTES}")
         filename = "/".join(rest)
         if not filename.endswith(".safetensors"):
             raise LoraPathError(
-                f"{text[:100]!r}: a LoRA file in a repo must be a .safetensors file (pickled .bin/.ckpt weights "
+                f"{shown(text)}: a LoRA file in a repo must be a .safetensors file (pickled .bin/.ckpt weights "
                 "can run code and are not loaded)")
     return HubLora(f"{org}/{name}", filename=filename, revision=revision or None)
 
