@@ -207,7 +207,7 @@ class LoraLibrary:
             if not acquire_unless_cancelled(fetching, flag):
                 raise FetchCancelled(f"cancelled while loras[{index}] was being fetched for another request")
             try:
-                hit = self._lookup(key)
+                hit = self._lookup(key, on_volume=not (isinstance(ref, UrlLora) and ref.is_data_uri))
                 if hit is not None:
                     return hit
                 started = time.perf_counter()
@@ -228,7 +228,7 @@ class LoraLibrary:
         from conversion.lora import read_lora, read_lora_bytes
 
         assert self.targets is not None
-        if isinstance(ref, UrlLora) and ref.url.startswith("data:"):
+        if isinstance(ref, UrlLora) and ref.is_data_uri:
             try:
                 weights = read_lora_bytes(self._data_uri(index, ref), ref.display, ref.key_text())
                 self.targets.check(weights)
@@ -290,12 +290,12 @@ class LoraLibrary:
                 self._fetches_in_flight -= 1
             self._fetch_slots.release()
 
-    def _lookup(self, key: str) -> LoraWeights | None:
+    def _lookup(self, key: str, on_volume: bool) -> LoraWeights | None:
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
-        if hit is not None and key.startswith(("url:", "hub:")):
+        if hit is not None and on_volume:
             self.files.touch(self.files.entry(key))  # the volume's least-recently-used order, across runners
         return hit
 

@@ -42,6 +42,21 @@ class FetchLimits:
     read_timeout_s: float = 10.0  # the connection and each read
 
 
+class StopWhen:
+    """What ends a caller's fetch early: its deadline passing (from now), or its request cancelled."""
+
+    def __init__(self, deadline_s: float | None, cancelled: Callable[[], bool] | None = None) -> None:
+        self.deadline_s, self.cancelled = deadline_s, cancelled
+        self.at = time.monotonic() + deadline_s if deadline_s is not None else None
+
+    def check(self) -> None:
+        """Raise FetchCancelled, or CallerUrlError ``deadline``, when the fetch must stop now."""
+        if self.cancelled is not None and self.cancelled():
+            raise FetchCancelled("the request was cancelled while its file was being fetched")
+        if self.at is not None and time.monotonic() > self.at:
+            raise CallerUrlError("deadline", f"not fetched within {self.deadline_s:g} s")
+
+
 def check_url(url: str) -> None:
     """Refuse, before any request, a URL that is not https or whose host is not a public address."""
     from fal.toolkit.utils.ssrf import SSRFError, resolve_and_validate_host
@@ -72,7 +87,7 @@ def fetch_to_file(url: str, target: Path, limits: FetchLimits,
     Raises :class:`CallerUrlError`, :class:`FetchCancelled` or :class:`DiskFullError`; on any
     failure ``target`` and the child's temporary file are gone.
     """
-    started = time.monotonic()
+    stop = StopWhen(limits.deadline_s, cancelled)
     check_url(url)
     request = {"url": url, "target": os.fspath(target), "max_bytes": limits.max_bytes,
                "read_timeout_s": limits.read_timeout_s, "ssrf_module": _ssrf_module_path(),
@@ -85,10 +100,7 @@ def fetch_to_file(url: str, target: Path, limits: FetchLimits,
         proc.stdin.write(json.dumps(request).encode())
         proc.stdin.close()
         while proc.poll() is None:
-            if cancelled():
-                raise FetchCancelled("the request was cancelled while its URL was being fetched")
-            if time.monotonic() - started > limits.deadline_s:
-                raise CallerUrlError("deadline", f"not fetched within {limits.deadline_s:g} s")
+            stop.check()
             time.sleep(_POLL_S)
         result = _result(proc.stdout.read())
         if not result.get("ok"):

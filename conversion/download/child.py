@@ -29,16 +29,15 @@ from ..config import ConversionConfig
 from ..durable import NO_SPACE_ERRNOS
 from ..errors import (
     AuthError,
-    CallerUrlError,
     ConversionError,
     DiskFullError,
     DownloadError,
     DownloadStalledError,
-    FetchCancelled,
     SourceError,
     TooLargeError,
 )
 from ..sources.base import Source
+from .caller_url import StopWhen
 from .policy import DownloadPolicy, redact_secrets, xet_environment
 
 log = logging.getLogger("conversion.download")
@@ -61,7 +60,7 @@ def run_child(request: dict[str, Any], probe: Probe, cleanup: Callable[[], None]
     """
     from tqdm.auto import tqdm
 
-    stop = _Stop(time.monotonic() + deadline_s if deadline_s is not None else None, deadline_s, cancelled)
+    stop = StopWhen(deadline_s, cancelled)
 
     config = ConversionConfig.from_env()
     env = xet_environment(dict(os.environ))
@@ -103,21 +102,8 @@ def run_child(request: dict[str, Any], probe: Probe, cleanup: Callable[[], None]
     )
 
 
-class _Stop:
-    """What ends a child early besides a stall: a deadline passed, or the caller cancelled."""
-
-    def __init__(self, at: float | None, deadline_s: float | None, cancelled: Callable[[], bool] | None) -> None:
-        self.at, self.deadline_s, self.cancelled = at, deadline_s, cancelled
-
-    def check(self) -> None:
-        if self.cancelled is not None and self.cancelled():
-            raise FetchCancelled("the request was cancelled while its file was being fetched")
-        if self.at is not None and time.monotonic() > self.at:
-            raise CallerUrlError("deadline", f"not fetched within {self.deadline_s:g} s")
-
-
 def _watch_once(request: dict, env: dict[str, str], probe: Probe, policy: DownloadPolicy, bar: Any,
-                stop: _Stop) -> dict | None:
+                stop: StopWhen) -> dict | None:
     """One child run: its result, or None when it was killed for making no progress.
 
     The stall clock starts when the child says it has started (after its imports), so a slow

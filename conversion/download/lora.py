@@ -72,7 +72,7 @@ def fetch_request_lora(ref: LoraRef, files: LoraFiles, *, max_mb: int, deadline_
     there, else fetched now into a new entry (see the module docstring). Raises
     :class:`CallerUrlError` (the URL's problem, or the deadline), FetchCancelled,
     :class:`TooLargeError`, SourceError/AuthError, DownloadError or DiskFullError."""
-    if isinstance(ref, UrlLora) and ref.url.startswith("data:"):
+    if isinstance(ref, UrlLora) and ref.is_data_uri:
         raise ValueError("a data: URI LoRA is read from the request, not stored")
     key = ref.key_text()
     found = files.lookup(key)
@@ -96,26 +96,15 @@ def fetch_request_lora(ref: LoraRef, files: LoraFiles, *, max_mb: int, deadline_
 def _fetch_hub_into(ref: HubLora, partial: Path, limits: FetchLimits, max_mb: int, cancelled: Callable[[], bool],
                     config: ConversionConfig) -> str:
     """Download a Hub LoRA file into ``partial/lora.safetensors`` (through a Hub cache inside
-    ``partial``, checked against its checksum); its identity ``hub:org/name@<commit>/<file>``."""
+    ``partial``, checked against its checksum), in one attempt; its identity ``hub:org/name@<commit>/<file>``."""
     cache_dir = partial / "hub"
     policy = replace(DownloadPolicy.from_config(config), attempts=1,
                      stall_timeout_s=min(config.stall_timeout_s, limits.deadline_s))
-    result = run_child(
-        {"op": "hub-lora", "kind": ref.kind, "source": asdict(ref), "cache_dir": str(cache_dir), "max_mb": max_mb},
-        probe=lambda: dir_state(repo_cache_dir(cache_dir, ref.repo) / "blobs"),
-        cleanup=lambda: None,
-        what=f"download LoRA {ref.display}",
-        policy=policy,
-        deadline_s=limits.deadline_s,
-        cancelled=cancelled,
-    )
-    path = Path(result["path"])
-    _check_size(path, max_mb, ref)
-    if preread([path], policy.preread_workers, check_blobs=True):
-        raise DownloadError(f"{ref.display}: the downloaded file does not match the Hub's checksum")
+    path, identity = _download_hub_lora(ref, cache_dir, max_mb, policy, cleanup=lambda: None,
+                                        deadline_s=limits.deadline_s, cancelled=cancelled)
     os.replace(path.resolve(), partial / LORA_FILE)
     remove_tree(cache_dir)
-    return str(result["identity"])
+    return identity
 
 
 def _fetch_url(ref: UrlLora, root: Path, max_mb: int | None, policy: DownloadPolicy) -> FetchedLora:
@@ -138,19 +127,32 @@ def _fetch_hub(ref: HubLora, root: Path, max_mb: int | None, policy: DownloadPol
             return FetchedLora(path, identity)
         log.warning("cache: LoRA %s is corrupt in the Hub cache; downloading it again", path)
         _drop(path)
+    path, identity = _download_hub_lora(
+        ref, cache_dir, max_mb, policy,
+        cleanup=lambda: remove_stale_partials(repo_cache_dir(cache_dir, ref.repo) / "blobs", policy))
+    return FetchedLora(path, identity)
+
+
+def _download_hub_lora(ref: HubLora, cache_dir: Path, max_mb: int | None, policy: DownloadPolicy,
+                       cleanup: Callable[[], None], deadline_s: float | None = None,
+                       cancelled: Callable[[], bool] | None = None) -> tuple[Path, str]:
+    """The LoRA file of ``ref`` downloaded into the Hub cache ``cache_dir`` in the watched child,
+    within ``max_mb`` and checked against its checksum (a bad file is removed); (path, identity)."""
     result = run_child(
         {"op": "hub-lora", "kind": ref.kind, "source": asdict(ref), "cache_dir": str(cache_dir), "max_mb": max_mb},
         probe=lambda: dir_state(repo_cache_dir(cache_dir, ref.repo) / "blobs"),
-        cleanup=lambda: remove_stale_partials(repo_cache_dir(cache_dir, ref.repo) / "blobs", policy),
+        cleanup=cleanup,
         what=f"download LoRA {ref.display}",
         policy=policy,
+        deadline_s=deadline_s,
+        cancelled=cancelled,
     )
     path = Path(result["path"])
     _check_size(path, max_mb, ref, remove=True)
     if preread([path], policy.preread_workers, check_blobs=True):
         _drop(path)
         raise DownloadError(f"{ref.display}: the downloaded file does not match its checksum; retry later")
-    return FetchedLora(path, result["identity"])
+    return path, str(result["identity"])
 
 
 def _check_size(path: Path, max_mb: int | None, ref: LoraRef, remove: bool = False) -> None:
@@ -187,7 +189,7 @@ def download_url_lora(ref: UrlLora, root: Path, max_mb: int | None, config: Conv
 
     target_dir = fal_weights_dir(root, ref.url)
     target_dir.mkdir(parents=True, exist_ok=True)
-    if ref.url.startswith("data:"):
+    if ref.is_data_uri:
         try:
             payload = data_uri_payload(ref.url)
         except CallerUrlError as exc:

@@ -50,6 +50,11 @@ class UrlLora:
         return redact_url(self.url)
 
     @property
+    def is_data_uri(self) -> bool:
+        """A ``data:`` URI: its bytes come with the request (never fetched or stored)."""
+        return self.url.startswith("data:")
+
+    @property
     def ref(self) -> str:
         return self.url
 
