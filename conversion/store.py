@@ -389,14 +389,12 @@ class Store:
         footer and the small files' sha256. Every load then checks each pack byte against its
         segment checksum, and a damaged entry is moved aside and rebuilt once.
         """
-        from .convert import convert_pipeline
-
         target = entry.path
         tmp = temp_path(target)
         info = {**source.describe(), "identity": prepared.identity, "dtype": entry.key["dtype"],
                 "store_key": entry.digest}
         try:
-            convert_pipeline(prepared.path, tmp, dtype=torch_dtype, source=info, variant=entry.key["variant"])
+            source.convert(prepared, tmp, torch_dtype, info)
             nbytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             t1 = time.monotonic()
             try:

@@ -90,4 +90,11 @@ class Source(ABC):
 
     @abstractmethod
     def prepare(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> Prepared:
-        """Fetch it as a local diffusers directory (downloaded and pre-read as needed)."""
+        """Fetch it as a local directory to convert (downloaded and pre-read as needed)."""
+
+    def convert(self, prepared: Prepared, dst: Path, dtype: Any, info: dict[str, Any]) -> Path:
+        """Write the converted directory ``dst`` from what :meth:`prepare` fetched: a diffusers
+        pipeline here; a kind whose files are something else converts them itself."""
+        from ..convert import convert_pipeline
+
+        return convert_pipeline(prepared.path, dst, dtype=dtype, source=info, variant=self.key_fields().get("variant"))
