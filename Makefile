@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # Tests and the demo never reach the network: no Hub calls, no telemetry.
 OFFLINE := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 
-.PHONY: test lint system serve bench bench-startup device-check venv clean
+.PHONY: serve-module test lint system serve bench bench-startup device-check venv clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,14 @@ serve: $(STAMP)
 	@echo "       -d '{\"prompt\": \"a red circle on a blue background\"}'"
 	APP_PROFILE=demo APP_DATA_ROOT=$(CURDIR)/.data $(OFFLINE) \
 		$(VENV)/bin/fal run --local --exposed-port $(PORT) --exposed-metrics-port $(METRICS_PORT) flashpack-t2i
+
+# The second app: a plain torch module (the demo VAE's decoder) served through the store (module_app.py).
+serve-module: $(STAMP)
+	@echo "Serving the latent decoder on http://localhost:$(PORT)  (Ctrl-C stops it); once 'setup' has finished, try:"
+	@echo "  curl -s -X POST http://localhost:$(PORT)/ -H 'Content-Type: application/json' \\"
+	@echo "       -d '{\"latents\": [[[0.5]], [[0.0]], [[-0.5]], [[0.2]]]}'"
+	APP_DATA_ROOT=$(CURDIR)/.data $(OFFLINE) \
+		$(VENV)/bin/fal run --local --exposed-port $(PORT) --exposed-metrics-port $(METRICS_PORT) latent-decoder
 
 bench: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(OFFLINE) $(PY) bench/loader.py $(BENCH_ARGS)

@@ -90,7 +90,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if dst.exists() and _is_conversion_of(dst, source, args.dtype, args.variant):
             print(f"{dst}: already a verified conversion of {src_dir}")
             return EXIT_OK
-        out = _convert_local(src_dir, dst, args.dtype, args.variant, source)
+        from .config import ConversionConfig  # the CLI is an entry point: the environment is read here
+
+        show_progress = ConversionConfig.from_env().show_progress
+        out = _convert_local(src_dir, dst, args.dtype, args.variant, source, show_progress)
     else:
         try:
             from .store import convert_source
@@ -134,7 +137,8 @@ def _is_conversion_of(dst: Path, source: dict, dtype: torch.dtype | None, varian
     return True
 
 
-def _convert_local(src: Path, dst: Path, dtype: torch.dtype | None, variant: str | None, source: dict) -> Path:
+def _convert_local(src: Path, dst: Path, dtype: torch.dtype | None, variant: str | None, source: dict,
+                   show_progress: bool) -> Path:
     """Convert a local pipeline directory beside ``dst``, then rename it into place."""
     try:
         from .convert import convert_pipeline
@@ -148,7 +152,7 @@ def _convert_local(src: Path, dst: Path, dtype: torch.dtype | None, variant: str
     tmp = temp_path(dst)
     try:
         extra = {"variant": variant} if variant else {}
-        convert_pipeline(src, tmp, dtype=dtype, source=source, **extra)
+        convert_pipeline(src, tmp, dtype=dtype, source=source, show_progress=show_progress, **extra)
         if dst.exists():  # appeared while we converted; rename would merge into an empty dir
             raise ConversionError(f"{dst}: created by someone else during the conversion")
         publish_dir(tmp, dst)

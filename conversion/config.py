@@ -1,8 +1,11 @@
 """Every environment variable the conversion package reads, declared once, typed, documented.
 
-``ConversionConfig.from_env()`` reads them all in one place (when a Store is made, not at
-import) and names the variable in the error when a value is malformed. The README's
-environment table is checked against ``ENV_VARS`` by a test. Torch-free.
+``ConversionConfig.from_env()`` reads them all in one place and names the variable in the error
+when a value is malformed. It is called once, at an entry point (the CLI, ``ensure_converted`` and
+``convert_source``, ``conversion.entry.open_store``, a ``Store`` made without a config, the
+download child's main), never at import; everything beneath takes the config (or the value it
+needs) as an argument. The README's environment table is checked against ``ENV_VARS`` by a test.
+Torch-free.
 """
 
 from __future__ import annotations

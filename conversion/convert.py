@@ -48,10 +48,9 @@ from model_loader.format import dtype_name
 from model_loader.pipeline import model_class_and_config, resolve_class
 from model_loader.rates import rate_text
 
-from .config import ConversionConfig
 from .durable import fsync_dir
 from .errors import ConversionError
-from .sources import warn_broken_symlink
+from .symlinks import warn_broken_symlink
 from .writer import PackDigest, index_safetensors, write_pack
 
 logger = logging.getLogger("conversion.convert")
@@ -63,13 +62,15 @@ def convert_pipeline(
     dtype: torch.dtype | None = None,
     source: dict | None = None,
     variant: str | None = None,
+    show_progress: bool = True,
 ) -> Path:
     """Convert the diffusers pipeline at ``src_dir`` into ``dst_dir`` (absent or empty).
 
     ``dtype`` casts floating-point weights (never integer/bool buffers; modules the model class
     keeps in float32 stay float32, as with ``from_pretrained(torch_dtype=...)``). ``variant``
     (e.g. ``"fp16"``) reads ``*.fp16.safetensors`` where a component has them. ``source`` is
-    recorded in the manifest with ``dtype`` and ``variant``. Returns ``dst_dir``.
+    recorded in the manifest with ``dtype`` and ``variant``. ``show_progress``: draw a progress
+    bar (on a terminal; ``ConversionConfig.show_progress`` says whether). Returns ``dst_dir``.
     """
     from .manifest import write_manifest
 
@@ -82,8 +83,7 @@ def convert_pipeline(
     total_source = sum(f.stat().st_size for _, w in components.values() if w for f in w[0])
     written = 0
     digests: dict[Path, PackDigest] = {}  # each pack hashed as it is written: the manifest reads none back
-    show = ConversionConfig.from_env().show_progress
-    with tqdm(total=total_source, unit="B", unit_scale=True, desc="convert", disable=not show or None) as bar:
+    with tqdm(total=total_source, unit="B", unit_scale=True, desc="convert", disable=not show_progress or None) as bar:
         for name, (cls, weights) in components.items():
             comp_src, comp_dst = src / name, dst / name
             if weights is None:

@@ -1,5 +1,7 @@
-"""LoRA files: read into memory (safetensors only), checked against a pipeline, loaded as adapters
-through diffusers' PEFT integration, removed again, or fused into a pipeline before it is packed.
+"""LoRA files: read into memory (safetensors only), checked against a pipeline, loaded into one as
+adapters through diffusers' PEFT integration, or fused into a pipeline before it is packed. What
+both a request (``serving.lora_adapters``, which applies a request's LoRAs for one generation and
+removes them) and ``[[model.loras]]`` (:func:`fuse_loras`, once at conversion) need lives here.
 
 - :func:`read_lora` reads a fetched file (:func:`read_lora_bytes` one held in memory): its tensors
   on the CPU and diffusers' adapter metadata. Anything but safetensors is refused (pickled weights
@@ -11,10 +13,10 @@ through diffusers' PEFT integration, removed again, or fused into a pipeline bef
   do not fit their shapes (a LoRA made for another architecture), with the first few named: what
   diffusers' ``load_lora_weights`` would raise for some (size mismatches) and only warn about for
   others (unexpected keys). It works from that snapshot, so it runs outside the pipeline lock.
-- :func:`load_adapter` / :func:`remove_adapters`: ``load_lora_weights`` for weights in memory
-  (with the file's metadata) and ``unload_lora_weights``, which puts every base module back: the
-  LoRA layers wrap the base modules and never copy or modify their weights, so the loader's views
-  into its flat blocks stay as they were.
+- :func:`load_adapter`: ``load_lora_weights`` for weights in memory (with the file's metadata),
+  one LoRA as one named adapter. ``unload_lora_weights`` removes them all again and puts every base
+  module back: the LoRA layers wrap the base modules and never copy or modify their weights, so the
+  loader's views into its flat blocks stay as they were.
 - :func:`fuse_loras`: a pipeline directory with LoRAs fused into its weights (``fuse_lora``), for
   ``[[model.loras]]``: the store converts that directory, so the entry carries the LoRAs.
 
@@ -353,7 +355,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
 
 
-# -- applying and removing ----------------------------------------------------------------------
+# -- loading as adapters ------------------------------------------------------------------------
 
 
 class _UnhandledKeys(logging.Handler):
@@ -400,7 +402,8 @@ def _quiet_diffusers() -> Iterator[_UnhandledKeys]:
 def load_adapter(pipe: Any, lora: LoraWeights, adapter_name: str) -> None:
     """Load ``lora`` into ``pipe`` as the adapter ``adapter_name`` (``load_lora_weights``, with the
     file's adapter metadata); :class:`LoraError` when diffusers cannot load all of it. The caller
-    removes it again (:func:`remove_adapters`), also when this raises."""
+    removes it again (``pipe.unload_lora_weights()``), also when this raises: a request's adapters
+    after its generation (``serving.lora_adapters.adapters``), fused ones once fused."""
     with _quiet_diffusers() as unhandled:
         try:
             with private_api.lora_metadata_for_dicts(pipe, lora.metadata):
@@ -410,29 +413,6 @@ def load_adapter(pipe: Any, lora: LoraWeights, adapter_name: str) -> None:
                             f"{type(exc).__name__}: {_first_line(exc)}") from exc
     if unhandled.messages:
         raise LoraError(f"{lora.name}: not all of it loads into {type(pipe).__name__}: {unhandled.messages[0][:300]}")
-
-
-def remove_adapters(pipe: Any) -> None:
-    """Remove every LoRA layer from ``pipe`` (``unload_lora_weights``): each base module is put
-    back as it was."""
-    pipe.unload_lora_weights()
-
-
-@contextlib.contextmanager
-def adapters(pipe: Any, loras: Sequence[tuple[LoraWeights, float]], prefix: str = "lora") -> Iterator[list[str]]:
-    """``loras`` (weights, scale) active in ``pipe`` while open, removed however it closes (done,
-    failed, cancelled). Yields the adapter names."""
-    names = [f"{prefix}_{i}" for i in range(len(loras))]
-    if not loras:
-        yield names
-        return
-    try:
-        for (lora, _), name in zip(loras, names, strict=True):
-            load_adapter(pipe, lora, name)
-        pipe.set_adapters(names, adapter_weights=[float(scale) for _, scale in loras])
-        yield names
-    finally:
-        remove_adapters(pipe)
 
 
 # -- fused before packing -----------------------------------------------------------------------
@@ -458,8 +438,12 @@ def fuse_loras(src: Path, loras: Sequence[tuple[LoraWeights, float]], dst: Path,
     touched: set[str] = set()
     for lora, _ in loras:
         touched |= set(targets.check(lora))
-    with adapters(pipe, loras, prefix="fused") as names:
-        pipe.fuse_lora(components=sorted(touched), lora_scale=1.0, adapter_names=names)
+    names = [f"fused_{i}" for i in range(len(loras))]
+    for (lora, _), name in zip(loras, names, strict=True):
+        load_adapter(pipe, lora, name)
+    pipe.set_adapters(names, adapter_weights=[float(scale) for _, scale in loras])
+    pipe.fuse_lora(components=sorted(touched), lora_scale=1.0, adapter_names=names)
+    pipe.unload_lora_weights()  # the LoRA layers go, their products stay in the base weights
     dst.mkdir(parents=True)
     for entry in sorted(src.iterdir()):
         if entry.name in touched:

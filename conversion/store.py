@@ -71,12 +71,12 @@ _LEGACY_LEFTOVER = re.compile(r"^\.(tmp|work|trash)-")
 Verify = Literal["cheap", "full"]
 
 
-def resolve_root(root: str | os.PathLike[str] | None = None, config: ConversionConfig | None = None) -> Path:
-    """The persistent volume: ``root``, else ``$APP_DATA_ROOT``, else ``/data`` when it exists
-    and is writable (fal), else ``<repo>/.data``."""
+def resolve_root(root: str | os.PathLike[str] | None, config: ConversionConfig) -> Path:
+    """The persistent volume: ``root``, else ``config.data_root`` (``$APP_DATA_ROOT``), else
+    ``/data`` when it exists and is writable (fal), else ``<repo>/.data``."""
     if root is not None:
         return Path(root)
-    configured = (config or ConversionConfig.from_env()).data_root
+    configured = config.data_root
     if configured is not None:
         return configured
     data = Path("/data")
@@ -99,10 +99,13 @@ def ensure_converted(
     ``verify``: ``"cheap"`` (default, or ``$APP_STORE_VERIFY``) checks sizes and pack footers of
     an existing entry; ``"full"`` also its sha256s (reads everything). A failing entry is rebuilt.
     ``refresh``: resolve a branch on the Hub again instead of using its ref file.
+
+    An entry point: the environment is read here, once (``ConversionConfig.from_env``).
     """
     src = source if isinstance(source, Source) else parse_source(source)
-    store = Store(resolve_root(root))
-    return store.ensure(src, dtype, verify=verify_mode(verify), refresh=refresh, policy=policy)
+    config = ConversionConfig.from_env()
+    store = Store(resolve_root(root, config), config)
+    return store.ensure(src, dtype, verify=verify_mode(verify or config.store_verify), refresh=refresh, policy=policy)
 
 
 def convert_source(
@@ -117,17 +120,23 @@ def convert_source(
     pipeline_class: str | None = None,
     config: str | None = None,
 ) -> Path:
-    """``python -m conversion convert``: into the store (``dst`` None) or into a new ``dst``."""
+    """``python -m conversion convert``: into the store (``dst`` None) or into a new ``dst``.
+
+    An entry point: the environment is read here, once (``ConversionConfig.from_env``); ``config``
+    is a single file's configs (a directory or a Hub repo), as in ``parse_source``.
+    """
     source = parse_source(src, revision=revision, variant=variant, pipeline_class=pipeline_class, config=config)
-    store = Store(resolve_root(root))
+    conversion_config = ConversionConfig.from_env()
+    store = Store(resolve_root(root, conversion_config), conversion_config)
     if dst is None:
         return store.ensure(source, dtype, verify=store.config.store_verify, refresh=refresh)
     return store.convert_to(source, Path(dst), dtype, refresh=refresh)
 
 
-def verify_mode(verify: str | None = None) -> Verify:
-    """``verify``, else ``$APP_STORE_VERIFY``, else ``cheap``: how an existing entry is checked."""
-    mode = verify or ConversionConfig.from_env().store_verify
+def verify_mode(verify: str) -> Verify:
+    """``verify`` checked: how an existing entry is checked, ``cheap`` or ``full`` (a caller with
+    none passes its config's ``store_verify``)."""
+    mode = verify
     if mode not in ("cheap", "full"):
         raise ConversionError(f"verify must be 'cheap' or 'full', got {mode!r}")
     return mode  # type: ignore[return-value]
@@ -143,12 +152,17 @@ class Entry:
 
 
 class Store:
-    """The store under ``<root>/flashpack``; also the workspace its sources fetch into."""
+    """The store under ``<root>/flashpack``; also the workspace its sources fetch into.
 
-    def __init__(self, root: Path, config: ConversionConfig | None = None) -> None:
+    ``config``: the settings everything beneath it uses (its sources get them as
+    ``workspace.config``, downloads as an argument); whoever makes the store reads it
+    (``ConversionConfig.from_env()`` at an entry point such as conversion.entry.open_store).
+    """
+
+    def __init__(self, root: Path, config: ConversionConfig) -> None:
         self.root = Path(root)
         self.dir = self.root / STORE_DIRNAME
-        self.config = config or ConversionConfig.from_env()
+        self.config = config
 
     # -- keys and refs -----------------------------------------------------------------------
 
@@ -394,7 +408,7 @@ class Store:
         info = {**source.describe(), "identity": prepared.identity, "dtype": entry.key["dtype"],
                 "store_key": entry.digest}
         try:
-            source.convert(prepared, tmp, torch_dtype, info)
+            source.convert(prepared, tmp, torch_dtype, info, self.config)
             nbytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             t1 = time.monotonic()
             try:

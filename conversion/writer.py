@@ -97,6 +97,34 @@ def pack_state_dict(
     return write_pack(specs, state_dict.__getitem__, path, target_dtype, align_bytes)
 
 
+def pack_module(
+    module: torch.nn.Module,
+    path: str | os.PathLike[str],
+    target_dtype: torch.dtype | None = None,
+    align_bytes: int = DEFAULT_ALIGN_BYTES,
+) -> PackLayout:
+    """Write the state dict of ``module`` (parameters and persistent buffers) to ``path`` as FlashPack.
+
+    What ``flashpack.pack_to_file(module, ...)`` writes, except that a tied tensor (one tensor
+    under two names) is stored once, under its first name (``model_loader.fill_module`` fills
+    every name of it from there), and ``target_dtype`` casts floating-point tensors only.
+    ``model_loader.load_module`` / ``fill_module`` read it back.
+    """
+    unique: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in module.state_dict(keep_vars=True).items():  # the module's own objects: ties show
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if tensor.is_meta:
+            raise ConversionError(
+                f"{type(module).__name__}: tensor {name!r} is on the meta device (no values to write); "
+                "load or initialize the module's weights before packing it"
+            )
+        unique[name] = tensor
+    return pack_state_dict(unique, path, target_dtype, align_bytes)
+
+
 def pack_safetensors(
     sources: Iterable[str | os.PathLike[str]],
     path: str | os.PathLike[str],

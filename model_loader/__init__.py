@@ -1,6 +1,6 @@
 """The FlashPack format and the loader that reads packs into torch modules and diffusers pipelines.
 
-Modules, bottom up (the first seven are torch-free: the app starts reading packs before torch is
+Modules, bottom up (the first eight are torch-free: the app starts reading packs before torch is
 imported):
 
 - ``errors``: every error type the loader raises.
@@ -9,8 +9,9 @@ imported):
 - ``bounded_json``: JSON from files we did not write, parsed within size and depth limits.
 - ``checksum``: per-segment xxh3 checksums, recorded at conversion, checked as packs are read.
 - ``posix_io``: ``preadv``/O_DIRECT reads, page-cache residency (``mincore``), ``madvise`` hints.
-- ``host_read``: a whole pack into host memory (mapped or read by parallel threads), and
-  :func:`start_pack_reads`, which runs those reads in the background.
+- ``host_read``: a whole pack into host memory (mapped or read by parallel threads).
+- ``background``: :func:`start_pack_reads`, which runs the reads of packs in the background (for
+  a GPU through ``reader``, imported only then).
 - ``format``: the FlashPack layout: planning (for the writer in ``conversion``), footer encoding,
   and the footer parser that validates everything a reader relies on (docs/FLASHPACK_FORMAT.md).
 - ``pinned``: the process-wide pool of pinned staging buffers for CUDA loads.
@@ -19,6 +20,7 @@ imported):
   ``conversion/convert.py`` use, with the versions it was checked against.
 - ``assemble``: modules built on the meta device and filled with views of the loaded blocks.
 - ``pipeline``: diffusers pipelines and single models from a converted directory.
+- ``module``: any torch ``nn.Module`` from its own factory and a pack (:func:`load_module`).
 
 Names below are imported on first use (PEP 562), so ``from model_loader import start_pack_reads``
 does not pull in torch.
@@ -37,20 +39,24 @@ _EXPORTS = {
     "FlashPackFormatError": "errors",
     "HostFile": "host_read",
     "LoaderConfig": "config",
+    "MODULE_DIR": "module",
     "PackData": "reader",
     "PackLayout": "format",
     "PackReadError": "errors",
-    "PackReads": "host_read",
+    "PackReads": "background",
     "PipelineLoadError": "errors",
     "ReadStats": "host_read",
     "StateDictMismatchError": "errors",
+    "build_empty_module": "module",
+    "fill_module": "module",
     "load_model": "pipeline",
+    "load_module": "module",
     "load_pipeline": "pipeline",
     "load_state_dict": "reader",
     "read_file": "host_read",
     "read_layout": "format",
     "read_pack": "reader",
-    "start_pack_reads": "host_read",
+    "start_pack_reads": "background",
 }
 
 __all__ = [
@@ -60,6 +66,7 @@ __all__ = [
     "FlashPackFormatError",
     "HostFile",
     "LoaderConfig",
+    "MODULE_DIR",
     "PackData",
     "PackLayout",
     "PackReadError",
@@ -67,7 +74,10 @@ __all__ = [
     "PipelineLoadError",
     "ReadStats",
     "StateDictMismatchError",
+    "build_empty_module",
+    "fill_module",
     "load_model",
+    "load_module",
     "load_pipeline",
     "load_state_dict",
     "read_file",
@@ -77,6 +87,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .background import PackReads, start_pack_reads
     from .checksum import Checksum
     from .config import LoaderConfig
     from .errors import (
@@ -88,7 +99,8 @@ if TYPE_CHECKING:
         StateDictMismatchError,
     )
     from .format import PackLayout, read_layout
-    from .host_read import HostFile, PackReads, ReadStats, read_file, start_pack_reads
+    from .host_read import HostFile, ReadStats, read_file
+    from .module import MODULE_DIR, build_empty_module, fill_module, load_module
     from .pipeline import load_model, load_pipeline
     from .reader import PackData, load_state_dict, read_pack
 

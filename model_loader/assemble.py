@@ -3,14 +3,16 @@
 A module is constructed with its parameters on the meta device (no memory, no random init) and its
 buffers real, so non-persistent buffers (position ids, rotary frequencies) get the values the
 module's own ``__init__`` computes. Loaded tensors then become the parameters and persistent
-buffers as *views* of the flat per-dtype blocks: no copy. Loading is strict, like
-``load_state_dict(strict=True)``, and tied weights stay tied.
+buffers as *views* of the flat per-dtype blocks: no copy. Loading is strict by default, like
+``load_state_dict(strict=True)``; ``strict=False`` keeps the module's own tensors for names the
+pack lacks, as ``load_state_dict(strict=False)`` does. Tied weights stay tied.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,25 +78,31 @@ def _dtype_fits(expected: torch.dtype, stored: torch.dtype) -> bool:
 _Shapes = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def check_tensors(module: nn.Module, shapes: _Shapes, where: str) -> dict[str, str]:
+def check_tensors(module: nn.Module, shapes: _Shapes, where: str, strict: bool = True) -> dict[str, str]:
     """Check that ``shapes`` (name -> (shape, dtype)) fills ``module`` exactly; raise otherwise.
 
-    Returns, for each name in ``shapes``, the name it is loaded from: itself, or for a second
-    name of a tied tensor, the first name of that tensor present in ``shapes`` (which wins).
+    Returns, for each name in ``shapes`` that the module has, the name it is loaded from: itself,
+    or for a second name of a tied tensor, the first name of that tensor present in ``shapes``
+    (which wins). ``strict=False`` allows names the module lacks (left out of the result) and
+    tensors ``shapes`` lacks, unless the module's own tensor is on the meta device (no value to
+    keep); shape and dtype mismatches are errors either way.
     """
-    return _check(_slots(module)[0], module, shapes, where)
+    return _check(_slots(module)[0], module, shapes, where, strict)
 
 
-def _check(slots: list[_Slot], module: nn.Module, shapes: _Shapes, where: str) -> dict[str, str]:
+def _check(
+    slots: list[_Slot], module: nn.Module, shapes: _Shapes, where: str, strict: bool = True
+) -> dict[str, str]:
     owner = {name: slot for slot in slots for name in slot.names}
-    unexpected = [n for n in shapes if n not in owner]
+    unexpected = [n for n in shapes if n not in owner] if strict else []
     missing: list[str] = []
     mismatched: list[str] = []
     chosen: dict[str, str] = {}
     for slot in slots:
         present = [n for n in slot.names if n in shapes]
         if not present:
-            missing.append(" = ".join(slot.names))
+            if strict or slot.tensor.is_meta:
+                missing.append(" = ".join(slot.names))
             continue
         want_shape, want_dtype = tuple(slot.tensor.shape), slot.tensor.dtype
         for n in present:
@@ -106,24 +114,38 @@ def _check(slots: list[_Slot], module: nn.Module, shapes: _Shapes, where: str) -
                 )
             chosen[n] = present[0]
     if unexpected or missing or mismatched:
-        raise StateDictMismatchError(_mismatch_message(module, where, missing, unexpected, mismatched))
+        missing_label = "missing" if strict else "missing, and on the meta device (no value to keep)"
+        raise StateDictMismatchError(
+            _mismatch_message(module, where, {missing_label: missing, "unexpected": unexpected,
+                                              "shape/dtype mismatch": mismatched})
+        )
     return chosen
 
 
 def load_tensors(
-    module: nn.Module, tensors: Mapping[str, torch.Tensor], device: torch.device | str, where: str
+    module: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    device: torch.device | str,
+    where: str,
+    strict: bool = True,
 ) -> None:
     """Make ``tensors`` (views, not copies) the parameters and persistent buffers of ``module``.
 
     Strict: a missing, unexpected or ill-shaped name raises :class:`StateDictMismatchError` naming
-    it before anything is assigned. Tied names get one shared ``Parameter``. Non-persistent buffers
-    (built real by ``__init__``) are moved to ``device``.
+    it before anything is assigned. ``strict=False`` (see :func:`check_tensors`) ignores unexpected
+    names and keeps the module's own tensor for a missing one, moved to ``device``. Tied names get
+    one shared ``Parameter``. Non-persistent buffers (built real by ``__init__``) are moved to
+    ``device``.
     """
     device = torch.device(device)
     slots, non_persistent = _slots(module)
-    _check(slots, module, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, where)
+    _check(slots, module, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, where, strict)
     for slot in slots:
-        source = tensors[next(n for n in slot.names if n in tensors)]
+        name = next((n for n in slot.names if n in tensors), None)
+        if name is None:  # strict=False and not in the pack: the module's own (real) tensor stays
+            _keep_on_device(slot, device)
+            continue
+        source = tensors[name]
         if slot.kind == "parameter":
             wants_grad = slot.tensor.requires_grad and (source.is_floating_point() or source.is_complex())
             value: torch.Tensor = nn.Parameter(source, requires_grad=wants_grad)
@@ -141,6 +163,17 @@ def load_tensors(
         private_api.set_module_tensor(owner, "buffer", attr, moved.setdefault(id(buffer), buffer.to(device)))
 
 
+def _keep_on_device(slot: _Slot, device: torch.device) -> None:
+    """Move a tensor the pack does not replace to ``device`` (itself when it is already there)."""
+    tensor = slot.tensor
+    if tensor.device == device:
+        return
+    moved = tensor.detach().to(device)
+    value = nn.Parameter(moved, requires_grad=tensor.requires_grad) if slot.kind == "parameter" else moved
+    for owner, attr in slot.owners:
+        private_api.set_module_tensor(owner, slot.kind, attr, value)
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
     if dtype is None or dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -152,6 +185,45 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Every parameter registered while this runs lands on the meta device; buffers stay real.
+
+    accelerate's ``init_empty_weights(include_buffers=False)``, except that ties made in
+    ``__init__`` survive: a parameter already on the meta device (``self.head.weight =
+    self.embed.weight``) is registered as itself, and a real one registered under several names
+    becomes one meta parameter (accelerate wraps each registration in a new ``Parameter``).
+    """
+    register = nn.Module.register_parameter
+    on_meta: dict[int, nn.Parameter] = {}  # a real parameter, while it lives -> its meta twin
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            meta = on_meta.get(id(param))
+            if meta is None:
+                meta = _meta_twin(param)
+                on_meta[id(param)] = meta
+                weakref.finalize(param, on_meta.pop, id(param), None)
+            param = meta
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _meta_twin(param: nn.Parameter) -> nn.Parameter:
+    data = param.detach().to("meta")
+    if type(param) is nn.Parameter:
+        twin = nn.Parameter(data, requires_grad=param.requires_grad)
+        twin.__dict__.update(param.__dict__)
+        return twin
+    # A Parameter subclass takes its attributes as constructor arguments, as accelerate passes them.
+    return type(param)(data, requires_grad=param.requires_grad, **param.__dict__)
 
 
 def is_transformers_model(cls: type) -> bool:
@@ -249,14 +321,16 @@ def fill_model(
     device: torch.device | str = "cpu",
     torch_dtype: torch.dtype | None = None,
     where: str = "<pack>",
+    strict: bool = True,
 ) -> nn.Module:
     """Load ``pack`` (already on ``device``) into an empty ``model`` and put it in eval mode.
 
     Without ``torch_dtype`` every tensor keeps its stored dtype; with it, floating-point tensors
-    are cast (a copy) except those the model class keeps in float32.
+    are cast (a copy) except those the model class keeps in float32. ``strict``: see
+    :func:`load_tensors`.
     """
     tensors = cast_tensors(pack, torch_dtype, keep_in_fp32_rule(model, torch_dtype))
-    load_tensors(model, tensors, device, where)
+    load_tensors(model, tensors, device, where, strict)
     model.eval()
     return model
 
@@ -278,11 +352,9 @@ def _short(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _mismatch_message(
-    module: nn.Module, where: str, missing: list[str], unexpected: list[str], mismatched: list[str]
-) -> str:
+def _mismatch_message(module: nn.Module, where: str, problems: Mapping[str, list[str]]) -> str:
     parts = [f"{where}: tensors do not match {type(module).__name__}"]
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape/dtype mismatch", mismatched)):
+    for label, names in problems.items():
         if names:
             shown = ", ".join(names[:_MAX_NAMES_SHOWN])
             more = f" (+{len(names) - _MAX_NAMES_SHOWN} more)" if len(names) > _MAX_NAMES_SHOWN else ""

@@ -27,9 +27,15 @@ the environment; ``auto`` settings are chosen per file by :mod:`model_loader.sto
 are opt-in: on the 2-core VM of docs/BENCHMARKS.md the hint helped or hurt depending on how
 fragmented memory was.
 
-Each load reads the environment anew (:meth:`LoaderConfig.from_env`), so every variable is
-checked before the first byte is read. Torch-free and cheap: the first reads start before torch
-is imported.
+Each load reads the environment anew: every public entry point (``read_pack``,
+``load_state_dict``, ``read_file``, ``start_pack_reads``, ``load_pipeline``, ``load_model``)
+takes ``config: LoaderConfig | None``; left None, it reads the environment once
+(:meth:`LoaderConfig.from_env`), before the first byte is read, and passes that config down to
+every read it starts (a bad value is refused at the call, not later in a background read). The
+one exception is ``MODEL_LOADER_PINNED_MAX_MB``: it is read once, when the process-wide pool of
+pinned staging buffers is made (:func:`model_loader.pinned.default_pool`, on the first CUDA load
+or reservation), and holds for the process; a load given its own ``pool`` uses that pool's cap.
+Torch-free and cheap: the first reads start before torch is imported.
 """
 
 from __future__ import annotations

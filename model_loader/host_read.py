@@ -21,7 +21,7 @@ memory and pinning, starves the imports it should overlap).
 
 Either way every segment of a :class:`~model_loader.checksum.Checksum` is hashed once (by the
 thread that read it, or by a pool over the mapping) and a mismatch raises. Nothing here imports
-torch, so the app starts these reads before the heavy imports (:class:`PackReads`).
+torch, so the app starts these reads before the heavy imports (:mod:`model_loader.background`).
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 from . import posix_io
 from .checksum import Checksum
@@ -54,7 +53,7 @@ COLD_FRACTION = 0.5
 
 
 # ----------------------------------------------------------------------------------------------
-# Options (arguments win over the environment, which wins over the defaults)
+# Options (arguments win over the loader's config, which comes from the environment)
 
 
 @dataclass(frozen=True)
@@ -71,15 +70,15 @@ class ReadOptions:
 
 
 def resolve_options(
+    config: LoaderConfig,
     threads: int | None = None,
     chunk_bytes: int | None = None,
     direct_io: bool | None = None,
     mapping: str | None = None,
     layout: str | None = None,
 ) -> ReadOptions:
-    """Arguments win over the ``MODEL_LOADER_*`` environment (:mod:`model_loader.config`), which
-    wins over the defaults. Forcing O_DIRECT turns mapping off."""
-    config = LoaderConfig.from_env()
+    """Arguments win over ``config`` (the ``MODEL_LOADER_*`` environment as the entry point read
+    it, :mod:`model_loader.config`). Forcing O_DIRECT turns mapping off."""
     if threads is None:
         threads = config.threads
     if threads is not None and threads < 1:
@@ -434,13 +433,17 @@ def read_file(
     direct_io: bool | None = None,
     mapping: str | None = None,
     layout: str | None = None,
+    config: LoaderConfig | None = None,
 ) -> HostFile:
     """All bytes of ``path`` in host memory (see the module docstring), checked against
     ``checksum`` when given (ChecksumMismatchError names the bytes that differ). Settings left
-    None are chosen for the file's storage and page-cache residency (:mod:`model_loader.storage`)."""
+    None come from ``config`` (by default the environment, read once per call), then are chosen
+    for the file's storage and page-cache residency (:mod:`model_loader.storage`)."""
     t0 = time.perf_counter()
     path = os.fspath(path)
-    opts = resolve_options(threads, chunk_bytes, direct_io, mapping, layout)
+    if config is None:
+        config = LoaderConfig.from_env()
+    opts = resolve_options(config, threads, chunk_bytes, direct_io, mapping, layout)
     fd, st = open_checked(path)
     size = st.st_size
     try:
@@ -495,83 +498,3 @@ def read_file(
         100 * stats.direct_bytes / max(1, size), ", checksum ok" if stats.checked else "",
     )
     return HostFile(path, size, buffer, stats)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reads in the background (the load's first leg, started before the heavy imports)
-
-
-class PackReads:
-    """Jobs that read packs, run one after another in a background thread, in the order given
-    (each job uses the reader's own threads). ``result(name)`` waits for one and returns its
-    value or raises its error; ``cancel()`` drops the jobs not started yet."""
-
-    def __init__(self, jobs: Iterable[tuple[str, Callable[[], Any]]]):
-        self._jobs = list(jobs)
-        self._futures: dict[str, Future] = {name: Future() for name, _ in self._jobs}
-        self.started = time.perf_counter()
-        self.finished: float | None = None  # when the last job ended
-        self._cancelled = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="model_loader-pack-reads", daemon=True)
-        self._thread.start()
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._futures
-
-    @property
-    def names(self) -> list[str]:
-        """The jobs' names, in the order they run."""
-        return list(self._futures)
-
-    def _run(self) -> None:
-        for name, job in self._jobs:
-            future = self._futures[name]
-            if self._cancelled.is_set() or not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(job())
-            except BaseException as exc:  # noqa: BLE001 - raised again by result()
-                future.set_exception(exc)
-        self.finished = time.perf_counter()
-
-    def result(self, name: str) -> Any:
-        """Wait for job ``name``; its value, or its error raised here."""
-        return self._futures[name].result()
-
-    def cancel(self) -> None:
-        """Stop after the job in progress; results already read are dropped with this object."""
-        self._cancelled.set()
-        for future in self._futures.values():
-            future.cancel()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every job has ended (or was cancelled); False if ``timeout`` passed first."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
-def start_pack_reads(packs: Iterable[tuple[str, str | os.PathLike[str], Checksum | None]], device: str = "cpu") -> PackReads:
-    """Start reading ``(name, path, checksum)`` packs for ``device`` in the background, in order.
-
-    For the CPU each result is a :class:`HostFile` (torch is not needed until it is consumed);
-    for other devices a ``reader.PackData`` already on the device. For CUDA the pinned staging
-    buffers are reserved first (pinned in the background, see :func:`reader.reserve_staging`).
-    """
-
-    def job(path: str | os.PathLike[str], checksum: Checksum | None) -> Callable[[], Any]:
-        if device == "cpu":
-            return lambda: read_file(path, checksum)
-
-        def to_device() -> Any:
-            from .reader import read_pack
-
-            return read_pack(path, device, checksum)
-
-        return to_device
-
-    packs = list(packs)
-    if device != "cpu" and device.startswith("cuda"):
-        from .reader import reserve_staging
-
-        reserve_staging([os.path.getsize(path) for _, path, _ in packs])
-    return PackReads((name, job(path, checksum)) for name, path, checksum in packs)

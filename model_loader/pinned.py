@@ -49,19 +49,20 @@ class PinnedPool:
     """Idle staging buffers plus the bookkeeping of which lease holds which buffer.
 
     ``allocate(nbytes)`` makes a new uint8 buffer (pinned by default; tests inject a plain one).
-    Idle buffers beyond ``max_idle_bytes`` (default ``MODEL_LOADER_PINNED_MAX_MB``) are dropped
+    Idle buffers beyond ``max_idle_bytes`` (default: :class:`LoaderConfig`'s default; the
+    process-wide pool, :func:`default_pool`, takes ``MODEL_LOADER_PINNED_MAX_MB``) are dropped
     when a lease is released.
     """
 
     def __init__(
         self,
         allocate: Allocator = pinned_allocator,
-        max_idle_bytes: int | None = None,
+        max_idle_bytes: int = LoaderConfig.pinned_max_bytes,
         release_freed: Callable[[], None] = empty_host_cache,
     ):
         self._allocate = allocate
         self._release_freed = release_freed
-        self.max_idle_bytes = LoaderConfig.from_env().pinned_max_bytes if max_idle_bytes is None else max_idle_bytes
+        self.max_idle_bytes = max_idle_bytes
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._idle: list[torch.Tensor] = []
@@ -194,9 +195,11 @@ _default_pool_lock = threading.Lock()
 
 
 def default_pool() -> PinnedPool:
-    """The process-wide pool of pinned staging buffers used by CUDA loads."""
+    """The process-wide pool of pinned staging buffers used by CUDA loads, made on first use."""
     global _default_pool
     with _default_pool_lock:
         if _default_pool is None:
-            _default_pool = PinnedPool()
+            # The one place beneath the entry points that reads the environment: once, when the
+            # pool is made (its idle cap, MODEL_LOADER_PINNED_MAX_MB, holds for the process).
+            _default_pool = PinnedPool(max_idle_bytes=LoaderConfig.from_env().pinned_max_bytes)
         return _default_pool

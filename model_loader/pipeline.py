@@ -19,12 +19,14 @@ import torch
 
 from . import private_api
 from .assemble import build_empty_model, construction_dtype, fill_model, is_diffusers_model, is_transformers_model
+from .background import PackReads, start_pack_reads
 from .bounded_json import load_file_bounded
+from .config import LoaderConfig
 from .diffusers_layout import CONFIG_NAME, MAX_CONFIG_BYTES, MODEL_INDEX_NAME, PACK_NAME, components
 from .diffusers_layout import read_model_index as read_index_file
 from .errors import DiffusersLayoutError, PipelineLoadError
 from .format import read_layout
-from .host_read import HostFile, PackReads, start_pack_reads
+from .host_read import HostFile
 from .rates import rate_text
 from .reader import PackData, pack_on_device, read_pack, resolve_device
 
@@ -65,6 +67,7 @@ def load_model(
     *,
     torch_dtype: torch.dtype | None = None,
     reads: PackReads | None = None,
+    config: LoaderConfig | None = None,
 ) -> torch.nn.Module:
     """Load one converted torch component (``config.json`` + ``model.flashpack``) onto ``device``.
 
@@ -72,15 +75,18 @@ def load_model(
     ``config.json`` (diffusers ``_class_name`` or transformers ``architectures``). ``reads``: pack
     reads already running that include this component (named as its directory), as for
     :func:`load_pipeline`; the model is built on the meta device while its pack is read.
+    ``config``: the loader's settings for a pack read here (by default the environment, read once).
     """
+    if config is None:
+        config = LoaderConfig.from_env()
     comp = Path(component_dir)
-    cls, config = model_class_and_config(_component_class(comp), comp)
+    cls, model_config = model_class_and_config(_component_class(comp), comp)
     pack_path = _pack_path(comp)
-    model = _empty_model(cls, config, pack_path, torch_dtype)
+    model = _empty_model(cls, model_config, pack_path, torch_dtype)
     if reads is not None and comp.name in reads:
         device = resolve_device(device)
         return _fill(model, as_pack(reads.result(comp.name), device), device, torch_dtype, pack_path)
-    return _fill(model, read_pack(pack_path, device), device, torch_dtype, pack_path)
+    return _fill(model, read_pack(pack_path, device, config=config), device, torch_dtype, pack_path)
 
 
 def load_pipeline(
@@ -88,21 +94,25 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
     reads: PackReads | None = None,
+    config: LoaderConfig | None = None,
 ) -> DiffusionPipeline:
     """Load the diffusers pipeline of the converted directory ``path`` with weights on ``device``.
 
     Without ``torch_dtype`` weights keep their stored dtype. ``reads`` are pack reads already
-    running (see :func:`model_loader.host_read.start_pack_reads`, which the app starts before the
+    running (see :func:`model_loader.background.start_pack_reads`, which the app starts before the
     heavy imports); packs it lacks are read here, in the background, one after another, while the
-    modules are built on the meta device and the other components load.
+    modules are built on the meta device and the other components load. ``config``: the loader's
+    settings for those reads (by default the environment, read once).
     """
     start = time.perf_counter()
+    if config is None:
+        config = LoaderConfig.from_env()
     root = Path(path)
     device = resolve_device(device)
     index = read_model_index(root)
     packed = [name for name in index if not name.startswith("_") and (root / name / PACK_NAME).is_file()]
     missing = [(name, root / name / PACK_NAME, None) for name in packed if reads is None or name not in reads]
-    own_reads = start_pack_reads(missing, str(device)) if missing else None  # before importing diffusers
+    own_reads = start_pack_reads(missing, str(device), config) if missing else None  # before importing diffusers
     try:
         pipeline_cls = _pipeline_class(index, root)
         expected, optional_kwargs = private_api.pipeline_init_keys(pipeline_cls)
@@ -117,8 +127,8 @@ def load_pipeline(
             if not comp.is_dir():
                 raise PipelineLoadError(f"{comp}: component directory listed in model_index.json is missing")
             if issubclass(cls, torch.nn.Module):
-                model_cls, config = model_class_and_config(cls, comp)
-                empty[name] = _empty_model(model_cls, config, _pack_path(comp), torch_dtype)
+                model_cls, model_config = model_class_and_config(cls, comp)
+                empty[name] = _empty_model(model_cls, model_config, _pack_path(comp), torch_dtype)
             else:
                 components[name] = _load_plain_component(cls, comp)
         built = time.perf_counter()

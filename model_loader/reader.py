@@ -25,6 +25,7 @@ import torch
 
 from . import posix_io
 from .checksum import SEGMENT_BYTES, Checksum
+from .config import LoaderConfig
 from .format import PackLayout, layout_from_bytes, read_layout
 from .host_read import (
     ALIGN,
@@ -52,12 +53,14 @@ log = logging.getLogger("model_loader.reader")
 BUFFERS_PER_THREAD = 2
 
 
-def staging_plan(pack_sizes: list[int], threads: int | None = None, chunk_bytes: int | None = None) -> tuple[int, int]:
+def staging_plan(
+    pack_sizes: list[int], config: LoaderConfig, threads: int | None = None, chunk_bytes: int | None = None
+) -> tuple[int, int]:
     """``(count, nbytes)`` of the pinned staging buffers that loading packs of ``pack_sizes`` to a
-    GPU uses at most (from a cold page cache), for :meth:`PinnedPool.reserve`."""
+    GPU with ``config`` uses at most (from a cold page cache), for :meth:`PinnedPool.reserve`."""
     if not pack_sizes:
         return 0, 0
-    opts = resolve_options(threads, chunk_bytes, mapping="never")
+    opts = resolve_options(config, threads, chunk_bytes, mapping="never")
     n_threads = opts.threads or default_threads(0.0)
     chunk = max(effective_chunk_bytes(size, n_threads, opts.chunk_bytes, SEGMENT_BYTES) for size in pack_sizes)
     return n_threads * BUFFERS_PER_THREAD, chunk
@@ -115,10 +118,11 @@ def pack_from_host(host: HostFile) -> PackData:
 # CUDA: staged through pinned buffers
 
 
-def reserve_staging(pack_sizes: list[int], pool: PinnedPool | None = None) -> None:
-    """Start pinning, in the background, the staging buffers loading these packs will use, so no
-    load pays for pinning (about 0.5 s per GB) on its own clock."""
-    count, nbytes = staging_plan(pack_sizes)
+def reserve_staging(pack_sizes: list[int], config: LoaderConfig, pool: PinnedPool | None = None) -> None:
+    """Start pinning, in the background, the staging buffers loading these packs with ``config``
+    will use (in ``pool``, the process-wide one by default), so no load pays for pinning (about
+    0.5 s per GB) on its own clock."""
+    count, nbytes = staging_plan(pack_sizes, config)
     if count:
         (pool or default_pool()).reserve(count, nbytes)
 
@@ -317,29 +321,33 @@ def read_pack(
     layout: str | None = None,
     pool: PinnedPool | None = None,
     engine: StagingEngine | None = None,
+    config: LoaderConfig | None = None,
 ) -> PackData:
     """Read every block of the pack at ``path`` onto ``device`` with parallel chunked reads,
     checking ``checksum`` (when given) as the bytes pass.
 
     ``threads``, ``chunk_bytes``, ``direct_io`` (None: O_DIRECT for chunks not in the page
     cache), ``mapping`` (CPU: ``always``, ``hot`` or ``never`` map the file) and ``layout``
-    (``grid`` or ``split``) default to the environment, then to what suits the file's storage
-    (see :func:`model_loader.host_read.resolve_options` and :mod:`model_loader.storage`).
+    (``grid`` or ``split``) default to ``config`` (by default the environment, read once per
+    call), then to what suits the file's storage (see
+    :func:`model_loader.host_read.resolve_options` and :mod:`model_loader.storage`).
     ``pool`` is the pinned staging pool for CUDA targets (the process-wide one by default). ``engine`` replaces the CUDA copy engine
     (tests run the staged pipeline on the host with it).
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
+    if config is None:
+        config = LoaderConfig.from_env()
     device = resolve_device(device) if engine is None else torch.device(device)
     if engine is None and device.type == "cuda":
         engine = CudaEngine(device)
     if engine is None:
         host = read_file(path, checksum, threads=threads, chunk_bytes=chunk_bytes, direct_io=direct_io,
-                         mapping=mapping, layout=layout)
+                         mapping=mapping, layout=layout, config=config)
         pack = pack_on_device(host, device)
         stats = pack.stats
     else:
-        opts = resolve_options(threads, chunk_bytes, direct_io, mapping="never", layout=layout)
+        opts = resolve_options(config, threads, chunk_bytes, direct_io, mapping="never", layout=layout)
         pack_layout, fd, st = _open_layout(path)
         try:
             if checksum is not None:

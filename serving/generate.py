@@ -7,8 +7,9 @@ the noise a single-image request with that seed starts from. What may differ is 
 the batched UNet and VAE kernels (another blocking or reduction order), in the last bits of a float:
 README, "Calling the deployed endpoint", gives the tolerance and tests/test_app.py checks it.
 
-**With LoRAs.** :func:`run_generation` applies a request's LoRAs (serving.lora.RequestLoras)
-around the pipeline call, under the lock, and removes them before releasing it.
+**With LoRAs.** :func:`run_generation` applies a request's LoRAs (serving.lora.RequestLoras, loaded
+and removed by serving.lora_adapters) around the pipeline call, under the lock, and removes them
+before releasing it.
 
 **Stoppable.** diffusers calls ``callback_on_step_end`` after every denoising step; ours reports the
 step (for POST /stream's progress events) and raises :class:`GenerationCancelled` once the request's

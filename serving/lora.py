@@ -21,7 +21,8 @@ Two steps, so that every endpoint can take LoRAs with two lines:
 2. :meth:`RequestLoras.applied`, around the pipeline call under the pipeline lock
    (``serving.generate.run_generation(..., loras=...)``): the adapters are loaded and weighted by
    their scales when it opens and every LoRA layer is removed when it closes, however the
-   generation ends (done, failed, cancelled), so the next request meets the base model again.
+   generation ends (done, failed, cancelled), so the next request meets the base model again
+   (``serving.lora_adapters``).
 
 The cache holds read LoRAs (CPU tensors) up to ``[lora] cache_mb``, least recently used evicted
 first; a LoRA larger than the whole cache is used and not kept. torch is imported lazily.
@@ -98,7 +99,8 @@ class RequestLoras:
     def applied(self, pipe: Any) -> Iterator[None]:
         """These LoRAs active in ``pipe`` while open (hold the pipeline lock), removed on close."""
         from conversion.errors import LoraError
-        from conversion.lora import adapters
+
+        from .lora_adapters import adapters
 
         if not self.loras:
             yield
@@ -132,12 +134,11 @@ class LoraLibrary:
     fetched under a deadline, at most ``[lora] max_fetches`` at once."""
 
     def __init__(self, settings: LoraSettings, root: Path, targets: LoraTargets | None,
-                 config: ConversionConfig | None = None) -> None:
-        from conversion.config import ConversionConfig
+                 config: ConversionConfig) -> None:
         from conversion.download.lora_files import LoraFiles
 
         self.settings, self.root, self.targets = settings, Path(root), targets
-        self.config = config or ConversionConfig.from_env()
+        self.config = config  # for fetching: the Hub cache, the token, download settings
         self.files = LoraFiles(self.root, settings.volume_mb * MB)
         self._cache: OrderedDict[str, LoraWeights] = OrderedDict()
         self._cached_bytes = 0
@@ -148,11 +149,12 @@ class LoraLibrary:
         self.limiter: Any = None  # the anyio CapacityLimiter of resolve_async, made in its event loop
 
     @classmethod
-    def for_pipeline(cls, pipe: Any, settings: LoraSettings, root: Path) -> LoraLibrary:
-        """The library of ``pipe`` (its LoRA targets taken now, before any request runs)."""
+    def for_pipeline(cls, pipe: Any, settings: LoraSettings, root: Path, config: ConversionConfig) -> LoraLibrary:
+        """The library of ``pipe`` (its LoRA targets taken now, before any request runs), fetching
+        onto the volume at ``root`` with ``config``."""
         from conversion.lora import LoraTargets
 
-        return cls(settings, root, LoraTargets.of(pipe))
+        return cls(settings, root, LoraTargets.of(pipe), config)
 
     @property
     def cached_bytes(self) -> int:
@@ -274,7 +276,7 @@ class LoraLibrary:
         with self._lock:
             self._fetches_in_flight += 1
         try:
-            return fetch_request_lora(ref, self.files, max_mb=self.settings.max_file_mb,
+            return fetch_request_lora(ref.location(), self.files, max_mb=self.settings.max_file_mb,
                                       deadline_s=self.settings.fetch_timeout_s,
                                       cancelled=flag.is_set if flag is not None else lambda: False,
                                       config=self.config)

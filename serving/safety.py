@@ -16,6 +16,7 @@ transformers and model_loader are imported inside the functions, so importing th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,12 +32,14 @@ if TYPE_CHECKING:
     from conversion.sources import Source
     from model_loader import PackReads
 
+log = logging.getLogger("serving.safety")
 
 def checker_source(settings: SafetyCheckerSettings) -> Source | None:
     """The source of the checker ``[safety_checker]`` names; None for ``source = "none"``."""
     from conversion.sources import parse_checker_source
 
     if not settings.enabled:
+        log.warning('safety checker: none ([safety_checker] source = "none"); images are served unchecked')
         return None
     return parse_checker_source(settings.source, revision=settings.revision, subfolder=settings.subfolder)
 

@@ -63,7 +63,7 @@ def main() -> None:
     if "--eager" in sys.argv:
         from model_loader import load_pipeline
 
-        eager_pipe = load_pipeline(instance.store_path, device="cpu", torch_dtype=torch.float32)
+        eager_pipe = load_pipeline(instance.model.path, device="cpu", torch_dtype=torch.float32)
         eager_pipe.set_progress_bar_config(disable=True)
         eager = image(eager_pipe, width, height, serving.default_guidance_scale)
         report["max_abs_difference"] = float(abs(compiled.astype("float64") - eager.astype("float64")).max())

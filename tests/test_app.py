@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 
 from conversion.demo import make_demo_safety_checker
 from conversion.manifest import read_manifest
+from serving.output import encode_image
 from serving.schema import MAX_SEED
 from serving.settings import ModelSettings, SafetyCheckerSettings
 
@@ -124,9 +125,10 @@ def test_second_start_finds_the_store_and_converts_nothing(served, caplog):
     assert sorted(p.name for p in store.parent.iterdir()) == entries
     assert [r.name for r in caplog.records if r.name in ("conversion.convert", "conversion.download")] == []
     assert any(r.name == "conversion.store" and "no network" in r.getMessage() for r in caplog.records)
-    assert any(r.name == "app" and "reading in the background" in r.getMessage() for r in caplog.records)
-    assert any(r.name == "app" and r.getMessage() == f"lookup: safety checker {checker}; its pack reading in the "
-               "background" for r in caplog.records)
+    assert any(r.name == "conversion.entry" and r.getMessage().startswith(f"lookup: pipeline {store}; ")
+               and r.getMessage().endswith(" pack(s) reading in the background") for r in caplog.records)
+    assert any(r.name == "conversion.entry" and r.getMessage() == f"lookup: safety checker {checker}; 1 pack(s) "
+               "reading in the background" for r in caplog.records)
     assert image_bytes(response.json()["images"][0]) == image_bytes(generate(served, seed=3)["images"][0])
 
 
@@ -153,7 +155,7 @@ def test_a_corrupt_checker_pack_is_caught_while_loading_and_rebuilt_on_the_same_
         caplog.clear()
         rebuilt, image = _start_and_check(served, caplog)
     assert rebuilt["safety_checker"] == str(checker) and rebuilt["store"] == health["store"] and image == clean
-    damaged = [r.getMessage() for r in caplog.records if r.name == "app" and "is damaged" in r.getMessage()]
+    damaged = [r.getMessage() for r in caplog.records if r.name == "conversion.entry" and "is damaged" in r.getMessage()]
     assert len(damaged) == 1 and f"{checker}/safety_checker/model.flashpack: bytes 0-" in damaged[0]
     assert "checksum" in damaged[0]
     converted = [r.getMessage() for r in caplog.records if r.name == "conversion.convert"]
@@ -174,7 +176,7 @@ def test_a_corrupt_pack_is_caught_while_loading_and_rebuilt_on_the_same_start(se
         caplog.clear()
         rebuilt_store, image = _start_and_generate(served, caplog)
     assert rebuilt_store == store and image == clean
-    damaged = [r.getMessage() for r in caplog.records if r.name == "app" and "is damaged" in r.getMessage()]
+    damaged = [r.getMessage() for r in caplog.records if r.name == "conversion.entry" and "is damaged" in r.getMessage()]
     assert len(damaged) == 1 and "unet/model.flashpack: bytes 0-" in damaged[0] and "checksum" in damaged[0]
     assert any(r.name == "conversion.convert" for r in caplog.records)  # rebuilt from the source
 
@@ -379,7 +381,7 @@ def test_a_deployment_without_a_checker_says_so_and_flags_nothing(served, caplog
         health = client.get("/health").json()
         body = client.post("/", json={"prompt": "a cat", **SMALL, "seed": 4, "num_images": 2}).json()
     assert health["safety_checker"] is None and body["has_nsfw_concepts"] == [False, False]
-    assert any(r.name == "app" and r.levelname == "WARNING" and "safety checker: none" in r.getMessage()
+    assert any(r.name == "serving.safety" and r.levelname == "WARNING" and "safety checker: none" in r.getMessage()
                for r in caplog.records)
 
 
@@ -412,7 +414,7 @@ def test_jpeg_output_is_a_jpeg(served):
 
 def test_encode_image_inline_is_a_data_uri(served):
     picture = PILImage.new("RGB", (16, 8), (255, 0, 0))
-    image = served.module.encode_image(picture, "png", inline=True)
+    image = encode_image(picture, "png", inline=True)
     assert image.url.startswith("data:image/png;base64,")
     assert (image.width, image.height) == (16, 8)
 

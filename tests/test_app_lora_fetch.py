@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 from fastapi import HTTPException
 
+from conversion.config import ConversionConfig
 from conversion.download.lora_files import LORA_FILE
 from conversion.sources.url import url_hash
 from serving.lora import LoraLibrary, LoraRequestError
@@ -48,7 +49,8 @@ def lora_files(served, tmp_path_factory):
 def library(served, monkeypatch):
     """Install a LoRA library with these settings in the served app (and return it)."""
     def install(root: Path | None = None, **settings) -> LoraLibrary:
-        lib = LoraLibrary.for_pipeline(served.app.pipe, LoraSettings(**settings), root or served.root)
+        lib = LoraLibrary.for_pipeline(served.app.pipe, LoraSettings(**settings), root or served.root,
+                                       config=ConversionConfig.from_env())
         monkeypatch.setattr(served.app, "_loras", lib)
         return lib
     return install

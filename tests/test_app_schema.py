@@ -189,6 +189,7 @@ class NoisePipe:
 
 def stub_asgi_app(app_module):
     """fal's FastAPI app of TextToImageApp, with NoisePipe in place of the model."""
+    from conversion.config import ConversionConfig
     from serving.lora import LoraLibrary
     from serving.settings import LoraSettings
 
@@ -196,13 +197,12 @@ def stub_asgi_app(app_module):
         def setup(self):
             self.pipe, self._lock, self.device = NoisePipe(), threading.Lock(), "cpu"
             self._in_flight, self._preview = InFlight(), None
-            self.store_path, self.phase_seconds = Path("stub"), {}
+            self.model, self.phase_seconds = SimpleNamespace(path=Path("stub")), {}
             self.source = app_module.model_source(self.settings.model)
-            self.safety_checker, self.checker_path = None, None
+            self.safety_checker, self.checker = None, None
             self._image_pipes, self._fetch = ImagePipelines(NoisePipe(), NoisePipe()), refuse_network
-            self._store_checked, self._store_problem = threading.Event(), None
-            self._store_checked.set()
-            self._loras = LoraLibrary(LoraSettings(), Path("stub"), None)  # no pipeline to put LoRAs in: 422
+            # no pipeline to put LoRAs in: 422
+            self._loras = LoraLibrary(LoraSettings(), Path("stub"), None, ConversionConfig())
 
     return StubApp(_allow_init=True)._build_app()
 

@@ -369,7 +369,7 @@ def fake_convert(monkeypatch):
     """Replace conversion.convert with a recorder that writes a minimal converted directory."""
     calls = []
 
-    def convert_pipeline(src_dir, dst_dir, dtype=None, source=None, **kwargs):
+    def convert_pipeline(src_dir, dst_dir, dtype=None, source=None, show_progress=True, **kwargs):
         calls.append((Path(src_dir), Path(dst_dir), dtype, source, kwargs))
         dst_dir = Path(dst_dir)
         assert not dst_dir.exists()

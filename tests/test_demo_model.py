@@ -2,7 +2,7 @@
 behind Starlette's TestClient: it draws the colours its captions say, and the request fields that
 steer a diffusion model (seed, guidance, negative prompt, image-to-image strength) visibly do.
 
-Pictures are scored by :func:`conversion.demo.shapes.read_picture` (nearest palette colour per
+Pictures are scored by :func:`demo_training.shapes.read_picture` (nearest palette colour per
 pixel), never by eye. The held-out captions name (colour, shape, background) triples the model never
 saw in training.
 """
@@ -14,7 +14,7 @@ import random
 import numpy as np
 from PIL import Image as PILImage
 
-from conversion.demo import shapes
+from demo_training import shapes
 from tests import test_app
 from tests.test_app import pixels
 from tests.test_app_images import data_uri

@@ -11,9 +11,9 @@ import re
 import pytest
 from PIL import Image as PILImage
 
-from conversion.demo import shapes
-from conversion.demo.train import LOSS_PLOT_NAME, PIPELINE_DIR, REPORT_NAME, TrainConfig, train
-from conversion.sources.demo import TRAINED_DIR
+from conversion.sources.demo import TRAINED_PIPELINE
+from demo_training import shapes
+from demo_training.train import LOSS_PLOT_NAME, REPORT_DIR, REPORT_NAME, TrainConfig, train
 
 TINY = TrainConfig(images=64, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, warmup_steps=2, eval_captions=2,
                    eval_steps=2, threads=1)
@@ -46,7 +46,7 @@ def test_training_scenes_never_use_a_held_out_triple_and_held_out_scenes_always_
 
 
 def test_captions_use_only_the_tokenizers_whole_words():
-    from conversion.demo.train import make_tokenizer
+    from demo_training.train import make_tokenizer
 
     tokenizer, rng = make_tokenizer(), random.Random(2)
     for _ in range(100):
@@ -58,7 +58,7 @@ def test_captions_use_only_the_tokenizers_whole_words():
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    return [train(root / name, TINY, log=lambda _: None) and root / name for name in ("a", "b")]
+    return [train(TINY, root / name / "pipeline", root / name, log=lambda _: None) and root / name for name in "ab"]
 
 
 def test_training_twice_with_one_seed_writes_byte_identical_weights(two_runs):
@@ -76,12 +76,14 @@ def test_training_writes_a_pipeline_a_report_and_the_loss_curves(two_runs):
     assert len(report["loss_curves_every_10_steps"]["denoiser"]) == 1
     assert set(report["held_out_hit_rates"]) == {"background", "colour", "position"}
     assert PILImage.open(out / LOSS_PLOT_NAME).format == "PNG"
-    assert (out / PIPELINE_DIR / "model_index.json").is_file()
+    assert (out / "pipeline" / "model_index.json").is_file()
 
 
 def test_the_committed_model_comes_with_the_report_of_the_run_that_made_it():
-    report = json.loads((TRAINED_DIR / REPORT_NAME).read_text())
-    assert report["command"].startswith("python -m conversion.demo train")
+    assert (TRAINED_PIPELINE / "model_index.json").is_file()
+    report = json.loads((REPORT_DIR / REPORT_NAME).read_text())
+    # (`python -m conversion.demo train` was its name at the commit the committed report names)
+    assert report["command"].startswith(("python -m demo_training train", "python -m conversion.demo train"))
     assert re.fullmatch(r"[0-9a-f]{40}", report["commit"]) and report["script_modified"] is False
     assert report["config"] == {**TrainConfig().__dict__}  # trained with the defaults
     hits, chance = report["held_out_hit_rates"], report["chance"]
@@ -89,7 +91,7 @@ def test_the_committed_model_comes_with_the_report_of_the_run_that_made_it():
 
 
 def test_the_readme_pictures_command_without_a_server_says_so_and_writes_nothing(tmp_path):
-    from conversion.demo.__main__ import main
+    from demo_training.__main__ import main
 
     with pytest.raises(SystemExit, match=r"cannot reach the demo server at http://127\.0\.0\.1:9 .*make serve"):
         main(["images", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "pictures")])

@@ -14,13 +14,15 @@ import torch
 from safetensors.torch import save_file
 
 import conversion.download.lora as lora_download
+from conversion.config import ConversionConfig
 from conversion.download.lora_files import LoraFile
 from conversion.errors import LoraError
-from conversion.lora import LoraTargets, adapters, load_adapter, read_lora, read_lora_bytes, remove_adapters
+from conversion.lora import LoraTargets, load_adapter, read_lora, read_lora_bytes
 from conversion.sources import url_hash
 from model_loader import load_pipeline
 from serving.generate import GenerationParams, run_generation
 from serving.lora import LoraLibrary, LoraRequestError
+from serving.lora_adapters import adapters, remove_adapters
 from serving.settings import LoraSettings
 from tests.hub_server import HubRepo, HubServer, use_hub
 from tests.tiny_models import data_uri, make_tiny_lora, tiny_sdxl_pipeline
@@ -387,7 +389,7 @@ def test_lora_bytes_holding_a_nan_are_refused(files, tmp_path):
 
 
 def library(pipe, root: Path, **settings) -> LoraLibrary:
-    return LoraLibrary.for_pipeline(pipe, LoraSettings(**settings), root)
+    return LoraLibrary.for_pipeline(pipe, LoraSettings(**settings), root, ConversionConfig.from_env())
 
 
 def lora(path: str, scale: float = 1.0) -> SimpleNamespace:

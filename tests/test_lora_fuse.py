@@ -11,11 +11,14 @@ import pytest
 import torch
 
 import conversion.download.lora as lora_download
-from conversion.lora import adapters, read_lora
+from conversion.config import ConversionConfig
+from conversion.download import DownloadPolicy
+from conversion.lora import read_lora
 from conversion.manifest import read_manifest
 from conversion.sources import FusedSource, RandomDemoSource, parse_lora_path, with_fused_loras
 from conversion.store import Store, ensure_converted
 from model_loader import load_pipeline
+from serving.lora_adapters import adapters
 from tests.tiny_models import data_uri, make_tiny_lora
 
 # Fused weights (W + s * B A, computed once in float32) and LoRA layers applied per request (W x +
@@ -62,7 +65,7 @@ def test_a_fused_entry_is_an_entry_of_its_own_recording_its_loras(entries, lora_
 
 
 def test_another_scale_or_another_lora_is_another_store_key(tmp_path, lora_uri):
-    store = Store(tmp_path)
+    store = Store(tmp_path, ConversionConfig.from_env())
     other = data_uri(Path(__file__))  # any other URL: keys are computed offline, nothing is fetched
     digests = {store.entry(source, "id", "float32").digest
                for source in (RandomDemoSource(), fused(lora_uri, 0.75), fused(lora_uri, 0.5), fused(other, 0.75))}
@@ -77,13 +80,15 @@ def test_a_warm_start_finds_the_fused_entry_offline_without_the_lora_file(entrie
         raise AssertionError("a download was started")
 
     monkeypatch.setattr(lora_download, "run_child", refuse)
-    assert Store(root).warm(fused(lora_uri, 0.75), "float32") == with_lora
+    assert Store(root, ConversionConfig.from_env()).warm(fused(lora_uri, 0.75), "float32") == with_lora
     assert ensure_converted(fused(lora_uri, 0.75), root=root, dtype="float32") == with_lora
 
 
 def test_the_fused_entry_generates_what_the_same_lora_applied_per_request_generates(entries, lora_uri, tmp_path):
     root, plain, with_lora = entries
-    fetched = lora_download.fetch_lora(parse_lora_path(lora_uri), tmp_path)
+    config = ConversionConfig.from_env()
+    fetched = lora_download.fetch_lora(parse_lora_path(lora_uri).location(), tmp_path,
+                                       policy=DownloadPolicy.from_config(config), config=config)
     lora = read_lora(fetched.path, "lora", fetched.identity)
     base = load_pipeline(plain, device="cpu", torch_dtype=torch.float32)
     before = image(base)

@@ -7,6 +7,8 @@ import threading
 import pytest
 import torch
 
+from model_loader import pinned
+from model_loader.config import LoaderConfig
 from model_loader.pinned import PinnedPool
 from model_loader.posix_io import ALIGN
 
@@ -174,6 +176,15 @@ def test_threads_acquiring_at_once_get_distinct_buffers():
     assert pool.idle_bytes == 8 * ALIGN
 
 
-def test_the_idle_cap_defaults_to_model_loader_pinned_max_mb(monkeypatch):
+def test_the_process_wide_pool_takes_its_idle_cap_from_model_loader_pinned_max_mb_once(monkeypatch):
+    monkeypatch.setattr(pinned, "_default_pool", None)
     monkeypatch.setenv("MODEL_LOADER_PINNED_MAX_MB", "3")
-    assert host_pool().max_idle_bytes == 3 << 20
+    pool = pinned.default_pool()
+    assert pool.max_idle_bytes == 3 << 20
+    monkeypatch.setenv("MODEL_LOADER_PINNED_MAX_MB", "5")
+    assert pinned.default_pool() is pool and pool.max_idle_bytes == 3 << 20
+
+
+def test_a_pool_of_ones_own_does_not_read_the_environment(monkeypatch):
+    monkeypatch.setenv("MODEL_LOADER_PINNED_MAX_MB", "not a number")
+    assert host_pool().max_idle_bytes == LoaderConfig().pinned_max_bytes

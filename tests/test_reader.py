@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from conversion.writer import pack_state_dict
-from model_loader import host_read, posix_io, reader, storage
+from model_loader import background, host_read, posix_io, reader, storage
 from model_loader.checksum import file_checksum
+from model_loader.config import LoaderConfig
 from model_loader.errors import ChecksumMismatchError, FlashPackFormatError, PackReadError
 from model_loader.host_read import Chunk, ReadOptions, plan_chunks, read_file, resolve_options
 from model_loader.pinned import PinnedPool
@@ -234,8 +235,9 @@ def test_options_come_from_arguments_then_environment(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_CHUNK_MB", "2")
     monkeypatch.setenv("MODEL_LOADER_DIRECT_IO", "0")
     monkeypatch.setenv("MODEL_LOADER_MAP", "never")
-    assert resolve_options() == ReadOptions(3, 2 << 20, False, "never")
-    assert resolve_options(threads=5, chunk_bytes=5000, direct_io=False, mapping="hot") == ReadOptions(
+    config = LoaderConfig.from_env()
+    assert resolve_options(config) == ReadOptions(3, 2 << 20, False, "never")
+    assert resolve_options(config, threads=5, chunk_bytes=5000, direct_io=False, mapping="hot") == ReadOptions(
         5, 2 * ALIGN, False, "hot"
     )
 
@@ -243,11 +245,11 @@ def test_options_come_from_arguments_then_environment(monkeypatch):
 def test_an_unknown_mapping_mode_is_named(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_MAP", "sometimes")
     with pytest.raises(ValueError, match="MODEL_LOADER_MAP='sometimes'"):
-        resolve_options()
+        read_file(__file__)
 
 
 def test_forcing_o_direct_turns_mapping_off():
-    assert resolve_options(direct_io=True, mapping="always").mapping == "never"
+    assert resolve_options(LoaderConfig(), direct_io=True, mapping="always").mapping == "never"
 
 
 @pytest.mark.parametrize(("setting", "advised"), [(None, False), ("0", False), ("1", True)])
@@ -265,7 +267,7 @@ def test_huge_pages_are_asked_for_only_when_model_loader_hugepages_is_on(monkeyp
 def test_invalid_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_THREADS", "many")
     with pytest.raises(ValueError, match="MODEL_LOADER_THREADS"):
-        resolve_options()
+        read_pack(__file__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,7 +568,7 @@ def test_a_pack_of_another_size_than_its_checksum_is_refused(pack):
 
 def test_pack_reads_run_in_order_and_raise_each_error_at_its_result(pack, tmp_path):
     path, sd = pack
-    reads = host_read.start_pack_reads([("a", path, None), ("missing", tmp_path / "nope", None), ("b", path, None)])
+    reads = background.start_pack_reads([("a", path, None), ("missing", tmp_path / "nope", None), ("b", path, None)])
     assert reads.names == ["a", "missing", "b"]
     assert_bit_exact(reader.pack_from_host(reads.result("a")).tensors(), sd)
     with pytest.raises(FileNotFoundError):
@@ -612,9 +614,9 @@ def test_hot_mapping_maps_a_cached_pack_and_reads_a_cold_one(pack):
 
 def test_the_staging_plan_covers_every_reader_thread_with_two_buffers_of_the_largest_chunk(monkeypatch):
     monkeypatch.setattr(storage, "cpus", lambda: 8)
-    count, nbytes = reader.staging_plan([5 << 30, 200 << 20], chunk_bytes=32 << 20)
+    count, nbytes = reader.staging_plan([5 << 30, 200 << 20], LoaderConfig(), chunk_bytes=32 << 20)
     assert (count, nbytes) == (16 * reader.BUFFERS_PER_THREAD, 32 << 20)
-    assert reader.staging_plan([]) == (0, 0)
+    assert reader.staging_plan([], LoaderConfig()) == (0, 0)
 
 
 def test_each_staging_thread_uses_one_stream_for_all_its_buffers(pack):

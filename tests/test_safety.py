@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conversion.config import ConversionConfig
 from conversion.demo import DEMO_CHECKER_FLAG_LEVEL, demo_safety_checker
 from serving.safety import SafetyChecker, black_like, checker_source, load_safety_checker, screen
 from serving.settings import SafetyCheckerSettings
@@ -121,7 +122,7 @@ def test_the_demo_checker_loads_from_its_store_entry_with_the_reads_started_for_
     from conversion.store import Store
     from model_loader import start_pack_reads
 
-    path = Store(tmp_path).ensure(DemoCheckerSource(), "float32")
+    path = Store(tmp_path, ConversionConfig.from_env()).ensure(DemoCheckerSource(), "float32")
     reads = start_pack_reads(packs_to_read(path), "cpu")
 
     def no_second_read(*args, **kwargs):

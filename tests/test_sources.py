@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from conversion.download.hub import select_hub_files
 from conversion.errors import SourceError
 from conversion.sources import (
     DemoCheckerSource,
@@ -158,8 +159,9 @@ FLUX_INDEX = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMat
 def test_a_config_repo_gives_its_configs_and_the_weights_of_what_the_checkpoint_lacks_only():
     configs = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
                "transformer/config.json", "vae/config.json"]
-    assert HubConfigSource("org/flux").select(FLUX_REPO, FLUX_INDEX, weights=True) == configs
-    assert HubConfigSource("org/flux", weights_of=["vae", "text_encoder"]).select(FLUX_REPO, FLUX_INDEX, True) == sorted(
+    assert select_hub_files(HubConfigSource("org/flux").hub_files(), FLUX_REPO, FLUX_INDEX, weights=True) == configs
+    lacking = HubConfigSource("org/flux", weights_of=["vae", "text_encoder"]).hub_files()
+    assert select_hub_files(lacking, FLUX_REPO, FLUX_INDEX, True) == sorted(
         [*configs, "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"])
 
 
@@ -460,7 +462,7 @@ def test_demo_without_its_committed_weights_says_they_are_missing(tmp_path, monk
     import conversion.sources.demo as demo
 
     monkeypatch.setattr(demo, "TRAINED_PIPELINE", tmp_path / "pipeline")
-    with pytest.raises(SourceError, match=r"the demo model's committed weights are missing .*conversion.demo train"):
+    with pytest.raises(SourceError, match=r"the demo model's committed weights are missing .*demo_training train"):
         DemoSource().offline_identity(NoRefs())
 
 

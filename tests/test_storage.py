@@ -13,6 +13,7 @@ import torch
 from conversion.writer import pack_state_dict
 from model_loader import host_read, storage
 from model_loader.checksum import file_checksum
+from model_loader.config import LoaderConfig
 from model_loader.host_read import Chunk, plan_chunks, split_runs
 from model_loader.reader import read_pack
 from model_loader.storage import Storage, plan_read
@@ -94,12 +95,12 @@ def test_a_local_directory_is_local_storage(tmp_path):
 
 def test_the_layout_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_LAYOUT", "split")
-    assert host_read.resolve_options().layout == "split"
+    assert host_read.resolve_options(LoaderConfig.from_env()).layout == "split"
     monkeypatch.setenv("MODEL_LOADER_LAYOUT", "auto")
-    assert host_read.resolve_options().layout is None
+    assert host_read.resolve_options(LoaderConfig.from_env()).layout is None
     monkeypatch.setenv("MODEL_LOADER_LAYOUT", "diagonal")
     with pytest.raises(ValueError, match="MODEL_LOADER_LAYOUT='diagonal'"):
-        host_read.resolve_options()
+        LoaderConfig.from_env()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 import conversion.convert
 import conversion.download
+from conversion.config import ConversionConfig
 from conversion.download import hub as hub_download
 from conversion.download import url as url_download
 from conversion.durable import host_tag, temp_path
@@ -72,8 +73,9 @@ def files_of(path: Path) -> dict[str, bytes]:
 
 def test_root_is_app_data_root_when_set(monkeypatch, tmp_path):
     monkeypatch.setenv("APP_DATA_ROOT", str(tmp_path))
-    assert resolve_root() == tmp_path
-    assert resolve_root(tmp_path / "explicit") == tmp_path / "explicit"
+    config = ConversionConfig.from_env()
+    assert resolve_root(None, config) == tmp_path
+    assert resolve_root(tmp_path / "explicit", config) == tmp_path / "explicit"
 
 
 def test_warm_start_of_a_hub_source_makes_no_request_and_starts_no_download(hub, tmp_path, monkeypatch):
@@ -108,7 +110,7 @@ def test_warm_start_works_with_the_hub_gone_and_imports_no_download_code(tiny_sd
 
 
 def test_warm_finds_the_entry_offline_only_once_it_exists(local_src, tmp_path):
-    store, src = Store(tmp_path), parse_source(str(local_src))
+    store, src = Store(tmp_path, ConversionConfig.from_env()), parse_source(str(local_src))
     assert store.warm(src, "float16") is None
     path = ensure_converted(src, root=tmp_path, dtype="float16")
     assert store.warm(src, "fp16") == path
@@ -134,7 +136,7 @@ def test_branch_stays_on_its_recorded_commit_until_refresh(hub, tiny_sd, tmp_pat
 
 
 def test_ref_file_nested_100000_deep_reads_as_no_ref(tmp_path):
-    store, source = Store(tmp_path), parse_source("org/tiny-sd")
+    store, source = Store(tmp_path, ConversionConfig.from_env()), parse_source("org/tiny-sd")
     store.ref_path(source).parent.mkdir(parents=True)
     store.ref_path(source).write_text("[" * 100_000 + "]" * 100_000)
     assert store.read_ref(source) is None
@@ -277,7 +279,7 @@ def test_entry_without_manifest_is_moved_aside_and_rebuilt(local_src, tmp_path):
 
 
 def store_entry(local_src: Path, root: Path):
-    store = Store(root)
+    store = Store(root, ConversionConfig.from_env())
     src = parse_source(str(local_src))
     return store, src, store.entry(src, src.offline_identity(store), "source")
 
@@ -308,7 +310,7 @@ def dead_pid() -> int:
 
 
 def test_leftovers_of_dead_or_silent_builders_are_removed_and_live_ones_kept(tmp_path):
-    store = Store(tmp_path)
+    store = Store(tmp_path, ConversionConfig.from_env())
     name = "org--x-0123456789abcdef"
     dirs = {
         "dead": store.dir / f".{name}.{host_tag()}.{dead_pid()}.aaaaaaaa.tmp",
@@ -332,7 +334,7 @@ def test_leftovers_of_dead_or_silent_builders_are_removed_and_live_ones_kept(tmp
 
 
 def test_leftovers_that_are_symlinks_are_unlinked_and_their_targets_kept(tmp_path):
-    store = Store(tmp_path)
+    store = Store(tmp_path, ConversionConfig.from_env())
     target = tmp_path / "elsewhere"
     target.mkdir()
     (target / "keep.txt").write_text("not the store's")
@@ -447,7 +449,7 @@ def test_demo_source_is_generated_in_scratch_converted_and_found_offline_after(t
     path = ensure_converted("demo-random", root=tmp_path)
     assert read_manifest(path)["source"] == {**read_manifest(path)["source"], "kind": "demo-random", "ref": "demo-random", "seed": 0}
     assert entries(tmp_path) == [path.name]  # the generated pipeline was scratch
-    assert Store(tmp_path).warm(parse_source("demo-random")) == path
+    assert Store(tmp_path, ConversionConfig.from_env()).warm(parse_source("demo-random")) == path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +488,7 @@ def test_demo_checker_is_generated_in_scratch_converted_once_and_found_offline_a
     assert read_manifest(path)["source"]["kind"] == "demo-safety-checker"
     assert entries(tmp_path) == [path.name]  # the generated checker was scratch
     monkeypatch.setattr(conversion.convert, "convert_pipeline", no_conversion)
-    assert Store(tmp_path).warm(DemoCheckerSource(), "float32") == path
+    assert Store(tmp_path, ConversionConfig.from_env()).warm(DemoCheckerSource(), "float32") == path
     assert ensure_converted(DemoCheckerSource(), root=tmp_path, dtype="float32") == path
     assert checker_verdicts(path) == [True, False]
 
@@ -525,7 +527,7 @@ def test_a_damaged_checker_entry_fails_its_warm_check_and_is_rebuilt_from_its_so
     config = path / "feature_extractor" / "preprocessor_config.json"
     config.write_text(config.read_text().replace("32", "33"))
     caplog.set_level(logging.WARNING, logger="conversion.store")
-    assert Store(tmp_path).warm(DemoCheckerSource(), "float32") is None
+    assert Store(tmp_path, ConversionConfig.from_env()).warm(DemoCheckerSource(), "float32") is None
     assert "preprocessor_config.json: sha256 mismatch" in caplog.text
     assert ensure_converted(DemoCheckerSource(), root=tmp_path, dtype="float32") == path
     assert files_of(path) == {**good, "flashpack_manifest.json": files_of(path)["flashpack_manifest.json"]}

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conversion.config import ConversionConfig
 from conversion.download import hub_cache_dir
 from conversion.manifest import VerificationError, verify_converted
 from conversion.store import STORE_DIRNAME, ensure_converted
@@ -82,7 +83,7 @@ def test_sigkill_at_random_moments_never_publishes_a_partial_entry(tiny_sd, tmp_
                     shutil.rmtree(entry, ignore_errors=True)
                     download = kills % 3 == 0
                     if download:
-                        shutil.rmtree(hub_cache_dir(root), ignore_errors=True)
+                        shutil.rmtree(hub_cache_dir(root, ConversionConfig.from_env()), ignore_errors=True)
                 proc = FORK.Process(target=_convert, args=(str(root),))
                 proc.start()
                 time.sleep(rng.uniform(0.0, download_and_convert_s if download else convert_s))

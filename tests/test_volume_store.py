@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import conversion.convert
+from conversion.config import ConversionConfig
 from conversion.dtypes import dtype_key
 from conversion.durable import host_tag, parse_temp_name
 from conversion.manifest import VerificationError, verify_converted
@@ -210,7 +211,7 @@ def file_hashes(path: Path) -> dict[str, str]:
 
 def entry_path(src: Path, root: Path, dtype: str | None = None) -> Path:
     """Where the store under ``root`` publishes ``src`` converted to ``dtype``."""
-    store, source = Store(root), parse_source(str(src))
+    store, source = Store(root, ConversionConfig.from_env()), parse_source(str(src))
     return store.entry(source, source.offline_identity(store), dtype_key(dtype)[1]).path
 
 
@@ -343,7 +344,7 @@ def test_builder_killed_mid_conversion_on_one_host_is_taken_over_by_the_other_wi
         Path(halfway.read_text()).relative_to(partial)]
     assert not (partial / "flashpack_manifest.json").exists()
     # ...and host a's next cleanup removes it at once: its builder, a pid of host a, is dead.
-    runners("a", Store(roots["a"]).cleanup_stale).result()
+    runners("a", Store(roots["a"], ConversionConfig.from_env()).cleanup_stale).result()
     assert listing(roots["b"]) == [name]
 
 

@@ -1,8 +1,10 @@
 """The demo models: a tiny pipeline trained by this project to draw shapes (``source = "demo"``, its
-weights committed under ``trained/``), the same family with seeded random weights for fast tests
-(``source = "demo-random"``), and a tiny safety checker with a known verdict.
+weights committed under ``trained/pipeline/``), the same family with seeded random weights for fast
+tests (``source = "demo-random"``), and a tiny safety checker with a known verdict.
 
-``python -m conversion.demo train`` retrains the drawing model (see :mod:`conversion.demo.train`).
+Only what the app needs at run time lives here. The code that trained the drawing model, its
+training report and ``python -m demo_training train`` (which retrains it) are in the top-level
+``demo_training`` package, which is not uploaded to fal runners.
 """
 
 from .checker import DEMO_CHECKER_FLAG_LEVEL, demo_safety_checker, make_demo_safety_checker

@@ -1,5 +1,5 @@
-"""A Hub repo's pipeline files (or a safety checker's: the source's ``select`` decides) in the
-Hugging Face cache on the volume, verified.
+"""A Hub repo's files (a pipeline's, a safety checker's, a single file's configs, or one file:
+:class:`HubFiles` says which) in the Hugging Face cache on the volume, verified.
 
 The cache first with ``local_files_only`` (no network; fal's "speed up model files check"), the
 Hub only when something is missing, and then in the watched child (``child.py``).
@@ -12,21 +12,90 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal, get_args
 
+from model_loader.diffusers_layout import MODEL_INDEX_NAME, select_files, select_safety_checker_files
 from model_loader.errors import DiffusersLayoutError
+from model_loader.module import MODULE_WEIGHT_SUFFIXES
 
+from ..cache_layout import cached_commit, hub_cache_dir, is_commit, repo_cache_dir
 from ..config import ConversionConfig
 from ..errors import DownloadError, SourceError
-from ..sources.hub import HubSource, is_commit
-from ..sources.hub_file import HubFileSource
-from .child import dir_state, remove_stale_partials, run_child
-from .policy import DownloadPolicy, hub_cache_dir
+from .policy import DownloadPolicy
 from .preread import preread
+from .watch import dir_state, remove_stale_partials, run_child
 
 log = logging.getLogger("conversion.download")
 
-# What is fetched from the Hub: a repo's pipeline (or checker, or configs) files, or one file.
-HubFetchable = HubSource | HubFileSource
+# Which files of a repo are fetched (see select_hub_files):
+# - "pipeline": a diffusers pipeline's side files and one set of weights per component (model_index.json decides)
+# - "safety_checker": a checker's config, weights and preprocessor config (the repo's listing decides)
+# - "configs": a pipeline's side files, and the weights of the components in ``weights_of`` only
+# - "module_weights": one torch module's safetensors files (and shard index) at the repo's root or in ``subfolder``
+# - "file": the one file ``filename``
+Rule = Literal["pipeline", "safety_checker", "configs", "module_weights", "file"]
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    """What to fetch of a Hub repo, in plain values (the watched child gets them as JSON)."""
+
+    repo: str
+    revision: str | None  # branch, tag or commit (None = "main")
+    display: str  # its name in logs and errors
+    rule: Rule = "pipeline"
+    variant: str | None = None  # weight variant such as "fp16"
+    subfolder: str | None = None  # the pipeline lives in this folder of the repo
+    weights_of: tuple[str, ...] = ()  # "configs": the components whose weights are fetched too
+    filename: str | None = None  # "file": its path in the repo
+
+    def __post_init__(self) -> None:
+        if self.rule not in get_args(Rule):
+            raise ValueError(f"unknown Hub file rule {self.rule!r}")
+        if self.rule == "file" and not self.filename:
+            raise ValueError("the 'file' rule needs a filename")
+        object.__setattr__(self, "weights_of", tuple(self.weights_of))  # a list after a JSON round trip
+
+    @property
+    def ref(self) -> str:
+        """What errors call the repo: the repo id, or the repo's file (``org/name/file``)."""
+        return f"{self.repo}/{self.filename}" if self.rule == "file" else self.repo
+
+    def index_file(self) -> str | None:
+        """The repo file whose contents decide which files to fetch (``model_index.json``); None
+        when the repo's file listing alone decides."""
+        if self.rule in ("safety_checker", "module_weights", "file"):
+            return None
+        return f"{self.subfolder}/{MODEL_INDEX_NAME}" if self.subfolder else MODEL_INDEX_NAME
+
+
+def select_hub_files(files: HubFiles, repo_files: list[str], index: dict[str, Any] | None, weights: bool) -> list[str]:
+    """The repo files to fetch by ``files.rule`` (``index`` is its :meth:`~HubFiles.index_file`
+    parsed); ``weights=False``: the configs and tokenizers only. Raises DiffusersLayoutError (or
+    SourceError for a missing file) when the repo does not hold what the rule asks for."""
+    if files.rule == "pipeline":
+        return select_files(repo_files, index or {}, files.variant, files.subfolder, weights)
+    if files.rule == "safety_checker":
+        parts = select_safety_checker_files(repo_files, files.variant, files.subfolder, weights)
+        return sorted(path for paths in parts.values() for path in paths)
+    if files.rule == "configs":
+        index = index or {}
+        chosen = set(select_files(repo_files, index, files.variant, files.subfolder, weights=False))
+        if weights and files.weights_of:
+            wanted = {name: spec for name, spec in index.items() if name in files.weights_of}
+            chosen |= set(select_files(repo_files, wanted, files.variant, files.subfolder, weights=True))
+        return sorted(chosen)
+    if files.rule == "module_weights":
+        prefix = f"{files.subfolder}/" if files.subfolder else ""
+        chosen = [f for f in repo_files if f.startswith(prefix) and "/" not in f[len(prefix):]
+                  and (f.endswith(MODULE_WEIGHT_SUFFIXES) or f.endswith(".safetensors.index.json"))]
+        if not any(f.endswith(MODULE_WEIGHT_SUFFIXES) for f in chosen):
+            where = f"folder {files.subfolder!r} of repo {files.repo}" if files.subfolder else f"repo {files.repo}"
+            raise SourceError(f"{where} has no .safetensors file at revision {files.revision or 'main'!r}")
+        return sorted(chosen) if weights else []
+    if files.filename not in repo_files:
+        raise SourceError(f"repo {files.repo} has no file {files.filename} at revision {files.revision or 'main'!r}")
+    return [files.filename]  # type: ignore[list-item]
 
 
 @dataclass(frozen=True)
@@ -40,34 +109,34 @@ class Snapshot:
 
 
 def fetch_hub(
-    source: HubFetchable,
+    files: HubFiles,
     root: Path,
     commit: str | None,
     policy: DownloadPolicy,
+    config: ConversionConfig,
     weights: bool = True,
     refresh: bool = False,
-    config: ConversionConfig | None = None,
 ) -> Snapshot:
-    """The pipeline files of ``source`` on the volume, verified; downloads only when needed."""
+    """The repo files ``files`` names on the volume ``root``, verified; downloads only when needed."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    config = config or ConversionConfig.from_env()
     cache_dir = hub_cache_dir(root, config)
-    blobs = cache_dir / _repo_folder(source.repo) / "blobs"
+    blobs = repo_cache_dir(cache_dir, files.repo) / "blobs"
     for round_ in (1, 2):
         try:
             if refresh and commit is None:
                 raise LocalEntryNotFoundError("refresh: resolve the revision on the Hub")
-            snap = hub_snapshot(source, cache_dir, commit=commit, local_only=True, weights=weights, config=config)
-            log.info("cache: %s @ %s found in %s (no network)", source.display, snap.identity[:12], cache_dir)
+            snap = hub_snapshot(files, cache_dir, commit=commit, local_only=True, weights=weights, token=config.hf_token)
+            log.info("cache: %s @ %s found in %s (no network)", files.display, snap.identity[:12], cache_dir)
         except LocalEntryNotFoundError:
             result = run_child(
-                {"op": "hub", "kind": source.kind, "source": asdict(source), "cache_dir": str(cache_dir),
-                 "commit": commit, "max_workers": policy.max_workers, "weights": weights, "refresh": refresh and commit is None},
+                {"op": "hub", "files": asdict(files), "cache_dir": str(cache_dir), "commit": commit,
+                 "max_workers": policy.max_workers, "weights": weights, "refresh": refresh and commit is None},
                 probe=lambda: dir_state(blobs),
                 cleanup=lambda: remove_stale_partials(blobs, policy),
-                what=f"download {source.display}",
+                what=f"download {files.display}",
                 policy=policy,
+                config=config,
             )
             snap = Snapshot(Path(result["path"]), result["identity"], tuple(result["files"]), Path(result["root"]))
         bad = preread([snap.root / f for f in snap.files], policy.preread_workers, check_blobs=True)
@@ -75,7 +144,7 @@ def fetch_hub(
             return snap
         if round_ == 2:
             raise DownloadError(
-                f"{source.display}: files still fail their checksum after a fresh download: "
+                f"{files.display}: files still fail their checksum after a fresh download: "
                 + ", ".join(str(p) for p in bad)
             )
         log.warning("cache: %d corrupt file(s) in the Hub cache, removing and downloading again: %s",
@@ -87,17 +156,19 @@ def fetch_hub(
 
 
 def hub_snapshot(
-    source: HubFetchable,
+    files: HubFiles,
     cache_dir: Path,
+    *,
+    token: str | None,
     commit: str | None = None,
     local_only: bool = False,
     max_workers: int = 32,
     weights: bool = True,
     refresh: bool = False,
     on_phase: Callable[[str], None] = lambda name: None,
-    config: ConversionConfig | None = None,
 ) -> Snapshot:
-    """The pipeline files of a Hub repo from the cache, downloading what is missing.
+    """The repo files ``files`` names from the Hub cache ``cache_dir``, downloading what is missing
+    (with ``token``, the Hugging Face token or None).
 
     A known ``commit`` (from the store's ref file) is fetched as is, even if the branch has
     moved since. ``weights=False`` fetches the configs and tokenizers only; ``refresh``
@@ -106,93 +177,81 @@ def hub_snapshot(
     """
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    rev = source.revision or "main"
+    rev = files.revision or "main"
     if commit is None and (is_commit(rev) or not refresh):
-        commit = rev if is_commit(rev) else _cached_hf_ref(cache_dir, source.repo, rev)
+        commit = cached_commit(cache_dir, files.repo, rev)
     if commit is not None:
         try:
-            return _local_snapshot(source, cache_dir, commit, weights)
+            return _local_snapshot(files, cache_dir, commit, weights)
         except LocalEntryNotFoundError:
             if local_only:
                 raise
     elif local_only:
-        raise LocalEntryNotFoundError(f"{source.display}: no cached commit for revision {rev!r}")
-    token = (config or ConversionConfig.from_env()).hf_token
-    return _download_snapshot(source, cache_dir, max_workers, commit, weights, token, on_phase)
-
-
-def _cached_hf_ref(cache_dir: Path, repo: str, rev: str) -> str | None:
-    try:
-        value = (cache_dir / _repo_folder(repo) / "refs" / rev).read_text().strip()
-    except OSError:
-        return None
-    return value if is_commit(value) else None
-
-
-def _repo_folder(repo: str) -> str:
-    return "models--" + repo.replace("/", "--")
+        raise LocalEntryNotFoundError(f"{files.display}: no cached commit for revision {rev!r}")
+    return _download_snapshot(files, cache_dir, max_workers, commit, weights, token, on_phase)
 
 
 def _escape(paths: Iterable[str]) -> list[str]:
     return [glob.escape(p) for p in paths]
 
 
-def _select(source: HubFetchable, repo_files: list[str], index_path: str | Path | None, weights: bool) -> list[str]:
+def _select(files: HubFiles, repo_files: list[str], index_path: str | Path | None, weights: bool) -> list[str]:
     from model_loader.diffusers_layout import read_model_index
 
     try:
-        return source.select(repo_files, read_model_index(index_path) if index_path is not None else None, weights)
+        return select_hub_files(files, repo_files, read_model_index(index_path) if index_path is not None else None,
+                                weights)
     except DiffusersLayoutError as exc:
-        raise SourceError(f"{source.display}: {exc}") from None
+        raise SourceError(f"{files.display}: {exc}") from None
 
 
-def _local_snapshot(source: HubFetchable, cache_dir: Path, commit: str, weights: bool) -> Snapshot:
+def _local_snapshot(files: HubFiles, cache_dir: Path, commit: str, weights: bool) -> Snapshot:
     from huggingface_hub import get_cached_repo_tree, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
 
-    index_file = source.index_file()
-    index = cache_dir / _repo_folder(source.repo) / "snapshots" / commit / index_file if index_file else None
+    index_file = files.index_file()
+    index = repo_cache_dir(cache_dir, files.repo) / "snapshots" / commit / index_file if index_file else None
     if index is not None and not index.is_file():
         raise LocalEntryNotFoundError(f"{index} is not cached")
     try:
-        tree = get_cached_repo_tree(source.repo, revision=commit, cache_dir=cache_dir)
+        tree = get_cached_repo_tree(files.repo, revision=commit, cache_dir=cache_dir)
     except CachedRepoTreeNotFoundError as exc:
         raise LocalEntryNotFoundError(str(exc)) from exc
-    files = _select(source, [f.path for f in tree], index, weights)
-    path = snapshot_download(source.repo, revision=commit, cache_dir=cache_dir, allow_patterns=_escape(files),
+    selected = _select(files, [f.path for f in tree], index, weights)
+    path = snapshot_download(files.repo, revision=commit, cache_dir=cache_dir, allow_patterns=_escape(selected),
                              local_files_only=True)
-    return _snapshot(Path(path), commit, files, source)
+    return _snapshot(Path(path), commit, selected, files)
 
 
-def _snapshot(root: Path, identity: str, files: Sequence[str], source: HubFetchable) -> Snapshot:
-    path = root / source.subfolder if source.subfolder else root
-    return Snapshot(path=path, identity=identity, files=tuple(files), root=root)
+def _snapshot(root: Path, identity: str, selected: Sequence[str], files: HubFiles) -> Snapshot:
+    path = root / files.subfolder if files.subfolder else root
+    return Snapshot(path=path, identity=identity, files=tuple(selected), root=root)
 
 
-def _download_snapshot(source: HubFetchable, cache_dir: Path, max_workers: int, commit: str | None, weights: bool,
+def _download_snapshot(files: HubFiles, cache_dir: Path, max_workers: int, commit: str | None, weights: bool,
                        token: str | None, on_phase: Callable[[str], None]) -> Snapshot:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
-    rev = commit or source.revision or "main"
-    info = HfApi(token=token).model_info(source.repo, revision=rev)
+    rev = commit or files.revision or "main"
+    info = HfApi(token=token).model_info(files.repo, revision=rev)
     on_phase("resolved")
     commit = info.sha
     if not commit or not is_commit(commit):
-        raise DownloadError(f"{source.display}: the Hub returned no commit for revision {rev!r}")
+        raise DownloadError(f"{files.display}: the Hub returned no commit for revision {rev!r}")
     repo_files = [s.rfilename for s in info.siblings or []]
-    index_file = source.index_file()
+    index_file = files.index_file()
     if index_file is not None and index_file not in repo_files:
         raise SourceError(
-            f"repo {source.repo} has no {index_file}: it is not a diffusers pipeline "
+            f"repo {files.repo} has no {index_file}: it is not a diffusers pipeline "
             "(for a single-file checkpoint give the file: org/name/file.safetensors)"
         )
-    index = (hf_hub_download(source.repo, index_file, revision=commit, cache_dir=cache_dir, token=token)
+    index = (hf_hub_download(files.repo, index_file, revision=commit, cache_dir=cache_dir, token=token)
              if index_file is not None else None)
     on_phase("listed")
-    files = _select(source, repo_files, index, weights)
-    path = snapshot_download(source.repo, revision=commit, cache_dir=cache_dir, allow_patterns=_escape(files),
+    selected = _select(files, repo_files, index, weights)
+    path = snapshot_download(files.repo, revision=commit, cache_dir=cache_dir, allow_patterns=_escape(selected),
                              max_workers=max_workers, token=token)
-    return _snapshot(Path(path), commit, files, source)
+    return _snapshot(Path(path), commit, selected, files)
 
 
 def _drop_cached_file(pointer: Path) -> None:

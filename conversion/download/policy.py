@@ -1,4 +1,5 @@
-"""How downloads run and where their caches live; hf_xet's tuning for the child's environment."""
+"""How downloads run; hf_xet's tuning for the child's environment; secrets kept out of messages.
+(Where the caches live on the volume is conversion.cache_layout's.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConversionConfig
-from ..sources.url import url_hash
 
 _HIGH_PERFORMANCE_MIN_RAM = 64 * 1024**3
 
@@ -62,20 +62,9 @@ def usable_memory_bytes() -> int:
     return ram
 
 
-def hub_cache_dir(root: Path, config: ConversionConfig | None = None) -> Path:
-    """The Hugging Face cache on the persistent volume (fal sets HF_HOME=/data/.cache/huggingface)."""
-    explicit = (config or ConversionConfig.from_env()).hub_cache
-    return explicit if explicit is not None else root / ".cache" / "huggingface" / "hub"
-
-
-def fal_weights_dir(root: Path, url: str) -> Path:
-    """Where fal's download_model_weights keeps ``url`` (its layout, rooted at ``root``)."""
-    return root / ".fal" / "model_weights" / url_hash(url)
-
-
-def redact_secrets(text: str, config: ConversionConfig | None = None) -> str:
-    """``text`` with the Hugging Face token (if any) replaced by ``***``."""
-    token = (config or ConversionConfig.from_env()).hf_token or ""
+def redact_secrets(text: str, config: ConversionConfig) -> str:
+    """``text`` with the Hugging Face token of ``config`` (if any) replaced by ``***``."""
+    token = config.hf_token or ""
     if len(token) >= 4:
         text = text.replace(token, "***")
     return text

@@ -4,32 +4,32 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..cache_layout import fal_weights_dir
 from ..checkpoint import checkpoint_problem
 from ..config import ConversionConfig
 from ..durable import NO_SPACE_ERRNOS
 from ..errors import DownloadError, SourceError
-from ..sources.url import UrlSource
-from .child import dir_state, remove_stale_partials, run_child
-from .policy import DownloadPolicy, fal_weights_dir, redact_secrets
+from .policy import DownloadPolicy, redact_secrets
 from .preread import preread
+from .watch import dir_state, remove_stale_partials, run_child
 
 log = logging.getLogger("conversion.download")
 
 
-def fetch_url(source: UrlSource, root: Path, policy: DownloadPolicy) -> Path:
-    """The checkpoint file behind ``source.url`` on the volume (see :func:`fetch_fal_file`), pre-read."""
-    path, _ = fetch_fal_file(source.url, root, {"op": "url", "source": asdict(source), "root": str(root)},
-                             source.display, policy)
+def fetch_url(url: str, display: str, root: Path, policy: DownloadPolicy, config: ConversionConfig) -> Path:
+    """The checkpoint file behind ``url`` (``display``: its name in logs and errors, no secrets) on
+    the volume ``root`` (see :func:`fetch_fal_file`), pre-read."""
+    request = {"op": "url", "url": url, "display": display, "root": str(root)}
+    path, _ = fetch_fal_file(url, root, request, display, policy, config)
     preread([path], policy.preread_workers, check_blobs=False)
     return path
 
 
-def fetch_fal_file(url: str, root: Path, request: dict[str, Any], display: str,
-                   policy: DownloadPolicy) -> tuple[Path, bool]:
+def fetch_fal_file(url: str, root: Path, request: dict[str, Any], display: str, policy: DownloadPolicy,
+                   config: ConversionConfig) -> tuple[Path, bool]:
     """The intact file of ``url`` in fal's layout, and whether it was already there.
 
     A cached file is used without a request; one that is visibly damaged (truncated: its
@@ -52,6 +52,7 @@ def fetch_fal_file(url: str, root: Path, request: dict[str, Any], display: str,
         cleanup=lambda: remove_stale_partials(weights_dir, policy),
         what=f"download {display}",
         policy=policy,
+        config=config,
     )
     path = Path(result["path"])
     problem = checkpoint_problem(path)
@@ -78,23 +79,23 @@ def _existing_weights(weights_dir: Path) -> Path | None:
     return names[0] if names else None
 
 
-def download_url(source: UrlSource, root: Path, config: ConversionConfig) -> Path:
+def download_url(url: str, display: str, root: Path, config: ConversionConfig) -> Path:
     """Download in this process (the child): ``download_model_weights`` where the volume is fal's
     own ``/data``; elsewhere fal's ``download_file`` into the same layout under ``root`` (fal's
     paths are module constants; they are never rewritten)."""
     from fal.toolkit.utils import download_utils
 
     headers = None
-    host = (source.url.split("/")[2] if "://" in source.url else "").lower()
+    host = (url.split("/")[2] if "://" in url else "").lower()
     if config.hf_token and (host == "huggingface.co" or host.endswith(".huggingface.co")):
         headers = {"Authorization": f"Bearer {config.hf_token}"}
-    target = fal_weights_dir(root, source.url)
+    target = fal_weights_dir(root, url)
     try:
         if target.parent == Path(download_utils.FAL_MODEL_WEIGHTS_DIR):
-            return Path(download_utils.download_model_weights(source.url, request_headers=headers))
-        return Path(download_utils.download_file(source.url, target_dir=target, request_headers=headers))
+            return Path(download_utils.download_model_weights(url, request_headers=headers))
+        return Path(download_utils.download_file(url, target_dir=target, request_headers=headers))
     except download_utils.DownloadError as exc:
         cause = exc.__cause__
         if isinstance(cause, OSError) and cause.errno in NO_SPACE_ERRNOS:
             raise cause from None
-        raise DownloadError(f"{source.display}: {redact_secrets(str(exc), config)}") from None
+        raise DownloadError(f"{display}: {redact_secrets(str(exc), config)}") from None

@@ -92,9 +92,11 @@ class Source(ABC):
     def prepare(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> Prepared:
         """Fetch it as a local directory to convert (downloaded and pre-read as needed)."""
 
-    def convert(self, prepared: Prepared, dst: Path, dtype: Any, info: dict[str, Any]) -> Path:
+    def convert(self, prepared: Prepared, dst: Path, dtype: Any, info: dict[str, Any], config: ConversionConfig) -> Path:
         """Write the converted directory ``dst`` from what :meth:`prepare` fetched: a diffusers
-        pipeline here; a kind whose files are something else converts them itself."""
+        pipeline here; a kind whose files are something else converts them itself. ``config``:
+        the store's (its progress setting)."""
         from ..convert import convert_pipeline
 
-        return convert_pipeline(prepared.path, dst, dtype=dtype, source=info, variant=self.key_fields().get("variant"))
+        return convert_pipeline(prepared.path, dst, dtype=dtype, source=info, variant=self.key_fields().get("variant"),
+                                show_progress=config.show_progress)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 DEMO_SOURCE = "demo"
 RANDOM_DEMO_SOURCE = "demo-random"
-# Where `python -m conversion.demo train` writes by default and what `demo` serves.
+# What `demo` serves, and where `python -m demo_training train` writes the pipeline by default.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "demo" / "trained"
 TRAINED_PIPELINE = TRAINED_DIR / "pipeline"
 # Bump when conversion.demo makes different random files for the same seed: the store rebuilds its entry.
@@ -43,19 +43,19 @@ class DemoSource(Source):
         return False  # its identity is the committed files' digest
 
     def offline_identity(self, workspace: Workspace) -> str:
-        return "demo-trained-" + _trained_digest(TRAINED_PIPELINE)[:32]
+        return "demo-trained-" + trained_digest(TRAINED_PIPELINE)[:32]
 
     def prepare(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> Prepared:
         return Prepared(TRAINED_PIPELINE, self.offline_identity(workspace), [])
 
 
 @cache
-def _trained_digest(path: Path) -> str:
+def trained_digest(path: Path) -> str:
     """The SHA-256 of every file's relative path and bytes (6 MB: about 13 ms on the 2-core VM, once per process)."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
     if not any(p.name == "model_index.json" for p in files):
         raise SourceError(f"{path}: the demo model's committed weights are missing (this checkout lacks "
-                          "conversion/demo/trained/; `python -m conversion.demo train` makes them again)")
+                          "conversion/demo/trained/; `python -m demo_training train` makes them again)")
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")

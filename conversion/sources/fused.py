@@ -62,7 +62,7 @@ class FusedSource(Source):
         return False  # its identity is derived from the base's and the LoRAs', each known offline
 
     def offline_identity(self, workspace: Workspace) -> str | None:
-        from ..download import hub_cache_dir
+        from ..cache_layout import hub_cache_dir
 
         base = self.base.offline_identity(workspace)
         if base is None:
@@ -77,7 +77,8 @@ class FusedSource(Source):
         from ..download.lora import fetch_lora
         from ..lora import fuse_loras, read_lora
 
-        fetched = [fetch_lora(ref, workspace.root, policy=policy, config=workspace.config) for ref, _ in self.loras]
+        fetched = [fetch_lora(ref.location(), workspace.root, policy=policy, config=workspace.config)
+                   for ref, _ in self.loras]
         base = self.base.prepare(workspace, policy, refresh)
         work = workspace.private_dir(self.slug())
         try:

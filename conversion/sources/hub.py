@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from model_loader.diffusers_layout import MODEL_INDEX_NAME, select_files
-
+from ..cache_layout import is_commit
+from ..errors import SourceError
 from .base import Prepared, Source, Workspace
 
 if TYPE_CHECKING:
     from ..download import DownloadPolicy
+    from ..download.hub import HubFiles
 
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+__all__ = ["HubSource", "is_commit", "repo_and_revision"]
 
 
-def is_commit(revision: str | None) -> bool:
-    """A full 40-hex commit hash (immutable: its store key is known without asking the Hub)."""
-    return bool(revision and _COMMIT.match(revision))
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def repo_and_revision(text: str, revision: str | None) -> tuple[str, str | None]:
+    """(repo id, revision) of ``org/name[@revision]`` (``revision`` given apart must agree), or a SourceError."""
+    repo, _, inline_rev = text.partition("@")
+    if not _REPO_ID.match(repo) or ".." in repo:
+        raise SourceError(
+            f"{text!r} is neither a Hub repo id (org/name), an https:// URL nor an existing directory"
+        )
+    if inline_rev and revision and inline_rev != revision:
+        raise SourceError(f"{text}: revision given twice ({inline_rev!r} and {revision!r})")
+    return repo, revision or inline_rev or None
 
 
 @dataclass(frozen=True)
@@ -46,20 +57,18 @@ class HubSource(Source):
     def offline_identity(self, workspace: Workspace) -> str | None:
         return self.revision if is_commit(self.revision) else workspace.read_ref(self)
 
-    def index_file(self) -> str | None:
-        """The repo file whose contents decide which files to fetch (``model_index.json``); None
-        when the repo's file listing alone decides."""
-        return f"{self.subfolder}/{MODEL_INDEX_NAME}" if self.subfolder else MODEL_INDEX_NAME
+    def hub_files(self) -> HubFiles:
+        """What to fetch of the repo, in the plain values conversion.download takes: the pipeline's
+        side files and one set of weights per component (``model_index.json`` decides)."""
+        from ..download.hub import HubFiles
 
-    def select(self, repo_files: list[str], index: dict[str, Any] | None, weights: bool) -> list[str]:
-        """The repo files to fetch (``index`` is :meth:`index_file` parsed): the pipeline's side
-        files and, with ``weights``, one set of weights per component."""
-        return select_files(repo_files, index or {}, self.variant, self.subfolder, weights)
+        return HubFiles(self.repo, self.revision, self.display, "pipeline", variant=self.variant,
+                        subfolder=self.subfolder)
 
     def prepare(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> Prepared:
         from ..download import fetch_hub
 
         commit = None if refresh else self.offline_identity(workspace)
-        snap = fetch_hub(self, workspace.root, commit, policy, refresh=refresh, config=workspace.config)
+        snap = fetch_hub(self.hub_files(), workspace.root, commit, policy, workspace.config, refresh=refresh)
         workspace.write_ref(self, snap.identity)  # a crash from here on resumes offline
         return Prepared(snap.path, snap.identity, [])

@@ -8,15 +8,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING
 
-from ..errors import SourceError
+from ..cache_layout import is_commit
 from .base import Workspace
-from .hub import is_commit
 from .single_file import SingleFileSource
 
 if TYPE_CHECKING:
     from ..download import DownloadPolicy
+    from ..download.hub import HubFiles
 
 # What a Hub file source must end with (diffusers' single-file formats).
 CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt")
@@ -32,9 +32,6 @@ class HubFileSource(SingleFileSource):
 
     kind = "hub-file"
     _ref_field = "repo"
-    # What the Hub download code asks of a Hub source, for a single file: no variant, no subfolder.
-    variant: ClassVar[None] = None
-    subfolder: ClassVar[None] = None
 
     @property
     def ref(self) -> str:
@@ -56,18 +53,16 @@ class HubFileSource(SingleFileSource):
     def scratch_name(self) -> str:
         return f"hub-file--{hashlib.sha256(self.ref.encode()).hexdigest()[:16]}"
 
-    def index_file(self) -> str | None:
-        return None  # the listing alone decides: the one file
+    def hub_files(self) -> HubFiles:
+        """What to fetch of the repo, in the plain values conversion.download takes: the one file."""
+        from ..download.hub import HubFiles
 
-    def select(self, repo_files: list[str], index: dict[str, Any] | None, weights: bool) -> list[str]:
-        if self.filename not in repo_files:
-            raise SourceError(f"repo {self.repo} has no file {self.filename} at revision {self.revision or 'main'!r}")
-        return [self.filename]
+        return HubFiles(self.repo, self.revision, self.display, "file", filename=self.filename)
 
     def fetch_checkpoint(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> tuple[Path, str]:
         from ..download import fetch_hub
 
         commit = None if refresh else self.offline_identity(workspace)
-        snap = fetch_hub(self, workspace.root, commit, policy, refresh=refresh, config=workspace.config)
+        snap = fetch_hub(self.hub_files(), workspace.root, commit, policy, workspace.config, refresh=refresh)
         workspace.write_ref(self, snap.identity)  # a crash from here on resumes offline
         return snap.root / self.filename, snap.identity

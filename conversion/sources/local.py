@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from model_loader.diffusers_layout import MODEL_INDEX_NAME
 
 from ..errors import SourceError
+from ..symlinks import warn_broken_symlink
 from .base import Prepared, Source, Workspace
 
 if TYPE_CHECKING:
@@ -86,18 +87,3 @@ def directory_fingerprint(path: str | os.PathLike[str]) -> str:
             rel = os.path.relpath(full, root)
             digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
-
-
-_warned_links: set[str] = set()
-
-
-def warn_broken_symlink(path: str | os.PathLike[str]) -> None:
-    """Log once per process that the broken symlink ``path`` of a local source is skipped."""
-    key = os.fspath(path)
-    if key not in _warned_links:
-        _warned_links.add(key)
-        try:
-            target = os.readlink(key)
-        except OSError:
-            target = "?"
-        log.warning("source: skipping the broken symlink %s (to %s)", key, target)

@@ -15,14 +15,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from ..cache_layout import cached_lora_file, hub_file_identity, url_hash
 from ..errors import SourceError, shown
-from .hub import is_commit
-from .url import redact_url, url_hash
+from .url import redact_url
 
-# diffusers' default LoRA file name (what save_lora_weights writes, what load_lora_weights looks for).
-DEFAULT_LORA_FILE = "pytorch_lora_weights.safetensors"
+if TYPE_CHECKING:
+    from ..download.lora import LoraLocation
+
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
 # Lengths past which a Hub path names nothing (and would reach the filesystem as a too-long name):
@@ -69,6 +71,12 @@ class UrlLora:
     def offline_identity(self, root: Path, hub_cache: Path) -> str:
         return self.key_text()
 
+    def location(self) -> LoraLocation:
+        """Where it is, in the plain values conversion.download fetches it by."""
+        from ..download.lora import LoraLocation
+
+        return LoraLocation(display=self.display, key=self.key_text(), url=self.url)
+
 
 @dataclass(frozen=True)
 class HubLora:
@@ -95,13 +103,17 @@ class HubLora:
     def offline_identity(self, root: Path, hub_cache: Path) -> str | None:
         """``hub:org/name@<commit>/<file>`` when the Hub cache knows the commit and the file (no
         network), else None."""
-        commit = cached_commit(hub_cache, self.repo, self.revision)
-        if commit is None:
+        found = cached_lora_file(hub_cache, self.repo, self.revision, self.filename)
+        if found is None:
             return None
-        filename = self.filename or cached_lora_file(hub_cache, self.repo, commit)
-        if filename is None or not (snapshot_dir(hub_cache, self.repo, commit) / filename).is_file():
-            return None
-        return f"hub:{self.repo}@{commit}/{filename}"
+        return hub_file_identity(self.repo, *found)
+
+    def location(self) -> LoraLocation:
+        """Where it is, in the plain values conversion.download fetches it by."""
+        from ..download.lora import LoraLocation
+
+        return LoraLocation(display=self.display, key=self.key_text(), repo=self.repo, filename=self.filename,
+                            revision=self.revision)
 
 
 LoraRef = UrlLora | HubLora
@@ -165,57 +177,3 @@ _ACCEPTED = ("give an https:// URL of a .safetensors file, a data: URI, a Huggin
 def lora_key(refs_and_scales: list[tuple[LoraRef, float]]) -> list[list[object]]:
     """The part of a store key that LoRAs fused into an entry add: each one's key text and scale."""
     return [[ref.key_text(), float(scale)] for ref, scale in refs_and_scales]
-
-
-# -- the Hub cache, read offline (huggingface_hub's layout: models--org--name/{refs,snapshots}) ----
-
-
-def repo_cache_dir(hub_cache: Path, repo: str) -> Path:
-    return Path(hub_cache) / ("models--" + repo.replace("/", "--"))
-
-
-def snapshot_dir(hub_cache: Path, repo: str, commit: str) -> Path:
-    return repo_cache_dir(hub_cache, repo) / "snapshots" / commit
-
-
-def cached_commit(hub_cache: Path, repo: str, revision: str | None) -> str | None:
-    """The commit a revision names, without the network: itself when it is a commit hash, else
-    what the Hub cache recorded for the branch or tag (``refs/<revision>``); None when unknown."""
-    if is_commit(revision):
-        return revision
-    try:
-        value = (repo_cache_dir(hub_cache, repo) / "refs" / (revision or "main")).read_text().strip()
-    except OSError:
-        return None
-    return value if is_commit(value) else None
-
-
-def cached_lora_file(hub_cache: Path, repo: str, commit: str) -> str | None:
-    """The LoRA file :func:`choose_lora_file` would pick, among the files of that commit in the cache."""
-    root = snapshot_dir(hub_cache, repo, commit)
-    try:
-        names = [p.name for p in root.iterdir() if p.is_file()]
-    except OSError:
-        return None
-    try:
-        return choose_lora_file(names, repo)
-    except LoraPathError:
-        return None
-
-
-def choose_lora_file(repo_files: list[str], repo: str) -> str:
-    """The LoRA file of a repo given without one: diffusers' ``pytorch_lora_weights.safetensors``
-    when present, else the only ``.safetensors`` file at the repo's root; otherwise a
-    :class:`LoraPathError` listing the candidates."""
-    root_files = sorted(f for f in repo_files if "/" not in f and f.endswith(".safetensors"))
-    if DEFAULT_LORA_FILE in root_files:
-        return DEFAULT_LORA_FILE
-    if len(root_files) == 1:
-        return root_files[0]
-    if not root_files:
-        nested = sorted(f for f in repo_files if f.endswith(".safetensors"))[:5]
-        hint = f"; name one of its files: {', '.join(f'{repo}/{f}' for f in nested)}" if nested else ""
-        raise LoraPathError(f"repo {repo} has no .safetensors file at its root{hint}")
-    shown = ", ".join(f"{repo}/{f}" for f in root_files[:5])
-    raise LoraPathError(f"repo {repo} has {len(root_files)} .safetensors files and none is named "
-                        f"{DEFAULT_LORA_FILE}: name the one to use, e.g. {shown}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -11,13 +10,11 @@ from model_loader.diffusers_layout import is_variant_name
 from ..errors import SourceError
 from .base import Source
 from .demo import DEMO_SOURCE, RANDOM_DEMO_SOURCE, DemoSource, RandomDemoSource
-from .hub import HubSource
+from .hub import HubSource, repo_and_revision
 from .hub_file import CHECKPOINT_SUFFIXES, HubFileSource
 from .local import LocalSource, require_pipeline_dir
 from .safety_checker import DEMO_CHECKER_SOURCE, DemoCheckerSource, HubCheckerSource, LocalCheckerSource
 from .url import UrlSource, redact_url
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def parse_source(
@@ -70,19 +67,8 @@ def parse_source(
         if revision or variant:
             raise SourceError(f"{text}: revision and variant apply to Hub repos, not local directories")
         return LocalSource(str(path.resolve()), subfolder=_clean_subfolder(subfolder))
-    repo, rev = _repo_and_revision(text, revision)
+    repo, rev = repo_and_revision(text, revision)
     return HubSource(repo, revision=rev, variant=variant, subfolder=_clean_subfolder(subfolder))
-
-
-def _repo_and_revision(text: str, revision: str | None) -> tuple[str, str | None]:
-    repo, _, inline_rev = text.partition("@")
-    if not _REPO_ID.match(repo) or ".." in repo:
-        raise SourceError(
-            f"{text!r} is neither a Hub repo id (org/name), an https:// URL nor an existing directory"
-        )
-    if inline_rev and revision and inline_rev != revision:
-        raise SourceError(f"{text}: revision given twice ({inline_rev!r} and {revision!r})")
-    return repo, revision or inline_rev or None
 
 
 _HUB_HOSTS = ("huggingface.co", "hf.co", "www.huggingface.co")
@@ -114,7 +100,7 @@ def _single_file(text: str, revision: str | None, variant: str | None,
         repo_text = f"{org}/{name}"
     else:
         return None
-    repo, rev = _repo_and_revision(repo_text, revision)
+    repo, rev = repo_and_revision(repo_text, revision)
     if any(p in ("", ".", "..") for p in filename.split("/")) or not filename.lower().endswith(CHECKPOINT_SUFFIXES):
         raise SourceError(f"{text}: {filename!r} is not a checkpoint file in the repo "
                           f"(a relative path ending with {', '.join(CHECKPOINT_SUFFIXES)})")
@@ -137,7 +123,7 @@ def _clean_config(config: str | None) -> str | None:
     if urlsplit(config).scheme:
         raise SourceError(f"config {redact_url(config)!r} must be a local diffusers directory or a Hub repo id (org/name)")
     try:
-        _repo_and_revision(config, None)
+        repo_and_revision(config, None)
     except SourceError:
         raise SourceError(
             f"config {config!r} must be a local diffusers directory or a Hub repo id (org/name[@revision])"

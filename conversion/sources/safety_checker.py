@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from model_loader.diffusers_layout import MODEL_INDEX_NAME, safety_checker_index, select_safety_checker_files
 from model_loader.errors import DiffusersLayoutError
@@ -28,6 +28,7 @@ from .local import LocalSource, directory_fingerprint
 
 if TYPE_CHECKING:
     from ..download import DownloadPolicy
+    from ..download.hub import HubFiles
 
 DEMO_CHECKER_SOURCE = "demo"
 # Bump when conversion.demo makes a different demo checker: the store rebuilds its entry.
@@ -65,18 +66,18 @@ class HubCheckerSource(HubSource):
     def slug(self) -> str:
         return "safety-checker--" + super().slug()
 
-    def index_file(self) -> str | None:
-        return None  # the listing alone says where the checker's files are
+    def hub_files(self) -> HubFiles:
+        """What to fetch of the repo: the checker's files (the repo's listing says where they are)."""
+        from ..download.hub import HubFiles
 
-    def select(self, repo_files: list[str], index: dict[str, Any] | None, weights: bool) -> list[str]:
-        parts = select_safety_checker_files(repo_files, self.variant, self.subfolder, weights)
-        return sorted(path for files in parts.values() for path in files)
+        return HubFiles(self.repo, self.revision, self.display, "safety_checker", variant=self.variant,
+                        subfolder=self.subfolder)
 
     def prepare(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> Prepared:
         from ..download import fetch_hub
 
         commit = None if refresh else self.offline_identity(workspace)
-        snap = fetch_hub(self, workspace.root, commit, policy, refresh=refresh, config=workspace.config)
+        snap = fetch_hub(self.hub_files(), workspace.root, commit, policy, workspace.config, refresh=refresh)
         workspace.write_ref(self, snap.identity)  # a crash from here on resumes offline
         parts = select_safety_checker_files(snap.files, self.variant, self.subfolder)
         path = _present_in_scratch(workspace, self.slug(), snap.root, parts)

@@ -16,16 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_loader.diffusers_layout import components, read_model_index, select_files
+from model_loader.diffusers_layout import components, read_model_index
 from model_loader.errors import DiffusersLayoutError
 from model_loader.rates import rate_text
 
 from ..errors import SourceError
 from .base import Prepared, Source, Workspace
-from .hub import HubSource
+from .hub import HubSource, repo_and_revision
 
 if TYPE_CHECKING:
     from ..download import DownloadPolicy
+    from ..download.hub import HubFiles
 
 log = logging.getLogger("conversion.sources")
 
@@ -43,18 +44,17 @@ class HubConfigSource(HubSource):
     kind = "hub-config"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weights_of", tuple(self.weights_of))  # a list after a JSON round trip
+        object.__setattr__(self, "weights_of", tuple(self.weights_of))  # given as a list too: kept hashable
 
     def slug(self) -> str:
         return "config--" + super().slug()
 
-    def select(self, repo_files: list[str], index: dict[str, Any] | None, weights: bool) -> list[str]:
-        index = index or {}
-        chosen = set(select_files(repo_files, index, self.variant, self.subfolder, weights=False))
-        if weights and self.weights_of:
-            wanted = {name: spec for name, spec in index.items() if name in self.weights_of}
-            chosen |= set(select_files(repo_files, wanted, self.variant, self.subfolder, weights=True))
-        return sorted(chosen)
+    def hub_files(self) -> HubFiles:
+        """What to fetch of the repo: the configs, and the weights of ``weights_of`` only."""
+        from ..download.hub import HubFiles
+
+        return HubFiles(self.repo, self.revision, self.display, "configs", variant=self.variant,
+                        subfolder=self.subfolder, weights_of=self.weights_of)
 
 
 class SingleFileSource(Source):
@@ -130,8 +130,8 @@ def checkpoint_to_diffusers(source: SingleFileSource, checkpoint: Path, work: Pa
     components the file lacks, are read from that directory (a Hub repo is fetched into the cache
     first, offline when it is there). Without it, diffusers fetches the configs of the checkpoint's
     family from the Hub itself (and a checkpoint lacking components is refused)."""
+    from ..cache_layout import hub_cache_dir
     from ..checkpoint import COMPONENT_PREFIXES, is_safetensors, missing_components
-    from ..download import hub_cache_dir
 
     name, shapes = checkpoint_class(source, checkpoint)
     cls = pipeline_type(name)
@@ -177,21 +177,21 @@ def _config_dir(source: SingleFileSource, missing: list[str], workspace: Workspa
     """The local diffusers directory of ``source.config`` (None without one): the directory
     itself, or a Hub repo's snapshot (configs, and the weights of ``missing``) in the cache."""
     from .local import require_pipeline_dir
-    from .parse import parse_source
 
     if not source.config:
         return None
     local = Path(source.config).expanduser()
     if local.is_dir():
         return require_pipeline_dir(local)
-    parsed = parse_source(source.config)
-    if not isinstance(parsed, HubSource):
-        raise SourceError(f"config {source.config!r} must be a local diffusers directory or a Hub repo id (org/name)")
+    try:
+        repo, revision = repo_and_revision(source.config, None)
+    except SourceError:
+        raise SourceError(f"config {source.config!r} must be a local diffusers directory or a Hub repo id (org/name)") from None
     from ..download import fetch_hub
 
-    cfg = HubConfigSource(parsed.repo, parsed.revision, weights_of=tuple(missing))
+    cfg = HubConfigSource(repo, revision, weights_of=tuple(missing))
     commit = None if refresh else cfg.offline_identity(workspace)
-    snap = fetch_hub(cfg, workspace.root, commit, policy, refresh=refresh, config=workspace.config)
+    snap = fetch_hub(cfg.hub_files(), workspace.root, commit, policy, workspace.config, refresh=refresh)
     workspace.write_ref(cfg, snap.identity)
     return snap.path
 

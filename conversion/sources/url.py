@@ -4,17 +4,19 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from ..cache_layout import url_hash
 from .base import Workspace
 from .single_file import SingleFileSource
 
 if TYPE_CHECKING:
     from ..download import DownloadPolicy
+
+__all__ = ["UrlSource", "redact_url", "url_hash"]
 
 
 def redact_url(url: str) -> str:
@@ -26,11 +28,6 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def url_hash(url: str) -> str:
-    """sha256 of the URL: what fal's download_model_weights names its folder after."""
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -68,4 +65,5 @@ class UrlSource(SingleFileSource):
     def fetch_checkpoint(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> tuple[Path, str]:
         from ..download import fetch_url
 
-        return fetch_url(self, workspace.root, policy), url_hash(self.url)
+        path = fetch_url(self.url, self.display, workspace.root, policy, workspace.config)
+        return path, url_hash(self.url)

@@ -8,9 +8,10 @@ On a 2-core CPU, in about 20 minutes with the defaults, all from one seed:
    epsilon target teaches almost nothing at high noise, where the colours and layout are decided),
    min-SNR weighting, offset noise (plain backgrounds are a shift of the whole latent), a tenth of
    the captions dropped so classifier-free guidance and negative prompts work; EMA weights are kept;
-5. save the EMA pipeline (``save_pretrained``, float16 safetensors), the loss curves as a PNG and a
-   report: the command, the script's commit, the losses, and how often held-out captions come out
-   with the right background, shape colour and position (:func:`.shapes.read_picture`).
+5. save the EMA pipeline (``save_pretrained``, float16 safetensors) where the ``demo`` source serves it
+   from (``conversion/demo/trained/pipeline/``), and the loss curves as a PNG and a report in
+   ``demo_training/report/``: the command, the script's commit, the losses, and how often held-out
+   captions come out with the right background, shape colour and position (:func:`.shapes.read_picture`).
 
 The same seed, thread count and torch build give the same weights.
 """
@@ -33,12 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..durable import write_atomic, write_errors
-from . import shapes
-from .random_model import tiny_clip_text_config
-from .tokenizer import make_clip_tokenizer
+from conversion.demo import make_clip_tokenizer, tiny_clip_text_config
+from conversion.durable import write_atomic, write_errors
+from conversion.sources.demo import TRAINED_PIPELINE
 
-PIPELINE_DIR = "pipeline"
+from . import shapes
+
+REPO = Path(__file__).resolve().parents[1]
+# Where the committed model's report and plots live (its pipeline is TRAINED_PIPELINE, what `demo` serves).
+REPORT_DIR = Path(__file__).resolve().parent / "report"
 REPORT_NAME = "training.json"
 LOSS_PLOT_NAME = "loss.png"
 SAMPLES_NAME = "held_out_samples.png"
@@ -316,20 +320,27 @@ def _grid(images, columns: int = 8):
     return grid
 
 
+# The code a run depends on (this package and the tokenizer and text-encoder config it takes from
+# conversion/demo), not what a run writes.
+_SCRIPT_PATHS = ("demo_training", "conversion/demo", ":(exclude)demo_training/report",
+                 ":(exclude)conversion/demo/trained")
+
+
 def _git_commit() -> dict:
-    repo = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "conversion/demo"],
-                               cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *_SCRIPT_PATHS],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "script_modified": None}
     return {"commit": commit, "script_modified": bool(dirty)}
 
 
-def train(out: Path, config: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Train, save the pipeline to ``out/pipeline`` and write the report and the plots beside it."""
+def train(config: TrainConfig, pipeline_dir: Path = TRAINED_PIPELINE, report_dir: Path = REPORT_DIR,
+          log: Callable[[str], None] = print) -> dict:
+    """Train, save the pipeline to ``pipeline_dir`` (replacing it) and write the report and the plots to
+    ``report_dir``; by default the committed model's places."""
     from diffusers import StableDiffusionPipeline
 
     started = time.perf_counter()
@@ -357,18 +368,17 @@ def train(out: Path, config: TrainConfig, log: Callable[[str], None] = print) ->
     hits, samples = score(pipe, held_out_captions(config.eval_captions, config.seed + 3),
                           config.eval_steps, config.eval_guidance)
     log(f"held-out captions: {hits}")
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / PIPELINE_DIR
-    if target.exists():
-        shutil.rmtree(target)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if pipeline_dir.exists():
+        shutil.rmtree(pipeline_dir)
     pipe.to(torch.float16)
-    with write_errors(target):
-        pipe.save_pretrained(target, safe_serialization=True)
-    plot_losses({"VAE reconstruction": vae_losses, "denoiser (v MSE)": denoiser_losses}, out / LOSS_PLOT_NAME)
-    with write_errors(out / SAMPLES_NAME):
-        _grid(samples).save(out / SAMPLES_NAME)
+    with write_errors(pipeline_dir):
+        pipe.save_pretrained(pipeline_dir, safe_serialization=True)
+    plot_losses({"VAE reconstruction": vae_losses, "denoiser (v MSE)": denoiser_losses}, report_dir / LOSS_PLOT_NAME)
+    with write_errors(report_dir / SAMPLES_NAME):
+        _grid(samples).save(report_dir / SAMPLES_NAME)
     report = {
-        "command": " ".join(["python -m conversion.demo", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None,
+        "command": " ".join(["python -m demo_training", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None,
         **script,
         "config": asdict(config),
         "torch": torch.__version__,
@@ -383,6 +393,6 @@ def train(out: Path, config: TrainConfig, log: Callable[[str], None] = print) ->
         "loss_curves_every_10_steps": {"vae": [round(v, 5) for v in vae_losses[::10]],
                                        "denoiser": [round(v, 5) for v in denoiser_losses[::10]]},
     }
-    write_atomic(out / REPORT_NAME, json.dumps(report, indent=1) + "\n")
-    log(f"done in {report['seconds']['total']} s: {target}")
+    write_atomic(report_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
+    log(f"done in {report['seconds']['total']} s: {pipeline_dir}, report in {report_dir}")
     return report

@@ -1,5 +1,5 @@
-"""``python -m conversion.demo train``: retrain the demo model (see conversion.demo.train);
-``python -m conversion.demo images``: ask a running demo server (``make serve``) for the README's pictures."""
+"""``python -m demo_training train``: retrain the demo model (see demo_training.train);
+``python -m demo_training images``: ask a running demo server (``make serve``) for the README's pictures."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..durable import write_atomic
-from ..sources.demo import TRAINED_DIR
+from conversion.durable import write_atomic
 
-README_IMAGES_DIR = Path(__file__).resolve().parents[2] / "docs" / "demo"
+README_IMAGES_DIR = Path(__file__).resolve().parents[1] / "docs" / "demo"
 # (prompt, seed, file name): what the README shows.
 README_IMAGES = (
     ("a red circle on a blue background", 1, "red-circle-on-blue.png"),
@@ -49,12 +48,16 @@ def request_images(url: str, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainConfig, train
+    from conversion.sources.demo import TRAINED_PIPELINE
 
-    parser = argparse.ArgumentParser(prog="python -m conversion.demo", description=__doc__)
+    from .train import REPORT_DIR, TrainConfig, train
+
+    parser = argparse.ArgumentParser(prog="python -m demo_training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("train", help="train the demo model and write its pipeline, report and plots")
-    run.add_argument("--out", type=Path, default=TRAINED_DIR, help=f"output directory (default {TRAINED_DIR})")
+    run.add_argument("--out", type=Path, default=None,
+                     help=f"write the pipeline to OUT/pipeline and the report and plots to OUT (default: the "
+                          f"pipeline to {TRAINED_PIPELINE}, what `demo` serves, the report to {REPORT_DIR})")
     for field in dataclasses.fields(TrainConfig):
         run.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
                          help=f"default {field.default}")
@@ -65,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "images":
         request_images(args.url, args.out)
         return 0
-    train(args.out, TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}))
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    if args.out is None:
+        train(config)
+    else:
+        train(config, pipeline_dir=args.out / "pipeline", report_dir=args.out)
     return 0
 
 

@@ -1,0 +1,23 @@
+"""The warm-up at the end of setup(): every served shape run once, so no request pays first-call
+costs (with ``[compile]`` on, this is when the denoiser compiles or is found in inductor's cache)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .generate import GenerationParams, generate
+from .safety import SafetyChecker, screen
+from .schema import preset_size
+from .settings import ServingSettings
+
+
+def warm_up(pipe: Any, checker: SafetyChecker | None, serving: ServingSettings) -> str:
+    """Run ``[serving] warmup_sizes`` x ``warmup_steps`` once each (and the checker's first call);
+    returns what ran, for the phase's log line."""
+    shapes = list(dict.fromkeys(serving.warmup_sizes))
+    for name in shapes:
+        width, height = preset_size(name, serving)
+        pictures = generate(pipe, GenerationParams("warm-up", "", width, height, serving.warmup_steps,
+                                                   serving.default_guidance_scale, seeds=(0,)))
+        screen(pictures, checker, enabled=True)
+    return f"{len(shapes)} shape(s) x {serving.warmup_steps} step(s): {', '.join(shapes) or 'none'}"
