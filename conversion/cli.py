@@ -1,4 +1,4 @@
-"""``python -m conversion``: pack, convert, inspect, verify and revert FlashPack files.
+"""``python -m conversion``: pack, convert, inspect, verify, push and revert FlashPack files.
 
 Every error a user can cause prints ``error: <message>`` on stderr (no traceback) and exits 1;
 bad arguments exit 2 (argparse's convention).
@@ -250,6 +250,17 @@ def inspect_info(path: Path, layout: PackLayout) -> dict:
     }
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .config import ConversionConfig
+    from .push import push_to_hub
+
+    pushed = push_to_hub(Path(args.path), args.repo, ConversionConfig.from_env(), revision=args.revision,
+                         private=args.private, diffusers_weights=not args.no_diffusers_weights)
+    print(f"pushed {args.path} to {pushed.repo}@{pushed.revision}: commit {pushed.commit}")
+    print(f'serve it with [model] source = "{pushed.repo}", revision = "{pushed.commit}"')
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_dir():
@@ -439,6 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", metavar="PATH", help=".flashpack file or converted directory")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "push",
+        help="push a converted directory to a Hugging Face Hub repo",
+        description="Push a converted directory (a store entry or a convert output) to a Hub repo in one commit, "
+                    "after checking it in full: its packs, configs and manifest, a model card, and (unless "
+                    "--no-diffusers-weights) each transformers component as model.safetensors so diffusers' "
+                    "from_pretrained(use_flashpack=True) loads it too. HF_TOKEN needs write access.",
+    )
+    p.add_argument("path", metavar="PATH", help="converted directory")
+    p.add_argument("repo", metavar="ORG/NAME", help="Hub repo id (created, private with --private, when missing)")
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="branch to commit to (created from main when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--no-diffusers-weights", action="store_true",
+                   help="leave out the transformers components' safetensors (this app does not need them)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser(
         "revert",

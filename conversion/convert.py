@@ -4,12 +4,20 @@ Each torch component becomes ``<comp>/model.flashpack`` beside its ``config.json
 component's safetensors tensors fit its model class exactly (checked on a meta-device model, after
 the key renames ``from_pretrained`` would apply), they are streamed file to file one at a time, so
 peak memory is one tensor; otherwise (``.bin`` weights, fused/split weight conversions) the model
-is loaded on the CPU with its own ``from_pretrained`` and its state dict is written. Tokenizers,
-schedulers and other files are copied. The manifest is written last.
+is loaded on the CPU with its own ``from_pretrained`` and its state dict is written.
+
+A component that is packed already (a ``model.flashpack`` beside its ``config.json``, as diffusers'
+``save_pretrained(use_flashpack=True)`` writes its diffusers components) is adopted, not converted:
+its footer is validated by our parser, its tensors are checked against its model class as above,
+and it is copied byte for byte (hashed as it is copied) when its tensors are stored in the dtype
+asked for, else rewritten cast, one tensor at a time from the source pack. Where a component holds
+both a pack and safetensors, the pack is taken. Tokenizers, schedulers and other files are copied.
+The manifest is written last.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -32,10 +40,12 @@ from model_loader.assemble import (
     keep_in_fp32_rule,
     non_persistent_buffer_names,
 )
-from model_loader.bounded_json import load_file_bounded
+from model_loader.bounded_json import load_file_bounded, loads_bounded
+from model_loader.checksum import SegmentHasher
 from model_loader.diffusers_layout import (
     MAX_CONFIG_BYTES,
     MODEL_INDEX_NAME,
+    PACK_EXT,
     PACK_NAME,
     choose_weights,
     components,
@@ -43,17 +53,29 @@ from model_loader.diffusers_layout import (
     read_model_index,
     variants_present,
 )
-from model_loader.errors import DiffusersLayoutError, PipelineLoadError, StateDictMismatchError
-from model_loader.format import dtype_name
+from model_loader.errors import DiffusersLayoutError, FlashPackFormatError, PipelineLoadError, StateDictMismatchError
+from model_loader.format import (
+    FORMAT_V3,
+    FORMAT_V4,
+    MAX_FOOTER_BYTES,
+    TRAILER,
+    PackLayout,
+    dtype_name,
+    element_size,
+    footer_span,
+    read_layout,
+)
 from model_loader.pipeline import model_class_and_config, resolve_class
 from model_loader.rates import rate_text
 
-from .durable import fsync_dir
+from .durable import atomic_file, fsync_dir
 from .errors import ConversionError
 from .symlinks import warn_broken_symlink
 from .writer import PackDigest, index_safetensors, write_pack
 
 logger = logging.getLogger("conversion.convert")
+
+_COPY_CHUNK = 8 << 20  # bytes per read when a pack is copied
 
 
 def convert_pipeline(
@@ -93,6 +115,10 @@ def convert_pipeline(
             if variant and weights[1] is None:
                 logger.info("convert: %s has no %s variant; using its default weights", name, variant)
             written += _convert_model(name, cls, comp_src, comp_dst, dtype, weights, bar, digests)
+    adopted = [name for name, (_, weights) in components.items() if weights and _is_pack(weights[0])]
+    if adopted:
+        converted = [name for name, (_, weights) in components.items() if weights and not _is_pack(weights[0])]
+        logger.info("convert: adopted from packs: %s; converted: %s", ", ".join(adopted), ", ".join(converted) or "none")
     _copy_file(src / MODEL_INDEX_NAME, dst / MODEL_INDEX_NAME)
     fsync_dir(dst)
 
@@ -115,9 +141,14 @@ def _read_index(src: Path) -> dict[str, Any]:
 _Weights = tuple[list[Path], str | None]
 
 
+def _is_pack(files: list[Path]) -> bool:
+    """Whether a component's chosen weights are a FlashPack pack (adopted, not converted)."""
+    return len(files) == 1 and files[0].name.endswith(f".{PACK_EXT}")
+
+
 def _plan(src: Path, index: Mapping[str, Any], variant: str | None) -> dict[str, tuple[type, _Weights | None]]:
-    """Component name -> (class, (safetensors files, their variant) or None for a non-torch
-    component); every component is checked before anything is written."""
+    """Component name -> (class, (its pack or safetensors files, their variant) or None for a
+    non-torch component); every component is checked before anything is written."""
     plan: dict[str, tuple[type, _Weights | None]] = {}
     try:
         listed = components(index)
@@ -147,20 +178,36 @@ def _prepare_destination(dst: Path) -> None:
 
 
 def weight_files(comp: Path, variant: str | None) -> tuple[list[Path], str | None]:
-    """The safetensors files of one component (all shards) and the variant they are, as
-    ``choose_weights`` picks them; ``([], variant)`` for ``.bin`` weights (loaded by their own
-    ``from_pretrained``), ``([], None)`` if there are none."""
+    """The weight files of one component and the variant they are, as ``choose_weights`` picks
+    them: ``[<comp>/model.flashpack]`` for a packed component, else its safetensors files (all
+    shards); ``([], variant)`` for ``.bin`` weights (loaded by their own ``from_pretrained``),
+    ``([], None)`` if there are none."""
+    names = os.listdir(comp)
     try:
-        chosen = choose_weights(os.listdir(comp), variant, comp.name)
+        chosen = choose_weights(names, variant, comp.name)
     except DiffusersLayoutError as exc:
         raise ConversionError(f"{comp}: {exc}") from None
     if chosen is None:
         return [], None
+    if chosen.is_pack:
+        _say_pack_wins(comp, names, chosen.files[0], variant)
+        return [comp / chosen.files[0]], chosen.variant
     if chosen.ext != "safetensors":
         return [], chosen.variant
     if chosen.shard_index is not None:
         return _shards(comp / chosen.shard_index), chosen.variant
     return [comp / f for f in chosen.files], chosen.variant
+
+
+def _say_pack_wins(comp: Path, names: list[str], pack: str, variant: str | None) -> None:
+    """Log it when a packed component also holds the weights it would be converted from."""
+    try:
+        passed_over = choose_weights([n for n in names if not n.endswith(f".{PACK_EXT}")], variant, comp.name)
+    except DiffusersLayoutError:  # only other variants besides the pack: nothing was passed over
+        passed_over = None
+    if passed_over is not None:
+        logger.info("convert: %s holds both %s and %s; the pack wins (adopted, not converted)",
+                    comp, pack, ", ".join(passed_over.files))
 
 
 def _shards(index: Path) -> list[Path]:
@@ -194,7 +241,9 @@ def _convert_model(
 
     layout = None
     how = "streamed"
-    if files:
+    if _is_pack(files):
+        layout, how = _adopt_pack(model, files[0], pack_path, dtype, keep_fp32, bar, digests)
+    elif files:
         layout = _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar, digests)
     if layout is None:
         how = "loaded"
@@ -255,6 +304,134 @@ def _stream_safetensors(model, files, pack_path, dtype, keep_fp32, bar, digests)
         return write_pack(specs, get, pack_path, digests=digests)
     finally:
         index.clear()  # close the shard handles now, not at garbage collection
+
+
+def _adopt_pack(
+    model: torch.nn.Module, pack: Path, pack_path: Path, dtype: torch.dtype | None,
+    keep_fp32: Callable[[str], bool], bar: tqdm, digests: dict[Path, PackDigest],
+) -> tuple[PackLayout, str]:
+    """Take a component's own pack as its converted pack: validated (footer, then its tensors
+    against ``model``), then copied, or rewritten cast where a tensor is stored in another dtype
+    than ``dtype`` asks for. Returns the written pack's layout and how it was taken."""
+    try:
+        layout = read_layout(pack)
+    except FlashPackFormatError as exc:
+        raise ConversionError(_unreadable_pack_message(pack, exc)) from None
+    shapes = {e.name: (e.shape, layout.blocks[e.block].dtype) for e in layout.entries}
+    try:
+        chosen = check_tensors(model, shapes, str(pack))
+    except StateDictMismatchError as exc:
+        raise ConversionError(
+            f"{exc}. The pack was not saved from this model class with this config.json: convert the "
+            f"component's original weights instead (remove {pack.name} and put its safetensors in {pack.parent})"
+        ) from None
+    stored = _target(dtype, keep_fp32)
+    if all(stored(name, dt) == dt for name, (_, dt) in shapes.items()):
+        _copy_pack(pack, pack_path, bar, digests)
+        return layout, "pack copied"
+    specs = [(k, shape, stored(k, dt)) for k, (shape, dt) in shapes.items() if chosen[k] == k]
+    entries = {e.name: e for e in layout.entries}
+    with open(pack, "rb", buffering=0) as f:
+
+        def get(name: str) -> torch.Tensor:
+            entry = entries[name]
+            block = layout.blocks[entry.block]
+            size = element_size(block.dtype)
+            data = _read_at(f, block.offset_bytes + entry.offset * size, entry.length * size, pack)
+            bar.update(len(data))
+            return torch.frombuffer(data, dtype=torch.uint8).view(block.dtype).reshape(entry.shape)
+
+        written = write_pack(specs, get, pack_path, digests=digests)
+    return written, f"pack cast to {dtype_name(dtype)}"  # dtype is set: without one nothing is cast
+
+
+def _read_at(f, offset: int, nbytes: int, path: Path) -> bytearray:
+    """Exactly ``nbytes`` bytes of the open file ``f`` from ``offset`` (one tensor of a pack)."""
+    data = bytearray(nbytes)
+    view = memoryview(data)
+    f.seek(offset)
+    done = 0
+    while done < nbytes:
+        n = _readinto(f, view[done:], path)
+        if not n:
+            raise ConversionError(f"{path}: ended at byte {offset + done} while a tensor was read (changed meanwhile?)")
+        done += n
+    return data
+
+
+def _readinto(f, buf, path: Path) -> int:
+    """``f.readinto(buf)``; a read error is a ConversionError naming ``path`` (inside
+    ``atomic_file``, an OSError would be reported as a failed write)."""
+    try:
+        return f.readinto(buf)
+    except OSError as exc:
+        raise ConversionError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _copy_pack(src: Path, dst: Path, bar: tqdm, digests: dict[Path, PackDigest]) -> None:
+    """Copy a pack, hashing its bytes (sha256 and the load-time checksum) as they pass, so the
+    manifest reads neither file again."""
+    sha256, segments = hashlib.sha256(), SegmentHasher()
+    buf = bytearray(_COPY_CHUNK)
+    view = memoryview(buf)
+    try:
+        f = open(src, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise ConversionError(f"cannot read {src}: {exc.strerror or exc}") from exc
+    with f, atomic_file(dst) as out:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        size = os.fstat(f.fileno()).st_size
+        copied = 0
+        while n := _readinto(f, buf, src):
+            sha256.update(view[:n])
+            segments.update(view[:n])
+            out.write(view[:n])
+            copied += n
+            bar.update(n)
+        if copied != size:
+            raise ConversionError(f"{src}: {copied} bytes read, {size} expected (changed while it was copied)")
+    digests[dst] = (sha256.hexdigest(), segments.result())
+
+
+def _unreadable_pack_message(pack: Path, exc: FlashPackFormatError) -> str:
+    """What a pack our parser refuses is, and what to do about it."""
+    newer = _newer_flashpack_feature(pack)
+    if newer is not None:
+        return (
+            f"{pack}: a pack with {newer}, written by a flashpack newer than the one this app reads: it reads the "
+            f"uncompressed {FORMAT_V3} and {FORMAT_V4} packs that flashpack 0.4.5 writes. Save the component again "
+            f"with flashpack 0.4.5 (diffusers' save_pretrained(use_flashpack=True)), or convert its original "
+            f"weights instead (remove {pack.name} and put its safetensors in {pack.parent})"
+        )
+    return (
+        f"{exc}. The pack is damaged (truncated or overwritten): save the component again (diffusers' "
+        f"save_pretrained(use_flashpack=True)), or convert its original weights instead (remove {pack.name} "
+        f"and put its safetensors in {pack.parent})"
+    )
+
+
+def _newer_flashpack_feature(pack: Path) -> str | None:
+    """What in a pack's (well-formed JSON) footer only a newer flashpack writes: a format other
+    than v3/v4, or zstd-compressed blocks (``fpz``); None for anything else (damage)."""
+    try:
+        with open(pack, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - TRAILER.size))
+            payload_end, footer_len = footer_span(size, f.read(TRAILER.size), str(pack))
+            f.seek(payload_end)
+            meta = loads_bounded(f.read(footer_len), max_bytes=MAX_FOOTER_BYTES)
+    except (OSError, ValueError):  # FlashPackFormatError, JSONLimitError and bad JSON are ValueErrors
+        return None
+    if not isinstance(meta, dict):
+        return None
+    fmt = meta.get("format")
+    if isinstance(fmt, str) and fmt.startswith("flashpack_") and fmt not in (FORMAT_V3, FORMAT_V4):
+        return f"format {fmt!r}"
+    blocks = meta.get("macroblocks")
+    if fmt == FORMAT_V4 and isinstance(blocks, list) and any(isinstance(b, dict) and "fpz" in b for b in blocks):
+        return "zstd-compressed blocks ('fpz')"
+    return None
 
 
 def ignored_on_load(model: torch.nn.Module) -> Callable[[str], bool]:

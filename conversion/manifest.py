@@ -289,6 +289,26 @@ def verify_converted(path: str | os.PathLike[str], full: bool = True) -> None:
     _compare_sha256(root, files, digests)
 
 
+def verify_digests(path: str | os.PathLike[str]) -> dict[str, tuple[str, Checksum | None]]:
+    """:func:`verify_converted` in full, the packs' load-time checksums compared too (a manifest
+    that came from elsewhere must hold what its files do); returns each file's digests, for a new
+    manifest of the same files (``write_manifest``'s ``known``) without a second read."""
+    root = Path(path)
+    verify_converted(root, full=False)
+    files: dict[str, dict] = read_manifest(root)["files"]
+    try:
+        digests = _hash_all(root, list(files), segments=True)
+    except OSError as exc:
+        raise VerificationError(f"{exc.filename}: cannot read ({exc.strerror or exc})") from exc
+    _compare_sha256(root, files, digests)
+    for rel, (_, checksum) in digests.items():
+        recorded = files[rel].get("checksum")
+        if checksum is not None and (recorded is None or Checksum.from_json(recorded, files[rel]["size"]) != checksum):
+            raise VerificationError(f"{root / rel}: its checksum does not match the manifest's (contents changed "
+                                    "since conversion); convert again")
+    return digests
+
+
 def packs_to_read(converted_dir: str | os.PathLike[str]) -> list[tuple[str, Path, Checksum | None]]:
     """``(component, path, checksum)`` of every pack of a converted directory, from its manifest,
     for :func:`model_loader.start_pack_reads`."""

@@ -19,7 +19,12 @@ from .errors import DiffusersLayoutError
 
 MODEL_INDEX_NAME = "model_index.json"
 CONFIG_NAME = "config.json"
-PACK_NAME = "model.flashpack"  # a converted torch component's weights, beside its config.json
+# A torch component's FlashPack weights, beside its config.json: ``model.flashpack`` in a converted
+# directory and as diffusers' ``save_pretrained(use_flashpack=True)`` writes it (with ``variant=``
+# diffusers writes ``model.<variant>.flashpack``). Never sharded.
+PACK_STEM = "model"
+PACK_EXT = "flashpack"
+PACK_NAME = f"{PACK_STEM}.{PACK_EXT}"
 # A model_index.json names a few components (~1 KB); far larger is not one.
 MAX_MODEL_INDEX_BYTES = 1 << 20
 # A config.json or a shard index is kilobytes (a large transformer's index ~100 KB).
@@ -27,7 +32,7 @@ MAX_CONFIG_BYTES = 16 << 20
 
 # The weight files diffusers and transformers load: <stem>[.<variant>][-0000k-of-0000n].<ext>
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
-WEIGHT_EXTS = ("safetensors", "bin")  # safetensors preferred
+WEIGHT_EXTS = (PACK_EXT, "safetensors", "bin")  # in order of preference
 _VARIANT = re.compile(r"^[A-Za-z0-9_]+$")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}")
 _INDEX = re.compile(r"^(?P<stem>[^.]+)\.(?P<ext>safetensors|bin)\.index(?:\.(?P<variant>[A-Za-z0-9_]+))?\.json$")
@@ -112,23 +117,35 @@ class Weights:
     def shard_index(self) -> str | None:
         return next((f for f in self.files if _INDEX.match(f)), None)
 
+    @property
+    def is_pack(self) -> bool:
+        """A FlashPack pack (one file), taken as it is rather than converted."""
+        return self.ext == PACK_EXT
+
 
 def choose_weights(names: Iterable[str], variant: str | None, component: str) -> Weights | None:
-    """The weight files diffusers would load from one component directory's file ``names``.
+    """The weight files to take from one component directory's file ``names``.
 
     The requested variant where the component has it, else its default weights (as diffusers
-    does); safetensors over ``.bin``; never onnx/flax/msgpack. None when the component has no
-    weight files at all; DiffusersLayoutError when it has only other variants.
+    does); within those, a FlashPack pack (``model.flashpack``, as diffusers'
+    ``save_pretrained(use_flashpack=True)`` writes it; ``model.<variant>.flashpack`` with
+    ``variant=``) over safetensors over ``.bin``; never onnx/flax/msgpack. So with
+    ``variant="fp16"`` a component's ``*.fp16.safetensors`` win over its (default) ``model.flashpack``,
+    and a component without fp16 weights takes its pack. None when the component has no weight
+    files at all; DiffusersLayoutError when it has only other variants.
     """
     names = list(names)
-    parsed = {n: w for n in names if (w := parse_weight_name(n)) is not None and w.stem in WEIGHT_STEMS}
+    parsed = {n: w for n in names if (w := parse_weight_name(n)) is not None and _loadable(w)}
     if not parsed:
         return None
 
     def pick(v: str | None) -> list[str]:
         cands = [n for n, w in parsed.items() if w.variant == v]
-        safetensors = [n for n in cands if parsed[n].ext == "safetensors"]
-        return sorted(safetensors or cands)
+        for ext in WEIGHT_EXTS:
+            of_ext = sorted(n for n in cands if parsed[n].ext == ext)
+            if of_ext:
+                return of_ext
+        return []
 
     used = variant
     picked = pick(variant) if variant else []
@@ -144,6 +161,13 @@ def choose_weights(names: Iterable[str], variant: str | None, component: str) ->
     indexes = [n for n in names if (m := _INDEX.match(n)) and m["ext"] == ext and (m["variant"] or None) == used
                and m["stem"] in WEIGHT_STEMS]
     return Weights(picked + sorted(indexes), used, ext)
+
+
+def _loadable(w: WeightName) -> bool:
+    """A weight file diffusers or transformers loads: one of their stems; a pack is ``model[.<variant>].flashpack``."""
+    if w.ext == PACK_EXT:
+        return w.stem == PACK_STEM and not w.sharded
+    return w.stem in WEIGHT_STEMS
 
 
 def variants_present(names: Iterable[str]) -> list[str]:
@@ -169,7 +193,9 @@ def select_files(
     weights: bool = True,
 ) -> list[str]:
     """The files of a repo listing a pipeline needs (for ``allow_patterns``): ``model_index.json``,
-    every component's side files and, with ``weights``, the weights ``choose_weights`` picks."""
+    every component's side files and, with ``weights``, the weights ``choose_weights`` picks: a
+    component's ``model.flashpack`` instead of its safetensors where it has one (a repo saved
+    with diffusers' ``save_pretrained(use_flashpack=True)``)."""
     prefix = f"{subfolder}/" if subfolder else ""
     by_dir: dict[str, list[str]] = {}
     for path in files:

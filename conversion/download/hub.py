@@ -21,6 +21,7 @@ from model_loader.module import MODULE_WEIGHT_SUFFIXES
 from ..cache_layout import cached_commit, hub_cache_dir, is_commit, repo_cache_dir
 from ..config import ConversionConfig
 from ..errors import DownloadError, SourceError
+from ..manifest import MANIFEST_NAME, VerificationError, is_pack, read_manifest
 from .policy import DownloadPolicy
 from .preread import preread
 from .watch import dir_state, remove_stale_partials, run_child
@@ -195,9 +196,36 @@ def _escape(paths: Iterable[str]) -> list[str]:
     return [glob.escape(p) for p in paths]
 
 
+def _index_file(files: HubFiles, repo_files: Iterable[str]) -> str | None:
+    """The repo file whose contents decide what to fetch: our manifest when a pipeline's folder
+    carries one (a conversion pushed to the Hub: exactly its files are fetched), else the rule's."""
+    if files.rule == "pipeline":
+        manifest = f"{files.subfolder}/{MANIFEST_NAME}" if files.subfolder else MANIFEST_NAME
+        if manifest in repo_files:
+            return manifest
+    return files.index_file()
+
+
+def _manifest_files(files: HubFiles, repo_files: list[str], manifest_path: Path, weights: bool) -> list[str]:
+    """The files a pushed conversion's manifest lists, as repo paths (and the manifest itself)."""
+    try:
+        listed = read_manifest(manifest_path.parent)["files"]
+    except VerificationError as exc:
+        raise SourceError(f"{files.display} carries a manifest this app cannot use: {exc}") from None
+    prefix = f"{files.subfolder}/" if files.subfolder else ""
+    wanted = [prefix + rel for rel in listed if weights or not is_pack(rel)]
+    missing = sorted(set(wanted) - set(repo_files))
+    if missing:
+        raise SourceError(f"{files.display}: its {MANIFEST_NAME} lists file(s) the repo does not hold at this "
+                          f"revision: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return sorted([*wanted, prefix + MANIFEST_NAME])
+
+
 def _select(files: HubFiles, repo_files: list[str], index_path: str | Path | None, weights: bool) -> list[str]:
     from model_loader.diffusers_layout import read_model_index
 
+    if index_path is not None and Path(index_path).name == MANIFEST_NAME:
+        return _manifest_files(files, repo_files, Path(index_path), weights)
     try:
         return select_hub_files(files, repo_files, read_model_index(index_path) if index_path is not None else None,
                                 weights)
@@ -209,15 +237,15 @@ def _local_snapshot(files: HubFiles, cache_dir: Path, commit: str, weights: bool
     from huggingface_hub import get_cached_repo_tree, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
 
-    index_file = files.index_file()
+    try:
+        tree = [f.path for f in get_cached_repo_tree(files.repo, revision=commit, cache_dir=cache_dir)]
+    except CachedRepoTreeNotFoundError as exc:
+        raise LocalEntryNotFoundError(str(exc)) from exc
+    index_file = _index_file(files, tree)
     index = repo_cache_dir(cache_dir, files.repo) / "snapshots" / commit / index_file if index_file else None
     if index is not None and not index.is_file():
         raise LocalEntryNotFoundError(f"{index} is not cached")
-    try:
-        tree = get_cached_repo_tree(files.repo, revision=commit, cache_dir=cache_dir)
-    except CachedRepoTreeNotFoundError as exc:
-        raise LocalEntryNotFoundError(str(exc)) from exc
-    selected = _select(files, [f.path for f in tree], index, weights)
+    selected = _select(files, tree, index, weights)
     path = snapshot_download(files.repo, revision=commit, cache_dir=cache_dir, allow_patterns=_escape(selected),
                              local_files_only=True)
     return _snapshot(Path(path), commit, selected, files)
@@ -239,7 +267,7 @@ def _download_snapshot(files: HubFiles, cache_dir: Path, max_workers: int, commi
     if not commit or not is_commit(commit):
         raise DownloadError(f"{files.display}: the Hub returned no commit for revision {rev!r}")
     repo_files = [s.rfilename for s in info.siblings or []]
-    index_file = files.index_file()
+    index_file = _index_file(files, repo_files)
     if index_file is not None and index_file not in repo_files:
         raise SourceError(
             f"repo {files.repo} has no {index_file}: it is not a diffusers pipeline "

@@ -94,8 +94,13 @@ class Source(ABC):
 
     def convert(self, prepared: Prepared, dst: Path, dtype: Any, info: dict[str, Any], config: ConversionConfig) -> Path:
         """Write the converted directory ``dst`` from what :meth:`prepare` fetched: a diffusers
-        pipeline here; a kind whose files are something else converts them itself. ``config``:
-        the store's (its progress setting)."""
+        pipeline here (a directory that already carries our manifest, in the dtype asked for, is
+        adopted as it is: conversion.adopt); a kind whose files are something else converts them
+        itself. ``config``: the store's (its progress setting)."""
+        from ..adopt import adopt_converted, carries_manifest, packed_dtype
+
+        if carries_manifest(prepared.path) and info.get("dtype") in ("source", packed_dtype(prepared.path)):
+            return adopt_converted(prepared.path, dst, info)
         from ..convert import convert_pipeline
 
         return convert_pipeline(prepared.path, dst, dtype=dtype, source=info, variant=self.key_fields().get("variant"),
