@@ -42,7 +42,7 @@ lint: $(STAMP)
 
 serve: $(STAMP)
 	@echo "Serving the demo app on http://localhost:$(PORT), metrics on :$(METRICS_PORT)  (Ctrl-C stops it)"
-	@echo "Once 'setup' has finished, try:"
+	@echo "Once 'setup' has finished, open http://localhost:$(PORT)/playground, or try:"
 	@echo "  curl -s -X POST http://localhost:$(PORT)/ -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"prompt\": \"a red circle on a blue background\"}'"
 	APP_PROFILE=demo APP_DATA_ROOT=$(CURDIR)/.data $(OFFLINE) \

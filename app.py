@@ -9,8 +9,9 @@ this project shares (ports, body limit, billing, short 422s) serving.app_base's;
 cancelling, streaming, input images, LoRAs and the answer's images are serving's modules.
 
 Endpoints: POST / (text-to-image), /stream (the same with server-sent progress and previews),
-/image-to-image and /inpaint (diffusers' from_pipe: the same modules), <endpoint>/cancel (fal's
-cancellation), GET|POST /health (readiness, setup timings, load).
+/image-to-image and /inpainting (diffusers' from_pipe: the same modules; /inpaint is a deprecated
+alias of /inpainting), <endpoint>/cancel (fal's cancellation), GET|POST /health (readiness, setup
+timings, load).
 
 Run it: ``make serve`` (demo, offline), ``fal run flashpack-t2i``, ``fal deploy flashpack-t2i``.
 The settings are fal.toml's (``APP_PROFILE`` picks a profile). Heavy libraries are imported inside
@@ -53,7 +54,9 @@ from serving.lora import LoraLibrary, RequestLoras, fuse_model_loras
 from serving.output import screened_and_encoded
 from serving.phases import SetupPhases, configure_logging
 from serving.preview import projection_for
+from serving.prompts import Prompts
 from serving.safety import checker_source, load_safety_checker
+from serving.schedulers import Schedulers
 from serving.schema import (
     MAX_SEED,
     HealthOutput,
@@ -87,13 +90,18 @@ InpaintInput = _MODELS.InpaintInput
 class TextToImageApp(ServingApp, name=APP_NAME):
     """Text-to-image on a FlashPack-converted diffusers pipeline."""
 
+    # fal.toml's [deploy], key for key: fal deploys these (they win over pyproject.toml's app table).
     machine_type = SETTINGS.deploy.machine_type
     keep_alive = SETTINGS.deploy.keep_alive
     min_concurrency = SETTINGS.deploy.min_concurrency
     max_concurrency = SETTINGS.deploy.max_concurrency
+    concurrency_buffer = SETTINGS.deploy.concurrency_buffer
+    concurrency_buffer_perc = SETTINGS.deploy.concurrency_buffer_perc
+    scaling_delay = SETTINGS.deploy.scaling_delay
     max_multiplexing = SETTINGS.deploy.max_multiplexing
     request_timeout = SETTINGS.deploy.request_timeout
     startup_timeout = SETTINGS.deploy.startup_timeout
+    regions = SETTINGS.deploy.regions
     app_auth = SETTINGS.deploy.auth
     requirements = read_requirements(HERE / "requirements.txt")
     app_files = LOCAL_PACKAGES
@@ -135,6 +143,7 @@ class TextToImageApp(ServingApp, name=APP_NAME):
                                     device=self.device)
         self._lock, self._in_flight, self._fetch = threading.Lock(), InFlight(), fetch_https
         self._preview, self._image_pipes = projection_for(self.pipe), build_image_pipelines(self.pipe)
+        self._schedulers, self._prompts = Schedulers.for_pipeline(self.pipe), Prompts.for_pipeline(self.pipe)
         with phases("warmup") as phase:  # every served shape once (compiled, with [compile] on)
             phase.detail = warm_up(self.pipe, self.safety_checker, self.settings.serving)
         if compiled is not None:
@@ -149,6 +158,7 @@ class TextToImageApp(ServingApp, name=APP_NAME):
     async def text_to_image(self, input: TextToImageInput, request: Request) -> TextToImageOutput:
         """Generate ``num_images`` images for ``prompt`` (one pipeline call). A client that disconnects,
         or fal's ``POST /cancel``, stops the generation at its next denoising step."""
+        self._check_readable(input)
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
         return await self._serve(request, input.loras, partial(self._text_to_image, input, seed))
 
@@ -157,6 +167,7 @@ class TextToImageApp(ServingApp, name=APP_NAME):
         """POST / with progress, as server-sent events: a ``progress`` event per denoising step (with a
         small preview of each image), then a ``result`` event with what POST / returns. A client that
         disconnects, or fal's ``POST /stream/cancel``, stops the generation at its next step."""
+        self._check_readable(input)  # a 422 before any event
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
         with self._in_flight.register(request_id_of(request.headers)) as (_, flag):  # a 422 before any event
             async with cancel_on_disconnect(request, flag):
@@ -186,10 +197,16 @@ class TextToImageApp(ServingApp, name=APP_NAME):
         fal's ``POST /image-to-image/cancel``, stops the generation at its next step."""
         return await self._edit(IMAGE_TO_IMAGE, input, request)
 
+    @fal.endpoint("/inpainting")
+    async def inpainting(self, input: InpaintInput, request: Request) -> ImageToImageOutput:
+        """Repaint the white part of ``mask_url`` in ``image_url`` toward ``prompt``; the black part comes
+        back as sent. Otherwise as POST /image-to-image (fal's ``POST /inpainting/cancel`` stops it)."""
+        return await self._edit(INPAINT, input, request)
+
     @fal.endpoint("/inpaint")
     async def inpaint(self, input: InpaintInput, request: Request) -> ImageToImageOutput:
-        """Repaint the white part of ``mask_url`` in ``image_url`` toward ``prompt``; the black part comes
-        back as sent. Otherwise as POST /image-to-image (fal's ``POST /inpaint/cancel`` stops it)."""
+        """Deprecated: the earlier name of POST /inpainting (fal's name), answering exactly as it does;
+        ``POST /inpaint/cancel`` stops it. Call POST /inpainting."""
         return await self._edit(INPAINT, input, request)
 
     @fal.endpoint("/image-to-image/cancel")
@@ -197,9 +214,14 @@ class TextToImageApp(ServingApp, name=APP_NAME):
         """fal's cancellation of a POST /image-to-image request (same ``x-fal-request-id``)."""
         return cancel_request(self._in_flight, request)
 
+    @fal.endpoint("/inpainting/cancel")
+    def cancel_inpainting(self, request: Request) -> CancelOutput:
+        """fal's cancellation of a POST /inpainting request (same ``x-fal-request-id``)."""
+        return cancel_request(self._in_flight, request)
+
     @fal.endpoint("/inpaint/cancel")
     def cancel_inpaint(self, request: Request) -> CancelOutput:
-        """fal's cancellation of a POST /inpaint request (same ``x-fal-request-id``)."""
+        """Deprecated: fal's cancellation of a POST /inpaint request (the alias of /inpainting/cancel)."""
         return cancel_request(self._in_flight, request)
 
     @fal.endpoint(
@@ -226,16 +248,20 @@ class TextToImageApp(ServingApp, name=APP_NAME):
         the pipeline lock (with the request's LoRAs, removed after it), then encoded. Runs in a worker thread."""
         width, height = requested_size(input.image_size, self.settings.serving)
         params = GenerationParams(input.prompt, input.negative_prompt, width, height, input.num_inference_steps,
-                                  input.guidance_scale, seeds=tuple(image_seeds(seed, input.num_images)))
+                                  input.guidance_scale, seeds=tuple(image_seeds(seed, input.num_images)),
+                                  scheduler=input.scheduler)
         pictures, timings = run_generation(self.pipe, self._lock, params, request=request_id, flag=flag,
-                                           on_step=on_step, loras=loras)
+                                           on_step=on_step, loras=loras, schedulers=self._schedulers,
+                                           prompts=self._prompts)
         return TextToImageOutput(**self._answer(input, seed, pictures, timings))
 
     async def _edit(self, kind: str, input: Any, request: Request) -> ImageToImageOutput:
-        """POST /image-to-image and /inpaint: :meth:`_edit_images`, served as POST / is."""
+        """POST /image-to-image and /inpainting (/inpaint): :meth:`_edit_images`, served as POST / is."""
         pipe = self._image_pipes.get(kind)
         if pipe is None:
-            raise HTTPException(501, f"{kind} is not available for this model ({type(self.pipe).__name__})")
+            endpoint = request.url.path.strip("/")
+            raise HTTPException(501, f"{endpoint} is not available for this model ({type(self.pipe).__name__})")
+        self._check_readable(input)
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
         return await self._serve(request, input.loras, partial(self._edit_images, pipe, input, seed))
 
@@ -264,11 +290,20 @@ class TextToImageApp(ServingApp, name=APP_NAME):
         params = GenerationParams(input.prompt, input.negative_prompt, source.width, source.height,
                                   input.num_inference_steps, input.guidance_scale,
                                   seeds=tuple(image_seeds(seed, input.num_images)), image=source.image,
-                                  mask_image=source.mask, strength=input.strength)
-        pictures, timings = run_generation(pipe, self._lock, params, request=request_id, flag=flag, loras=loras)
+                                  mask_image=source.mask, strength=input.strength, scheduler=input.scheduler)
+        pictures, timings = run_generation(pipe, self._lock, params, request=request_id, flag=flag, loras=loras,
+                                           schedulers=self._schedulers, prompts=self._prompts)
         if source.mask is not None:
             pictures = [overlay(picture, source) for picture in pictures]
         return ImageToImageOutput(**self._answer(input, seed, pictures, {"read": read, **timings}))
+
+    def _check_readable(self, input: Any) -> None:
+        """A 422 naming the field, before the request is queued, for what this model cannot do as asked:
+        a scheduler that does not apply to it (or more steps than that scheduler runs), or a prompt
+        longer than it reads (serving.schedulers, serving.prompts)."""
+        self._schedulers.check(input.scheduler, input.num_inference_steps)
+        self._prompts.check("prompt", input.prompt)
+        self._prompts.check("negative_prompt", input.negative_prompt)
 
     def _answer(self, input: Any, seed: int, pictures: list[Any], timings: dict[str, float]) -> dict[str, Any]:
         return screened_and_encoded(input, seed, pictures, timings, self.safety_checker, self._lock,

@@ -55,10 +55,25 @@ def _switch(raw: str) -> bool:
     return raw == "1"
 
 
+def _present(raw: str) -> bool:
+    """A variable whose presence is its meaning (any non-empty value: set)."""
+    return True
+
+
+# How the app tells it runs on a fal runner, as fal's own code does: runners are Nomad allocations
+# (fal.App's default host_kwargs name the "nomad" scheduler) whose isolate agent gets its port as
+# NOMAD_ALLOC_PORT_grpc, and fal.App's log-context middleware reads it to tell it is "running in the
+# expected environment" (fal 1.83, fal/app.py, with IS_ISOLATE_AGENT). IS_ISOLATE_AGENT alone does
+# not tell: `fal run --local` sets it too (fal/api/api.py, IsolatedFunction._run_local).
+FAL_RUNNER_ENV = "NOMAD_ALLOC_PORT_grpc"
+# Where fal mounts the persistent volume on its runners.
+FAL_DATA_ROOT = Path("/data")
+
+
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("APP_DATA_ROOT", "data_root", Path,
            "root of the persistent volume (store, Hub cache, URL downloads); default `/data` when writable, "
-           "else `./.data`"),
+           "else `./.data` off fal (on a fal runner: an error)"),
     EnvVar("APP_STORE_VERIFY", "store_verify", _verify,
            "how an existing entry is checked before use: `cheap` (sizes, the small files' sha256; the packs are "
            "checked by the loader's checksums as it reads them) or `full` (every file's sha256 first)"),
@@ -79,6 +94,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("HF_TOKEN", "hf_token", str, "Hugging Face token for gated or private repos (never logged)"),
     EnvVar("HF_HUB_CACHE", "hub_cache", Path,
            "the Hugging Face cache; default `<data root>/.cache/huggingface/hub`"),
+    EnvVar(FAL_RUNNER_ENV, "on_fal_runner", _present,
+           "set by fal on its runners (the port of the runner's isolate agent), never by hand: there, without "
+           "`APP_DATA_ROOT`, a missing or read-only `/data` is an error instead of the fallback to `./.data`"),
 )
 
 
@@ -98,6 +116,9 @@ class ConversionConfig:
     hf_bars_disabled: bool = False
     hf_token: str | None = None
     hub_cache: Path | None = None
+    on_fal_runner: bool = False
+    # Not an environment variable: where fal mounts the volume (a field so tests can point it elsewhere).
+    fal_data_root: Path = FAL_DATA_ROOT
 
     @property
     def show_progress(self) -> bool:

@@ -35,7 +35,8 @@ Loader = Callable[[Path, "PackReads"], T]
 
 
 def open_store(root: str | Path | None = None) -> Store:
-    """The store on the persistent volume, configured from the environment (read here, once)."""
+    """The store on the persistent volume, configured from the environment (read here, once); on a
+    fal runner without its volume, a StoreError (see conversion.store.resolve_root)."""
     config = ConversionConfig.from_env()
     return Store(resolve_root(root, config), config)
 

@@ -72,17 +72,34 @@ Verify = Literal["cheap", "full"]
 
 
 def resolve_root(root: str | os.PathLike[str] | None, config: ConversionConfig) -> Path:
-    """The persistent volume: ``root``, else ``config.data_root`` (``$APP_DATA_ROOT``), else
-    ``/data`` when it exists and is writable (fal), else ``<repo>/.data``."""
+    """The persistent volume: ``root``, else ``config.data_root`` (``$APP_DATA_ROOT``), else fal's
+    volume ``config.fal_data_root`` (``/data``) when it is a writable directory.
+
+    Without it, on a fal runner (``config.on_fal_runner``) a :class:`StoreError`: a store anywhere
+    else dies with the runner, so every cold start would download and convert again. Off fal,
+    ``<repo>/.data``, with a warning naming it.
+    """
     if root is not None:
         return Path(root)
     configured = config.data_root
     if configured is not None:
         return configured
-    data = Path("/data")
-    if data.is_dir() and os.access(data, os.W_OK):
-        return data
-    return _REPO_ROOT / ".data"
+    volume = config.fal_data_root
+    if volume.is_dir() and os.access(volume, os.W_OK):
+        return volume
+    state = ("does not exist" if not volume.exists() else "is not a directory" if not volume.is_dir()
+             else "is not writable")
+    if config.on_fal_runner:
+        raise StoreError(
+            f"{volume} {state} on this fal runner: the store belongs on fal's persistent volume there; anywhere "
+            "else it is lost with the runner and every cold start would download and convert again. Mount the "
+            f'volume at {volume} (the fal.App attribute data_mounts, e.g. ["{volume}"]) or set APP_DATA_ROOT to '
+            "a writable directory on a persistent volume"
+        )
+    fallback = _REPO_ROOT / ".data"
+    log.warning("%s %s (not a fal runner): the store and caches go under %s (set APP_DATA_ROOT to choose)",
+                volume, state, fallback)
+    return fallback
 
 
 def ensure_converted(

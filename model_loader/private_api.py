@@ -11,7 +11,7 @@ Each hook below: what it does; the private API it uses; why there is no public w
 against the versions in :data:`CHECKED_VERSIONS`, the pins of ``requirements.txt``
 (``tests/test_private_api.py`` fails when a pin moves, so the hooks get checked again).
 
-torch 2.13.0
+torch 2.15.0
 
 - ``empty_host_cache``: unpin freed pinned blocks. Uses ``torch._C._accelerator_emptyHostCache``
   (``_host_emptyCache`` in older torch). torch's caching host allocator keeps freed blocks pinned
@@ -23,7 +23,7 @@ torch 2.13.0
   ``Module._parameters[name]`` / ``_buffers[name]``. ``setattr`` / ``register_*`` run type checks
   and global registration hooks meant for new tensors.
 
-transformers 5.24.0
+transformers 5.25.0
 
 - ``build_transformers_model``: build a model as ``from_pretrained`` does, without random init.
   Uses ``transformers.initialization.no_init_weights`` and ``PreTrainedModel._from_config``
@@ -73,7 +73,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-CHECKED_VERSIONS = {"torch": "2.13.0", "transformers": "5.24.0", "diffusers": "0.42.1"}
+CHECKED_VERSIONS = {"torch": "2.15.0", "transformers": "5.25.0", "diffusers": "0.42.1"}
 
 
 # ----------------------------------------------------------------------------------------------

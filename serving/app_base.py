@@ -1,7 +1,8 @@
 """What every app of this project adds to ``fal.App``, so an app file holds only its own model and
 endpoints: the two ports checked free before setup() (fal binds them only after it), the request
-body limit (413), billable units on every answer, short 422 answers, and the documentation of its
-server-sent event streams. These are fal's private hooks (``_add_extra_middlewares``,
+body limit (413), billable units on every answer, short 422 answers, the documentation of its
+server-sent event streams, and the pages a browser opens offline (GET /playground; /docs and /redoc
+with their assets served by the app). These are fal's private hooks (``_add_extra_middlewares``,
 ``_add_extra_routes``), overridden here and nowhere else."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 
 from .billing import BillableUnits
 from .http import RequestBodyLimit, shorten_validation_answers
+from .playground import add_playground, serve_docs_offline
 from .ports import check_ports_free, serve_ports
 from .stream import document_stream
 
@@ -40,6 +42,8 @@ class ServingApp(fal.App):
         shorten_validation_answers(app)
         for path, result in self.streams.items():
             document_stream(app, path, result)
+        add_playground(app)
+        serve_docs_offline(app)
 
 
 # fal keeps an inherited app_name over the name= a subclass gives: this base names no app.

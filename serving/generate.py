@@ -11,6 +11,13 @@ README, "Calling the deployed endpoint", gives the tolerance and tests/test_app.
 and removed by serving.lora_adapters) around the pipeline call, under the lock, and removes them
 before releasing it.
 
+**With a scheduler.** A request's ``scheduler`` (serving.schedulers) is borrowed for the call and
+run through a shallow view of the pipeline: the loaded pipeline keeps its own scheduler, which a
+request without one runs, as before.
+
+**Prompts.** serving.prompts gives the pipeline the prompts as text when they fit the text
+encoder's window, else their embeddings, every token read (under the lock, LoRAs applied).
+
 **Stoppable.** diffusers calls ``callback_on_step_end`` after every denoising step; ours reports the
 step (for POST /stream's progress events) and raises :class:`GenerationCancelled` once the request's
 :class:`~serving.cancel.CancelFlag` is set. Raising rather than setting ``pipe._interrupt``: an
@@ -35,6 +42,8 @@ from serving.cancel import CancelFlag, acquire_unless_cancelled
 
 if TYPE_CHECKING:
     from serving.lora import RequestLoras
+    from serving.prompts import Prompts
+    from serving.schedulers import Schedulers
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +51,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GenerationParams:
     """What one pipeline call is asked for; ``seeds`` has one seed per image. Image-to-image also
-    gives the input ``image`` (at width x height) and ``strength``; inpainting also ``mask_image``."""
+    gives the input ``image`` (at width x height) and ``strength``; inpainting also ``mask_image``.
+    ``scheduler``: one of serving.schedulers' names, or None for the model's own."""
 
     prompt: str
     negative_prompt: str
@@ -54,6 +64,7 @@ class GenerationParams:
     image: Any = None
     mask_image: Any = None
     strength: float | None = None
+    scheduler: str | None = None
 
     def inputs(self) -> dict[str, Any]:
         """The pipeline arguments of the input images (none for text-to-image). The image and mask go
@@ -86,13 +97,24 @@ class GenerationCancelled(Exception):
 
 
 def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = None,
-             on_step: Callable[[Step], None] | None = None) -> list[Any]:
+             on_step: Callable[[Step], None] | None = None, scheduler: Any = None,
+             prompts: Prompts | None = None) -> list[Any]:
     """The PIL images of ``params``, one pipeline call for all of them; raises
-    :class:`GenerationCancelled` at the first step boundary after ``flag`` is set."""
+    :class:`GenerationCancelled` at the first step boundary after ``flag`` is set. ``scheduler``:
+    run instead of ``pipe``'s own, through a view of ``pipe`` (``pipe`` is left as it is).
+    ``prompts``: how the model reads long prompts (None: diffusers' own encoding, up to one window)."""
     import torch
 
     if flag is not None and flag.is_set():
         raise GenerationCancelled(0, params.steps, flag.reason or "cancelled")
+    if scheduler is not None:
+        from serving.schedulers import with_scheduler
+
+        pipe = with_scheduler(pipe, scheduler)
+    if prompts is not None:
+        text = prompts.inputs(pipe, params.prompt, params.negative_prompt)
+    else:
+        text = {"prompt": params.prompt, "negative_prompt": params.negative_prompt or None}
     # CPU generators: the same seed gives the same noise on every device.
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in params.seeds]
 
@@ -107,8 +129,7 @@ def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = N
     # SD's and SDXL's image-to-image pipelines take no width/height (their **kwargs swallow them): the
     # input image is already at that size.
     result = pipe(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt or None,
+        **text,
         width=params.width,
         height=params.height,
         num_inference_steps=params.steps,
@@ -125,11 +146,13 @@ def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = N
 
 def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *, request: str,
                    flag: CancelFlag | None = None, on_step: Callable[[Step], None] | None = None,
-                   loras: RequestLoras | None = None) -> tuple[list[Any], dict[str, float]]:
+                   loras: RequestLoras | None = None, schedulers: Schedulers | None = None,
+                   prompts: Prompts | None = None) -> tuple[list[Any], dict[str, float]]:
     """:func:`generate` for one request under the pipeline ``lock`` (one call at a time: diffusers
     pipelines keep per-call state), with one log line when it starts and one when it ends. The
     request's ``loras`` are active for this call only (loaded after the lock is taken, removed
-    before it is released).
+    before it is released); ``params.scheduler`` is borrowed from ``schedulers`` (the model's
+    :class:`~serving.schedulers.Schedulers`; built for ``pipe`` when not given) for this call only.
 
     Returns the images and the seconds spent waiting for the lock (``queue``) and generating
     (``inference``). The lock is released however the call ends (done, cancelled, failed).
@@ -140,6 +163,8 @@ def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *,
         shape += f", {'inpaint' if params.mask_image is not None else 'image-to-image'} at strength {params.strength}"
     if loras:
         shape += f" with {len(loras)} LoRA(s)"
+    if params.scheduler is not None:
+        shape += f", scheduler {params.scheduler}"
     if not acquire_unless_cancelled(lock, flag):
         reason = flag.reason if flag is not None and flag.reason else "cancelled"
         log.info("generate[%s]: cancelled after 0 of %d steps, while waiting for the pipeline (%s)",
@@ -149,8 +174,9 @@ def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *,
         started = time.perf_counter()
         log.info("generate[%s]: started, %s (waited %.2f s for the pipeline)", request, shape, started - queued)
         try:
-            with loras.applied(pipe) if loras else contextlib.nullcontext():
-                pictures = generate(pipe, params, flag=flag, on_step=on_step)
+            with (loras.applied(pipe) if loras else contextlib.nullcontext(),
+                  _borrowed(schedulers, pipe, params.scheduler) as scheduler):
+                pictures = generate(pipe, params, flag=flag, on_step=on_step, scheduler=scheduler, prompts=prompts)
         except GenerationCancelled as exc:
             log.info("generate[%s]: %s, in %.2f s", request, exc, time.perf_counter() - started)
             raise
@@ -163,3 +189,14 @@ def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *,
     finally:
         lock.release()
     return pictures, {"queue": started - queued, "inference": finished - started}
+
+
+def _borrowed(schedulers: Schedulers | None, pipe: Any, name: str | None) -> contextlib.AbstractContextManager[Any]:
+    """The scheduler ``name`` for one call (None: the pipeline's own)."""
+    if name is None:
+        return contextlib.nullcontext()
+    if schedulers is None:
+        from serving.schedulers import Schedulers
+
+        schedulers = Schedulers.for_pipeline(pipe)
+    return schedulers.borrowed(name)

@@ -14,7 +14,9 @@ from .safety import SafetyChecker, screen
 
 
 def encode_image(picture: Any, output_format: str, inline: bool) -> Image:
-    """A fal ``Image``: a data: URI when ``inline`` (offline, no credentials), else uploaded to fal's CDN."""
+    """A fal ``Image`` of ``picture`` encoded as ``output_format`` by fal's toolkit (``jpeg``: quality 95,
+    ``png``: lossless, ``webp``: PIL's lossy default, quality 80), its content_type ``image/<format>``:
+    a data: URI when ``inline`` (offline, no credentials), else uploaded to fal's CDN."""
     if inline:
         return Image.from_pil(picture, format=output_format, repository="in_memory", fallback_repository=None)
     return Image.from_pil(picture, format=output_format)

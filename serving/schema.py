@@ -33,6 +33,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from conversion.sources import LoraPathError, parse_lora_path
+from serving.prompts import FLUX_T5_TOKENS, MAX_WINDOWS
+from serving.schedulers import SCHEDULER_NAMES, SchedulerName
 from serving.settings import PIXEL_MULTIPLE, LoraSettings, PresetName, ServingSettings
 
 # The largest integer a JSON number carries exactly in every client (JavaScript's 2**53 - 1).
@@ -143,20 +145,20 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: 
                                                    "height": serving.presets.landscape_4_3.height}],
         )
 
-    # The fields every generating endpoint shares (POST /, /image-to-image, /inpaint), with their bounds.
+    # The fields every generating endpoint shares (POST /, /stream, /image-to-image, /inpainting), with their bounds.
     class GenerationInput(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         prompt: str = Field(
             min_length=1,
             max_length=serving.max_prompt_length,
-            description="What the image should show.",
+            description=f"What the image should show. {PROMPT_TOKENS}",
             examples=["a lighthouse on a cliff at sunset, oil painting"],
         )
         negative_prompt: str = Field(
             default="",
             max_length=serving.max_prompt_length,
-            description="What the image should not show (empty: nothing).",
+            description=f"What the image should not show (empty: nothing). {PROMPT_TOKENS}",
             examples=["blurry, low quality"],
         )
         image_size: ImageSizeInput = image_size_field(serving.default_image_size, "")
@@ -190,9 +192,14 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: 
             description="How many images to generate (image i uses seed + i, so each can be reproduced alone).",
             examples=[1],
         )
-        output_format: Literal["jpeg", "png"] = Field(
+        scheduler: SchedulerName | None = Field(
+            default=None,
+            description=SCHEDULER_TEXT,
+            examples=["DPM++ 2M Karras"],
+        )
+        output_format: Literal["jpeg", "png", "webp"] = Field(
             default="jpeg",
-            description="Encoding of the images.",
+            description="Encoding of the images: jpeg (quality 95), png (lossless) or webp (lossy, quality 80).",
             examples=["jpeg"],
         )
         sync_mode: bool = Field(
@@ -366,6 +373,16 @@ def _is_visible(ch: str) -> bool:
     return not ch.isspace() and unicodedata.category(ch)[0] != "C"
 
 
+# What the prompts' descriptions say about tokens (serving.prompts).
+PROMPT_TOKENS = (f"Read whole, never cut: SD and SDXL read a prompt longer than their text encoders' window (77 "
+                 f"tokens) window by window, up to {MAX_WINDOWS} windows (600 tokens); Flux's T5 encoder reads up to "
+                 f"{FLUX_T5_TOKENS - 1} tokens. A longer one is refused (422).")
+# What the scheduler field says (serving.schedulers).
+SCHEDULER_TEXT = ("The scheduler (sampler) of the denoising loop, by fal's names: "
+                  + ", ".join(SCHEDULER_NAMES) + ". Absent or null: the model's own scheduler. A model trained on "
+                  "flow matching (Flux) takes only \"Euler\"; LCM and TCD run at most 50 steps (their original_inference_steps).")
+
+
 # What enable_safety_checker means, with a checker and without one (fal.toml: [safety_checker] source = "none").
 CHECKER_ON = ("Run the safety checker on the images: an image it flags is replaced by a black image of the same "
               "size, and has_nsfw_concepts says which. false: the images are returned unchecked.")
@@ -388,7 +405,7 @@ class TextToImageOutput(BaseModel):
     prompt: str = Field(description="The prompt the images were generated from.",
                         examples=["a lighthouse on a cliff at sunset, oil painting"])
     timings: dict[str, float] = Field(
-        description="Seconds spent: reading the input images (read; image-to-image and inpaint only), waiting for "
+        description="Seconds spent: reading the input images (read; image-to-image and inpainting only), waiting for "
         "the GPU (queue), generating (inference), running the safety checker (safety), encoding and uploading "
         "(encode).",
         examples=[{"queue": 0.0, "inference": 2.41, "safety": 0.05, "encode": 0.12}],
@@ -396,7 +413,7 @@ class TextToImageOutput(BaseModel):
 
 
 class ImageToImageOutput(TextToImageOutput):
-    """What POST /image-to-image and /inpaint return: POST /'s answer (fal's image-to-image endpoints
+    """What POST /image-to-image and /inpainting (and its alias /inpaint) return: POST /'s answer (fal's image-to-image endpoints
     answer the same fields)."""
 
 

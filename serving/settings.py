@@ -73,16 +73,27 @@ class PresetSettings(_Strict):
     landscape_16_9: SizeSetting
 
 
+# The regions fal can start runners in: fal's own list (fal.cli._utils.VALID_REGIONS, what fal checks
+# a pyproject.toml `regions` against; a test keeps the two equal).
+FalRegion = Literal["us-west", "us-central", "us-east", "eu-north", "eu-west"]
+
+
 class DeploySettings(_Strict):
-    """fal.App settings: machine, scaling, timeouts, auth."""
+    """fal.App settings: machine, scaling, timeouts, auth. Each field is the fal.App class attribute
+    of the same name (``auth``: ``app_auth``); app.py sets every one of them, so what fal deploys is
+    this table (fal takes an App's own attributes over pyproject.toml's app table)."""
 
     machine_type: str | list[str]
     keep_alive: int = Field(ge=0)
     min_concurrency: int = Field(default=0, ge=0)
     max_concurrency: int = Field(ge=1)
+    concurrency_buffer: int = Field(default=0, ge=0)
+    concurrency_buffer_perc: int = Field(default=0, ge=0)
+    scaling_delay: int = Field(default=0, ge=0)
     max_multiplexing: int = Field(default=1, ge=1)
     request_timeout: int = Field(ge=1)
     startup_timeout: int = Field(ge=1)
+    regions: list[FalRegion] | None = Field(default=None, min_length=1)  # None: any region
     auth: Literal["private", "public", "shared"] = "private"
 
     @field_validator("machine_type")
@@ -92,10 +103,20 @@ class DeploySettings(_Strict):
             raise ValueError("must name a machine type (or a non-empty list of them)")
         return value
 
+    @field_validator("regions")
+    @classmethod
+    def _regions_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("names a region twice")
+        return value
+
     @model_validator(mode="after")
     def _concurrency_order(self) -> "DeploySettings":
         if self.min_concurrency > self.max_concurrency:
             raise ValueError(f"min_concurrency ({self.min_concurrency}) exceeds max_concurrency ({self.max_concurrency})")
+        if self.concurrency_buffer > self.max_concurrency:
+            raise ValueError(f"concurrency_buffer ({self.concurrency_buffer}) exceeds max_concurrency "
+                             f"({self.max_concurrency}): fal never runs more runners than max_concurrency")
         return self
 
 

@@ -459,7 +459,7 @@ BAD_INPUTS = [
     ("guidance_scale", {"guidance_scale": "high"}, "valid number"),
     ("guidance_scale", {"guidance_scale": "7"}, "valid number"),
     ("guidance_scale", {"guidance_scale": True}, "valid number"),
-    ("output_format", {"output_format": "gif"}, "'jpeg' or 'png'"),
+    ("output_format", {"output_format": "gif"}, "'jpeg', 'png' or 'webp'"),
     ("sync_mode", {"sync_mode": "maybe"}, "valid boolean"),
     ("sync_mode", {"sync_mode": "yes"}, "valid boolean"),
     ("sync_mode", {"sync_mode": 1}, "valid boolean"),

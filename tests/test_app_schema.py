@@ -20,6 +20,8 @@ from PIL import Image as PILImage
 
 from serving.cancel import InFlight
 from serving.img2img import ImagePipelines
+from serving.prompts import Prompts
+from serving.schedulers import Schedulers
 from serving.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +36,7 @@ def test_app_class_takes_its_settings_from_fal_toml(app_module):
     assert app_cls.host_kwargs["startup_timeout"] == demo.deploy.startup_timeout
     assert app_cls.app_name == "flashpack-t2i"
     assert app_cls.app_files == ["model_loader", "conversion", "serving"]
-    assert "torch==2.13.0" in app_cls.requirements
+    assert "torch==2.15.0" in app_cls.requirements
     assert app_cls.host_kwargs["health_check_config"].path == "/health"
 
 
@@ -174,9 +176,11 @@ def test_the_openapi_has_the_image_endpoints_with_fals_field_names_and_defaults(
 
 
 class NoisePipe:
-    """Stands in for the diffusers pipeline: an image of the asked size, drawn from the seed."""
+    """Stands in for the diffusers pipeline: an image of the asked size, drawn from the seed (with a
+    scheduler of SD's kind, so that every scheduler name the schema offers applies)."""
 
     calls = 0
+    scheduler = None  # an EulerDiscreteScheduler, set by stub_asgi_app
 
     def __call__(self, *, width, height, generator, num_inference_steps, callback_on_step_end, **_):
         NoisePipe.calls += 1
@@ -189,9 +193,13 @@ class NoisePipe:
 
 def stub_asgi_app(app_module):
     """fal's FastAPI app of TextToImageApp, with NoisePipe in place of the model."""
+    from diffusers import EulerDiscreteScheduler
+
     from conversion.config import ConversionConfig
     from serving.lora import LoraLibrary
     from serving.settings import LoraSettings
+
+    NoisePipe.scheduler = EulerDiscreteScheduler()
 
     class StubApp(app_module.TextToImageApp):
         def setup(self):
@@ -201,6 +209,7 @@ def stub_asgi_app(app_module):
             self.source = app_module.model_source(self.settings.model)
             self.safety_checker, self.checker = None, None
             self._image_pipes, self._fetch = ImagePipelines(NoisePipe(), NoisePipe()), refuse_network
+            self._schedulers, self._prompts = Schedulers.for_pipeline(self.pipe), Prompts.for_pipeline(self.pipe)
             # no pipeline to put LoRAs in: 422
             self._loras = LoraLibrary(LoraSettings(), Path("stub"), None, ConversionConfig())
 

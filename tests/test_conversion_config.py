@@ -20,14 +20,15 @@ def test_each_variable_sets_its_field():
         "APP_STORE_STALE_AFTER_S": "5", "APP_DOWNLOAD_STALL_TIMEOUT_S": "9.5", "APP_DOWNLOAD_ATTEMPTS": "4",
         "APP_DOWNLOAD_WORKERS": "8", "APP_PREREAD_WORKERS": "2", "APP_PROGRESS": "0",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_TOKEN": "hf_x", "HF_HUB_CACHE": "/cache",
+        "NOMAD_ALLOC_PORT_grpc": "31337",
     })
     assert config == ConversionConfig(
         data_root=Path("/vol"), store_verify="full", lock_timeout_s=60.0, stale_after_s=5.0, stall_timeout_s=9.5,
         download_attempts=4, download_workers=8, preread_workers=2, progress=False, hf_bars_disabled=True,
-        hf_token="hf_x", hub_cache=Path("/cache"),
+        hf_token="hf_x", hub_cache=Path("/cache"), on_fal_runner=True,
     )
     assert {v.name for v in ENV_VARS} == set(
-        ["APP_DATA_ROOT", "APP_STORE_VERIFY", "APP_STORE_LOCK_TIMEOUT_S", "APP_STORE_STALE_AFTER_S", "APP_DOWNLOAD_STALL_TIMEOUT_S", "APP_DOWNLOAD_ATTEMPTS", "APP_DOWNLOAD_WORKERS", "APP_PREREAD_WORKERS", "APP_PROGRESS", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_TOKEN", "HF_HUB_CACHE"]
+        ["APP_DATA_ROOT", "APP_STORE_VERIFY", "APP_STORE_LOCK_TIMEOUT_S", "APP_STORE_STALE_AFTER_S", "APP_DOWNLOAD_STALL_TIMEOUT_S", "APP_DOWNLOAD_ATTEMPTS", "APP_DOWNLOAD_WORKERS", "APP_PREREAD_WORKERS", "APP_PROGRESS", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_TOKEN", "HF_HUB_CACHE", "NOMAD_ALLOC_PORT_grpc"]
     )
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import stat
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,9 @@ def test_manifest_records_version_source_tools_and_time(converted):
     manifest = json.loads((converted / MANIFEST_NAME).read_text())
     assert manifest["format_version"] == FORMAT_VERSION == 1
     assert manifest["source"] == SOURCE
-    assert manifest["tools"]["torch"] == torch.__version__
+    # the installed distribution's version: PyPI's CUDA wheel says 2.15.0 where torch.__version__ says 2.15.0+cu132
+    assert manifest["tools"]["torch"] == metadata.version("torch")
+    assert torch.__version__.startswith(manifest["tools"]["torch"])
     assert set(manifest["tools"]) >= {"python", "torch", "diffusers", "transformers"}
     assert datetime.fromisoformat(manifest["created_at"]).tzinfo is not None
 
