@@ -169,7 +169,7 @@ class TextToImageApp(ServingApp, name=APP_NAME):
         disconnects, or fal's ``POST /stream/cancel``, stops the generation at its next step."""
         self._check_readable(input)  # a 422 before any event
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
-        with self._in_flight.register(request_id_of(request.headers)) as (_, flag):  # a 422 before any event
+        with self._in_flight.register(request_id_of(request.headers)) as (_, flag):  # LoRAs resolved before any event
             async with cancel_on_disconnect(request, flag):
                 try:
                     loras = await self._loras.resolve_async(input.loras, flag)
