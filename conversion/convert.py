@@ -40,10 +40,9 @@ from model_loader.assemble import (
     keep_in_fp32_rule,
     non_persistent_buffer_names,
 )
-from model_loader.bounded_json import load_file_bounded, loads_bounded
+from model_loader.bounded_json import loads_bounded
 from model_loader.checksum import SegmentHasher
 from model_loader.diffusers_layout import (
-    MAX_CONFIG_BYTES,
     MODEL_INDEX_NAME,
     PACK_EXT,
     PACK_NAME,
@@ -71,7 +70,7 @@ from model_loader.rates import rate_text
 from .durable import atomic_file, fsync_dir
 from .errors import ConversionError
 from .symlinks import warn_broken_symlink
-from .writer import PackDigest, index_safetensors, write_pack
+from .writer import PackDigest, index_safetensors, shard_files, write_pack
 
 logger = logging.getLogger("conversion.convert")
 
@@ -195,7 +194,7 @@ def weight_files(comp: Path, variant: str | None) -> tuple[list[Path], str | Non
     if chosen.ext != "safetensors":
         return [], chosen.variant
     if chosen.shard_index is not None:
-        return _shards(comp / chosen.shard_index), chosen.variant
+        return shard_files(comp / chosen.shard_index), chosen.variant
     return [comp / f for f in chosen.files], chosen.variant
 
 
@@ -208,19 +207,6 @@ def _say_pack_wins(comp: Path, names: list[str], pack: str, variant: str | None)
     if passed_over is not None:
         logger.info("convert: %s holds both %s and %s; the pack wins (adopted, not converted)",
                     comp, pack, ", ".join(passed_over.files))
-
-
-def _shards(index: Path) -> list[Path]:
-    try:
-        weight_map = load_file_bounded(index, max_bytes=MAX_CONFIG_BYTES)["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConversionError(f"{index}: not a valid safetensors index ({exc})") from None
-    files = [index.parent / n for n in names]
-    for f in files:
-        if not f.is_file():
-            raise ConversionError(f"{f}: shard listed in {index.name} is missing")
-    return files
 
 
 def _convert_model(

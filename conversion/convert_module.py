@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from model_loader.bounded_json import load_file_bounded
 from model_loader.diffusers_layout import PACK_NAME
 from model_loader.format import dtype_name
 from model_loader.module import MODULE_DIR, MODULE_WEIGHT_SUFFIXES
@@ -22,11 +21,10 @@ from model_loader.rates import rate_text
 
 from .durable import fsync_dir
 from .errors import ConversionError
-from .writer import PackDigest, index_safetensors, write_pack
+from .writer import PackDigest, index_safetensors, shard_files, write_pack
 
 log = logging.getLogger("conversion.convert")
 
-_MAX_INDEX_BYTES = 16 * 1024 * 1024
 
 
 def weight_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -42,16 +40,7 @@ def weight_files(path: str | os.PathLike[str]) -> list[Path]:
         raise ConversionError(f"{path}: more than one shard index ({', '.join(p.name for p in indexes)}); "
                               "keep the one of these weights")
     if indexes:
-        try:
-            weight_map = load_file_bounded(indexes[0], max_bytes=_MAX_INDEX_BYTES).get("weight_map")
-            names = sorted({str(name) for name in weight_map.values()})
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ConversionError(f"{indexes[0]}: not a shard index with a weight_map ({exc})") from None
-        missing = [n for n in names if "/" in n or "\\" in n or n in ("", ".", "..") or not (path / n).is_file()]
-        files = [path / name for name in names]
-        if missing:
-            raise ConversionError(f"{indexes[0]}: names shard(s) that are not in {path}: {', '.join(missing)}")
-        return files
+        return shard_files(indexes[0])
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(MODULE_WEIGHT_SUFFIXES))
     if not files:
         raise ConversionError(f"{path}: no .safetensors file in this directory of module weights")

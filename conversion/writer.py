@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from model_loader.bounded_json import load_file_bounded
 from model_loader.checksum import Checksum, SegmentHasher
+from model_loader.diffusers_layout import MAX_CONFIG_BYTES
 from model_loader.format import (
     DEFAULT_ALIGN_BYTES,
     PackLayout,
@@ -135,6 +137,24 @@ def pack_safetensors(
     index = index_safetensors(sources)
     specs = [(name, shape, dtype) for name, (_, shape, dtype) in index.items()]
     return write_pack(specs, lambda n: index[n][0].get_tensor(n), path, target_dtype, align_bytes)
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shards a ``*.safetensors.index.json`` names (its ``weight_map``'s files), each a file in
+    the index's own folder; a ConversionError naming the index (or the missing shard) otherwise."""
+    try:
+        weight_map = load_file_bounded(index, max_bytes=MAX_CONFIG_BYTES)["weight_map"]
+        names = sorted({str(name) for name in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConversionError(f"{index}: not a valid safetensors index ({exc})") from None
+    outside = [n for n in names if "/" in n or "\\" in n or n in ("", ".", "..")]
+    if outside:
+        raise ConversionError(f"{index}: names shard(s) that are not in {index.parent}: {', '.join(outside)}")
+    files = [index.parent / name for name in names]
+    for f in files:
+        if not f.is_file():
+            raise ConversionError(f"{f}: shard listed in {index.name} is missing")
+    return files
 
 
 def index_safetensors(

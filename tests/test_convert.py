@@ -128,6 +128,18 @@ def test_shard_index_nested_100000_deep_is_a_conversion_error_naming_the_file(tm
         weight_files(comp, None)
 
 
+def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path):
+    comp = tmp_path / "vae"
+    comp.mkdir()
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    (comp / "diffusion_pytorch_model-00001-of-00001.safetensors").write_bytes(b"")
+    index = comp / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "../outside.safetensors"}}')
+    with pytest.raises(ConversionError, match=re.escape(f"{index}: names shard(s) that are not in {comp}: "
+                                                        "../outside.safetensors")):
+        weight_files(comp, None)
+
+
 def test_float16_casts_floats_but_not_integer_buffers(tmp_path):
     from diffusers import AutoencoderKLFlux2
 
