@@ -4,14 +4,16 @@ setup() runs five phases, each one log line with its duration: **lookup** finds 
 models' store entries offline and starts reading their packs (no network, no torch), **store**
 acquires and converts a model once when it has no entry yet, **load** fills the modules with views
 of the packs (checksums checked as the bytes pass; a damaged entry is rebuilt once), **warmup** runs
-every served shape once. That lifecycle is conversion.entry's; the HTTP conventions every app of
-this project shares (ports, body limit, billing, short 422s) serving.app_base's; generating,
-cancelling, streaming, input images, LoRAs and the answer's images are serving's modules.
+every served shape once. The configured ControlNets and IP-Adapters are store entries of their own
+through the same phases (serving.conditions). That lifecycle is conversion.entry's; the HTTP
+conventions every app of this project shares (ports, body limit, billing, short 422s)
+serving.app_base's; generating, cancelling, streaming, input images, LoRAs, ControlNets,
+IP-Adapters and the answer's images are serving's modules.
 
 Endpoints: POST / (text-to-image), /stream (the same with server-sent progress and previews),
 /image-to-image and /inpainting (diffusers' from_pipe: the same modules; /inpaint is a deprecated
-alias of /inpainting), <endpoint>/cancel (fal's cancellation), GET|POST /health (readiness, setup
-timings, load).
+alias of /inpainting), each with the request's ``controlnets`` and ``ip_adapter`` where configured;
+<endpoint>/cancel (fal's cancellation), GET|POST /health (readiness, setup timings, load).
 
 Run it: ``make serve`` (demo, offline), ``fal run flashpack-t2i``, ``fal deploy flashpack-t2i``.
 The settings are fal.toml's (``APP_PROFILE`` picks a profile). Heavy libraries are imported inside
@@ -46,6 +48,7 @@ from serving.cancel import (
     request_id_of,
 )
 from serving.compile import compile_denoiser
+from serving.conditions import TEXT_TO_IMAGE, ConditionEntries, RequestConditions
 from serving.devices import early_device, resolve_device
 from serving.generate import GenerationCancelled, GenerationParams, Step, run_generation
 from serving.images import fetch_https
@@ -59,6 +62,7 @@ from serving.safety import checker_source, load_safety_checker
 from serving.schedulers import Schedulers
 from serving.schema import (
     MAX_SEED,
+    ConditionChoices,
     HealthOutput,
     ImageToImageOutput,
     TextToImageOutput,
@@ -81,7 +85,8 @@ LOCAL_PACKAGES = ["model_loader", "conversion", "serving"]
 # The one settings read at import: fal builds the class from it, and the endpoints' request models
 # carry [serving]'s bounds.
 SETTINGS = load_settings(HERE / "fal.toml")
-_MODELS = request_models(SETTINGS.serving, SETTINGS.safety_checker.enabled, SETTINGS.lora)
+_MODELS = request_models(SETTINGS.serving, SETTINGS.safety_checker.enabled, SETTINGS.lora,
+                         ConditionChoices.of(SETTINGS.model))
 TextToImageInput = _MODELS.TextToImageInput
 ImageToImageInput = _MODELS.ImageToImageInput
 InpaintInput = _MODELS.InpaintInput
@@ -122,6 +127,7 @@ class TextToImageApp(ServingApp, name=APP_NAME):
             self.model = lookup(store, self.source, model.dtype, early_device(model.device), "pipeline")
             checker = checker_source(self.settings.safety_checker)
             self.checker = checker and lookup(store, checker, model.dtype, early_device(model.device), "safety checker")
+            self.extras = ConditionEntries.lookup(store, model, early_device(model.device))  # ControlNets, IP-Adapters
             phase.detail = self.model.describe()
         with phases("store") as phase:  # acquire + convert once; a warm start has nothing to do here
             phase.detail = "; ".join(f"{entry.what}: {entry.ensure()} ({entry.origin})" for entry in self._entries())
@@ -136,6 +142,7 @@ class TextToImageApp(ServingApp, name=APP_NAME):
             self.pipe.set_progress_bar_config(disable=True)
             self.safety_checker = self.checker and self.checker.load(
                 lambda path, reads: load_safety_checker(path, self.device, dtype, reads), self.device)
+            self._conditions = self.extras.load(self.pipe, self.device, dtype)
             self._loras = LoraLibrary.for_pipeline(self.pipe, self.settings.lora, store.root, store.config)
             size = sum(p.stat().st_size for p in self.model.path.glob("*/*.flashpack"))
             phase.rate(size, f"to {self.device}, checksums verified (import torch {imported_torch:.2f} s)")
@@ -145,20 +152,20 @@ class TextToImageApp(ServingApp, name=APP_NAME):
         self._preview, self._image_pipes = projection_for(self.pipe), build_image_pipelines(self.pipe)
         self._schedulers, self._prompts = Schedulers.for_pipeline(self.pipe), Prompts.for_pipeline(self.pipe)
         with phases("warmup") as phase:  # every served shape once (compiled, with [compile] on)
-            phase.detail = warm_up(self.pipe, self.safety_checker, self.settings.serving)
+            phase.detail = warm_up(self.pipe, self.safety_checker, self.settings.serving, self._conditions)
         if compiled is not None:
             compiled.publish()  # inductor's cache back to the volume, if the warm-up compiled anything
         log.info("setup: ready in %.2f s (profile %s, model %s, device %s)", phases.done(), self.settings.profile,
                  self.source.display, self.device)
 
     def _entries(self) -> list[Any]:
-        return [entry for entry in (self.model, self.checker) if entry]
+        return [entry for entry in (self.model, self.checker, *self.extras.entries()) if entry]
 
     @fal.endpoint("/")
     async def text_to_image(self, input: TextToImageInput, request: Request) -> TextToImageOutput:
         """Generate ``num_images`` images for ``prompt`` (one pipeline call). A client that disconnects,
         or fal's ``POST /cancel``, stops the generation at its next denoising step."""
-        self._check_readable(input)
+        self._check_readable(input, TEXT_TO_IMAGE)
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
         return await self._serve(request, input.loras, partial(self._text_to_image, input, seed))
 
@@ -167,18 +174,21 @@ class TextToImageApp(ServingApp, name=APP_NAME):
         """POST / with progress, as server-sent events: a ``progress`` event per denoising step (with a
         small preview of each image), then a ``result`` event with what POST / returns. A client that
         disconnects, or fal's ``POST /stream/cancel``, stops the generation at its next step."""
-        self._check_readable(input)  # a 422 before any event
+        self._check_readable(input, TEXT_TO_IMAGE)  # a 422 before any event
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
-        with self._in_flight.register(request_id_of(request.headers)) as (_, flag):  # LoRAs resolved before any event
+        width, height = requested_size(input.image_size, self.settings.serving)
+        # LoRAs resolved and control and prompt images read before any event (a 422 is an answer, not an event)
+        with self._in_flight.register(request_id_of(request.headers)) as (_, flag):
             async with cancel_on_disconnect(request, flag):
                 try:
                     loras = await self._loras.resolve_async(input.loras, flag)
+                    conditions = await anyio.to_thread.run_sync(self._read_conditions, TEXT_TO_IMAGE, input, width,
+                                                                height, flag, abandon_on_cancel=True)
                 except FetchCancelled as exc:
                     raise RequestCancelledException(str(exc)) from exc
-        width, height = requested_size(input.image_size, self.settings.serving)
         units = image_units(width, height) * input.num_images
-        return event_stream(request, self._in_flight, partial(self._text_to_image, input, seed, loras), self._preview,
-                            units)
+        return event_stream(request, self._in_flight, partial(self._text_to_image, input, seed, loras,
+                                                              conditions=conditions), self._preview, units)
 
     @fal.endpoint("/cancel")
     def cancel(self, request: Request) -> CancelOutput:
@@ -243,16 +253,22 @@ class TextToImageApp(ServingApp, name=APP_NAME):
                                              int(threads.borrowed_tokens), int(threads.total_tokens)))
 
     def _text_to_image(self, input: Any, seed: int, loras: RequestLoras, request_id: str, flag: CancelFlag,
-                       on_step: Callable[[Step], None] | None = None) -> TextToImageOutput:
-        """What POST / returns (and POST /stream's last event): all images in one pipeline call, under
-        the pipeline lock (with the request's LoRAs, removed after it), then encoded. Runs in a worker thread."""
+                       on_step: Callable[[Step], None] | None = None,
+                       conditions: RequestConditions | None = None) -> TextToImageOutput:
+        """What POST / returns (and POST /stream's last event): the control and prompt images read
+        (unless given), then all images in one pipeline call, under the pipeline lock (with the request's
+        LoRAs and conditions, removed after it), then encoded. Runs in a worker thread."""
         width, height = requested_size(input.image_size, self.settings.serving)
+        reading = time.perf_counter()
+        conditions = conditions or self._read_conditions(TEXT_TO_IMAGE, input, width, height, flag)
+        read = time.perf_counter() - reading
         params = GenerationParams(input.prompt, input.negative_prompt, width, height, input.num_inference_steps,
                                   input.guidance_scale, seeds=tuple(image_seeds(seed, input.num_images)),
                                   scheduler=input.scheduler)
         pictures, timings = run_generation(self.pipe, self._lock, params, request=request_id, flag=flag,
                                            on_step=on_step, loras=loras, schedulers=self._schedulers,
-                                           prompts=self._prompts)
+                                           prompts=self._prompts, conditions=conditions)
+        timings = {"read": read, **timings} if conditions else timings
         return TextToImageOutput(**self._answer(input, seed, pictures, timings))
 
     async def _edit(self, kind: str, input: Any, request: Request) -> ImageToImageOutput:
@@ -261,9 +277,9 @@ class TextToImageApp(ServingApp, name=APP_NAME):
         if pipe is None:
             endpoint = request.url.path.strip("/")
             raise HTTPException(501, f"{endpoint} is not available for this model ({type(self.pipe).__name__})")
-        self._check_readable(input)
+        self._check_readable(input, kind)
         seed = input.seed if input.seed is not None else randbelow(MAX_SEED + 1)
-        return await self._serve(request, input.loras, partial(self._edit_images, pipe, input, seed))
+        return await self._serve(request, input.loras, partial(self._edit_images, kind, pipe, input, seed))
 
     async def _serve(self, request: Request, loras: Any, work: Callable[[RequestLoras, str, CancelFlag], Any]) -> Any:
         """One request: its ``loras`` resolved (or a 422), then ``work(loras, request_id, flag)`` in a
@@ -279,28 +295,36 @@ class TextToImageApp(ServingApp, name=APP_NAME):
                 finally:
                     flag.cancel(REQUEST_ENDED)  # a no-op once the work is over
 
-    def _edit_images(self, pipe: Any, input: Any, seed: int, loras: RequestLoras, request_id: str,
+    def _edit_images(self, kind: str, pipe: Any, input: Any, seed: int, loras: RequestLoras, request_id: str,
                      flag: CancelFlag) -> ImageToImageOutput:
-        """Read and check the input images (a 422 naming the field, before the pipeline is touched), then
-        all images in one call of ``pipe`` under the pipeline lock (with the request's LoRAs, removed after
-        it), screened and encoded as POST /'s."""
+        """Read and check the input images, control and prompt images included (a 422 naming the field,
+        before the pipeline is touched), then all images in one call of ``pipe`` under the pipeline lock
+        (with the request's LoRAs and conditions, removed after it), screened and encoded as POST /'s."""
         reading = time.perf_counter()
         source = read_sources(input, self.settings.serving, self._fetch, flag.is_set)
+        conditions = self._read_conditions(kind, input, source.width, source.height, flag)
         read = time.perf_counter() - reading
         params = GenerationParams(input.prompt, input.negative_prompt, source.width, source.height,
                                   input.num_inference_steps, input.guidance_scale,
                                   seeds=tuple(image_seeds(seed, input.num_images)), image=source.image,
                                   mask_image=source.mask, strength=input.strength, scheduler=input.scheduler)
         pictures, timings = run_generation(pipe, self._lock, params, request=request_id, flag=flag, loras=loras,
-                                           schedulers=self._schedulers, prompts=self._prompts)
+                                           schedulers=self._schedulers, prompts=self._prompts, conditions=conditions)
         if source.mask is not None:
             pictures = [overlay(picture, source) for picture in pictures]
         return ImageToImageOutput(**self._answer(input, seed, pictures, {"read": read, **timings}))
 
-    def _check_readable(self, input: Any) -> None:
+    def _read_conditions(self, kind: str, input: Any, width: int, height: int,
+                         flag: CancelFlag) -> RequestConditions | None:
+        """The request's ``controlnets`` and ``ip_adapter`` images read and checked (serving.conditions)."""
+        return self._conditions.read(kind, input, width, height, self.settings.serving, self._fetch, flag.is_set)
+
+    def _check_readable(self, input: Any, kind: str) -> None:
         """A 422 naming the field, before the request is queued, for what this model cannot do as asked:
-        a scheduler that does not apply to it (or more steps than that scheduler runs), or a prompt
-        longer than it reads (serving.schedulers, serving.prompts)."""
+        a scheduler that does not apply to it (or more steps than that scheduler runs), a prompt longer
+        than it reads, or controlnets on an endpoint without a ControlNet pipeline (serving.schedulers,
+        serving.prompts, serving.conditions)."""
+        self._conditions.check(kind, input)
         self._schedulers.check(input.scheduler, input.num_inference_steps)
         self._prompts.check("prompt", input.prompt)
         self._prompts.check("negative_prompt", input.negative_prompt)

@@ -1,4 +1,5 @@
 """``python -m demo_training train``: retrain the demo model (see demo_training.train);
+``python -m demo_training controlnet``: train its ControlNet (see demo_training.controlnet);
 ``python -m demo_training images``: ask a running demo server (``make serve``) for the README's pictures."""
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def request_images(url: str, out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     from conversion.sources.demo import TRAINED_PIPELINE
 
+    from .controlnet import CONTROLNET_DIR, ControlNetConfig
+    from .controlnet import train as train_controlnet
     from .train import REPORT_DIR, TrainConfig, train
 
     parser = argparse.ArgumentParser(prog="python -m demo_training", description=__doc__)
@@ -61,12 +64,27 @@ def main(argv: list[str] | None = None) -> int:
     for field in dataclasses.fields(TrainConfig):
         run.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
                          help=f"default {field.default}")
+    control = commands.add_parser("controlnet", help="train the demo model's ControlNet (a silhouette says where "
+                                                     "the shape goes) and write it, its report and plots")
+    control.add_argument("--out", type=Path, default=None,
+                         help=f"write the ControlNet to OUT/controlnet and the report and plots to OUT (default: "
+                              f"the ControlNet to {CONTROLNET_DIR}, the report to {REPORT_DIR})")
+    for field in dataclasses.fields(ControlNetConfig):
+        control.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
+                             help=f"default {field.default}")
     images = commands.add_parser("images", help="save the README's demo pictures from a running `make serve`")
     images.add_argument("--url", default="http://localhost:8080", help="the demo server (default %(default)s)")
     images.add_argument("--out", type=Path, default=README_IMAGES_DIR, help="default %(default)s")
     args = parser.parse_args(argv)
     if args.command == "images":
         request_images(args.url, args.out)
+        return 0
+    if args.command == "controlnet":
+        net_config = ControlNetConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ControlNetConfig)})
+        if args.out is None:
+            train_controlnet(net_config)
+        else:
+            train_controlnet(net_config, controlnet_dir=args.out / "controlnet", report_dir=args.out)
         return 0
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if args.out is None:

@@ -278,3 +278,43 @@ def select_safety_checker_files(
 
     return {SAFETY_CHECKER: [full(model_dir, n) for n in model],
             FEATURE_EXTRACTOR: [full(extractor_dir, PREPROCESSOR_CONFIG_NAME)]}
+
+
+# One model in a folder of its own (a ControlNet, an IP-Adapter's CLIP image encoder): its
+# config.json and weights side by side, as diffusers' and transformers' save_pretrained write them.
+# Converted, it is a one-component directory in the pipeline layout (``<component>/`` and a
+# model_index.json naming its class), so the store and the loader take it as they take a pipeline.
+
+
+def select_model_folder_files(
+    files: Iterable[str], variant: str | None = None, subfolder: str | None = None, weights: bool = True
+) -> list[str]:
+    """The files of a repo listing (or a directory's relative paths) that make up the one model in
+    ``subfolder`` (the root when None): its ``config.json`` and the weights ``choose_weights``
+    picks, at that folder's top level. DiffusersLayoutError when it has no config or no weights."""
+    prefix = f"{subfolder}/" if subfolder else ""
+    names = [path[len(prefix):] for path in files if path.startswith(prefix) and "/" not in path[len(prefix):]]
+    where = subfolder or "the repo root"
+    if CONFIG_NAME not in names:
+        raise DiffusersLayoutError(f"{where} holds no model: no {CONFIG_NAME} (a model folder has {CONFIG_NAME} and "
+                                   "its weights side by side, as save_pretrained writes them)")
+    chosen = [CONFIG_NAME]
+    if weights:
+        picked = choose_weights(names, variant, subfolder or "model")
+        if picked is None:
+            raise DiffusersLayoutError(f"{where}: the model has no weight files beside its {CONFIG_NAME}")
+        chosen += picked.files
+    return [prefix + name for name in chosen]
+
+
+def model_folder_index(component: str, config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The ``model_index.json`` of a one-model directory whose model is ``component``: its class
+    from its ``config.json`` (diffusers' ``_class_name``, or transformers' ``architectures``)."""
+    if isinstance(config.get("_class_name"), str):
+        spec = ["diffusers", config["_class_name"]]
+    elif isinstance(config.get("architectures"), list) and config["architectures"] \
+            and isinstance(config["architectures"][0], str):
+        spec = ["transformers", config["architectures"][0]]
+    else:
+        raise DiffusersLayoutError(f"{where}: names no model class (no '_class_name' or 'architectures')")
+    return {"_class_name": spec[1], component: spec}

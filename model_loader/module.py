@@ -163,3 +163,19 @@ def _on_device(pack: PackData, device: torch.device) -> PackData:
     if all(block.device == device for block in pack.blocks):
         return pack
     return PackData(pack.layout, [block.to(device) for block in pack.blocks], pack.stats)
+
+
+def read_module_tensors(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, reads: PackReads | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a converted module directory's pack (or a ``.flashpack`` file) by name, each a
+    view into its dtype's flat block on ``device``: for weights a library loads from a state dict
+    (an IP-Adapter's), checked by the pack's checksums as they are read. ``reads``: background
+    pack reads; when they include ``"module"`` their result is used instead of reading again."""
+    from .pipeline import as_pack
+    from .reader import read_pack, resolve_device
+
+    device = resolve_device(device)
+    if _has_read(reads):
+        return as_pack(reads.result(MODULE_DIR), device).tensors()
+    return read_pack(module_pack_path(path), device).tensors()

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from serving.cancel import CancelFlag, acquire_unless_cancelled
 
 if TYPE_CHECKING:
+    from serving.conditions import RequestConditions
     from serving.lora import RequestLoras
     from serving.prompts import Prompts
     from serving.schedulers import Schedulers
@@ -98,11 +99,12 @@ class GenerationCancelled(Exception):
 
 def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = None,
              on_step: Callable[[Step], None] | None = None, scheduler: Any = None,
-             prompts: Prompts | None = None) -> list[Any]:
+             prompts: Prompts | None = None, extra: dict[str, Any] | None = None) -> list[Any]:
     """The PIL images of ``params``, one pipeline call for all of them; raises
     :class:`GenerationCancelled` at the first step boundary after ``flag`` is set. ``scheduler``:
     run instead of ``pipe``'s own, through a view of ``pipe`` (``pipe`` is left as it is).
-    ``prompts``: how the model reads long prompts (None: diffusers' own encoding, up to one window)."""
+    ``prompts``: how the model reads long prompts (None: diffusers' own encoding, up to one window).
+    ``extra``: more arguments of the call (a request's ControlNet and IP-Adapter inputs)."""
     import torch
 
     if flag is not None and flag.is_set():
@@ -140,6 +142,7 @@ def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = N
         callback_on_step_end=step_end,
         callback_on_step_end_tensor_inputs=["latents"],
         **params.inputs(),
+        **(extra or {}),
     )
     return list(result.images)
 
@@ -147,7 +150,8 @@ def generate(pipe: Any, params: GenerationParams, *, flag: CancelFlag | None = N
 def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *, request: str,
                    flag: CancelFlag | None = None, on_step: Callable[[Step], None] | None = None,
                    loras: RequestLoras | None = None, schedulers: Schedulers | None = None,
-                   prompts: Prompts | None = None) -> tuple[list[Any], dict[str, float]]:
+                   prompts: Prompts | None = None,
+                   conditions: RequestConditions | None = None) -> tuple[list[Any], dict[str, float]]:
     """:func:`generate` for one request under the pipeline ``lock`` (one call at a time: diffusers
     pipelines keep per-call state), with one log line when it starts and one when it ends. The
     request's ``loras`` are active for this call only (loaded after the lock is taken, removed
@@ -163,6 +167,10 @@ def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *,
         shape += f", {'inpaint' if params.mask_image is not None else 'image-to-image'} at strength {params.strength}"
     if loras:
         shape += f" with {len(loras)} LoRA(s)"
+    if conditions and conditions.controls:
+        shape += f" with {len(conditions.controls)} ControlNet(s)"
+    if conditions and conditions.prompt is not None:
+        shape += " with an IP-Adapter image"
     if params.scheduler is not None:
         shape += f", scheduler {params.scheduler}"
     if not acquire_unless_cancelled(lock, flag):
@@ -175,8 +183,10 @@ def run_generation(pipe: Any, lock: threading.Lock, params: GenerationParams, *,
         log.info("generate[%s]: started, %s (waited %.2f s for the pipeline)", request, shape, started - queued)
         try:
             with (loras.applied(pipe) if loras else contextlib.nullcontext(),
+                  conditions.applied(pipe) if conditions else contextlib.nullcontext((pipe, {})) as (call, extra),
                   _borrowed(schedulers, pipe, params.scheduler) as scheduler):
-                pictures = generate(pipe, params, flag=flag, on_step=on_step, scheduler=scheduler, prompts=prompts)
+                pictures = generate(call, params, flag=flag, on_step=on_step, scheduler=scheduler, prompts=prompts,
+                                    extra=extra)
         except GenerationCancelled as exc:
             log.info("generate[%s]: %s, in %.2f s", request, exc, time.perf_counter() - started)
             raise

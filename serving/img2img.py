@@ -67,14 +67,20 @@ def build_image_pipelines(pipe: Any) -> ImagePipelines:
                         type(exc).__name__, exc)
             built[kind] = None
             continue
-        unshared = [name for name, module in _modules(pipe).items() if _modules(variant).get(name, module) is not module]
-        if unshared:
-            raise RuntimeError(f"{kind}: {type(variant).__name__}.from_pipe did not share {', '.join(unshared)} "
-                               "with the loaded pipeline (it would hold a second copy of their weights)")
+        shares_modules(pipe, variant, kind)
         variant.set_progress_bar_config(disable=True)
         log.info("%s: %s, sharing the modules of %s", kind, type(variant).__name__, type(pipe).__name__)
         built[kind] = variant
     return ImagePipelines(image_to_image=built[IMAGE_TO_IMAGE], inpaint=built[INPAINT])
+
+
+def shares_modules(pipe: Any, variant: Any, what: str) -> None:
+    """Raise unless every torch module of ``pipe`` is the very object in ``variant`` (built by
+    ``from_pipe``): a copy would hold a second copy of its weights."""
+    unshared = [name for name, module in _modules(pipe).items() if _modules(variant).get(name, module) is not module]
+    if unshared:
+        raise RuntimeError(f"{what}: {type(variant).__name__}.from_pipe did not share {', '.join(unshared)} "
+                           "with the loaded pipeline (it would hold a second copy of their weights)")
 
 
 def _modules(pipe: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -35,7 +36,7 @@ from pydantic_core import PydanticCustomError
 from conversion.sources import LoraPathError, parse_lora_path
 from serving.prompts import FLUX_T5_TOKENS, MAX_WINDOWS
 from serving.schedulers import SCHEDULER_NAMES, SchedulerName
-from serving.settings import PIXEL_MULTIPLE, LoraSettings, PresetName, ServingSettings
+from serving.settings import PIXEL_MULTIPLE, LoraSettings, ModelSettings, PresetName, ServingSettings
 
 # The largest integer a JSON number carries exactly in every client (JavaScript's 2**53 - 1).
 MAX_SEED = 2**53 - 1
@@ -70,21 +71,36 @@ _built: dict[str, RequestModels] = {}
 _building = threading.Lock()
 
 
-def request_models(serving: ServingSettings, safety_checker: bool = True,
-                   lora: LoraSettings | None = None) -> RequestModels:
+@dataclass(frozen=True)
+class ConditionChoices:
+    """What a request may name in ``controlnets`` and ``ip_adapter``: the sources of fal.toml's
+    ``[[model.controlnets]]`` and ``[[model.ip_adapters]]`` (none: the request models lack the field)."""
+
+    controlnets: tuple[str, ...] = ()
+    ip_adapters: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, model: ModelSettings) -> "ConditionChoices":
+        return cls(tuple(net.source for net in model.controlnets), tuple(a.source for a in model.ip_adapters))
+
+
+def request_models(serving: ServingSettings, safety_checker: bool = True, lora: LoraSettings | None = None,
+                   conditions: ConditionChoices | None = None) -> RequestModels:
     """The request models whose bounds, defaults and presets are ``serving``'s (and whose
     ``loras`` are bounded by ``lora``, default ``[lora]``'s defaults); the same classes for equal
     settings, so an app and its tests share them. ``safety_checker``: whether the app has a
-    checker (fal.toml's ``[safety_checker]`` is not ``"none"``), which the schema says."""
-    lora = lora or LoraSettings()
-    key = f"{serving.model_dump_json()} checker={safety_checker} lora={lora.model_dump_json()}"
+    checker (fal.toml's ``[safety_checker]`` is not ``"none"``), which the schema says.
+    ``conditions``: the ControlNets and IP-Adapters a request may name (default: none)."""
+    lora, conditions = lora or LoraSettings(), conditions or ConditionChoices()
+    key = f"{serving.model_dump_json()} checker={safety_checker} lora={lora.model_dump_json()} {conditions!r}"
     with _building:
         if key not in _built:
-            _built[key] = _build_request_models(serving, safety_checker, lora)
+            _built[key] = _build_request_models(serving, safety_checker, lora, conditions)
         return _built[key]
 
 
-def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: LoraSettings) -> RequestModels:
+def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: LoraSettings,
+                          conditions: ConditionChoices) -> RequestModels:
     class ImageSize(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -226,10 +242,14 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: 
                 )
             return value
 
-    class TextToImageInput(GenerationInput):
+    condition_fields = _condition_fields(conditions)
+    if condition_fields:  # the shared fields, and the request's ControlNets and IP-Adapter
+        GenerationInput = create_model("GenerationInput", __base__=GenerationInput, **condition_fields)  # type: ignore[call-overload]  # noqa: N806
+
+    class TextToImageInput(GenerationInput):  # type: ignore[valid-type,misc]
         pass
 
-    class ImageToImageInput(GenerationInput):
+    class ImageToImageInput(GenerationInput):  # type: ignore[valid-type,misc]
         # The input images first in the schema, as on fal's own endpoints (its playground follows this order).
         model_config = ConfigDict(extra="forbid", json_schema_extra=_images_first)
 
@@ -368,6 +388,90 @@ def _lora_models(lora: LoraSettings) -> tuple[type[BaseModel], Any]:
     return LoraWeight, Loras
 
 
+# Bounds of a request's ControlNet and IP-Adapter entries. fal's schemas give defaults (1.0, 0.0, 1.0,
+# 1.0) but no upper bounds; beyond 2 both only break the image.
+MAX_CONDITIONING_SCALE = 2.0
+MAX_IP_ADAPTER_SCALE = 2.0
+# An example control image for the schema: diffusers' ControlNet documentation's input.
+EXAMPLE_CONTROL_URL = "https://hf.co/datasets/huggingface/documentation-images/resolve/main/diffusers/input_image_vermeer.png"
+
+
+def _condition_fields(choices: ConditionChoices) -> dict[str, Any]:
+    """The ``controlnets`` and ``ip_adapter`` fields of fal's text-to-image apps, for the
+    configured ones (an empty dict when none are): each entry's ``path`` is one of them."""
+    fields: dict[str, Any] = {}
+    if choices.controlnets:
+
+        class ControlNetInput(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+
+            path: Literal[choices.controlnets] = Field(  # type: ignore[valid-type]
+                description="Which ControlNet: one this deployment serves (fal.toml's [[model.controlnets]] source).",
+                examples=[choices.controlnets[0]], json_schema_extra={"enum": list(choices.controlnets)})
+            image_url: str = ImageField(
+                description="The control image (an https:// URL or a data: URI), resized to the output size: an edge, "
+                "depth or pose map as the ControlNet expects it, or a photo where the ControlNet's preprocess is "
+                "canny (its edges are taken). Checked as image_url of image-to-image is.",
+                examples=[EXAMPLE_CONTROL_URL], json_schema_extra={"pattern": URL_PATTERN})
+            conditioning_scale: float = Field(
+                default=1.0, strict=True, ge=0, le=MAX_CONDITIONING_SCALE, allow_inf_nan=False,
+                description="How strongly the control image steers the image (0: not at all).", examples=[1.0])
+            start_percentage: float = Field(
+                default=0.0, strict=True, ge=0, le=1, allow_inf_nan=False,
+                description="When the ControlNet starts applying, as a fraction of the denoising steps.",
+                examples=[0.0])
+            end_percentage: float = Field(
+                default=1.0, strict=True, ge=0, le=1, allow_inf_nan=False,
+                description="When the ControlNet stops applying, as a fraction of the denoising steps (after "
+                "start_percentage).", examples=[1.0])
+
+            @model_validator(mode="after")
+            def _starts_before_it_ends(self) -> "ControlNetInput":
+                if self.start_percentage >= self.end_percentage:
+                    raise ValueError(f"start_percentage ({self.start_percentage}) must be less than end_percentage "
+                                     f"({self.end_percentage})")
+                return self
+
+            @field_validator("image_url")
+            @classmethod
+            def _image_url_is_https_or_data(cls, value: str) -> str:
+                return _checked_url(value, "image_url")
+
+        fields["controlnets"] = (list[ControlNetInput], Field(
+            default_factory=list, max_length=len(choices.controlnets),
+            description=f"The ControlNets to apply (at most {len(choices.controlnets)}), each with its control image: "
+            "they steer where things go. This deployment serves: " + ", ".join(choices.controlnets) + ".",
+            examples=[[], [{"path": choices.controlnets[0], "image_url": EXAMPLE_CONTROL_URL}]]))
+    if choices.ip_adapters:
+
+        class IPAdapterInput(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+
+            path: Literal[choices.ip_adapters] = Field(  # type: ignore[valid-type]
+                description="Which IP-Adapter: one this deployment serves (fal.toml's [[model.ip_adapters]] source).",
+                examples=[choices.ip_adapters[0]], json_schema_extra={"enum": list(choices.ip_adapters)})
+            ip_adapter_image_url: str = ImageField(
+                description="The image prompt (an https:// URL or a data: URI): its content and style steer the "
+                "image. Checked as image_url of image-to-image is.",
+                examples=[EXAMPLE_IMAGE_URL], json_schema_extra={"pattern": URL_PATTERN})
+            scale: float = Field(
+                default=1.0, strict=True, ge=0, le=MAX_IP_ADAPTER_SCALE, allow_inf_nan=False,
+                description="How strongly the image prompt steers the image (0: not at all; around 0.5 balances it "
+                "with the text prompt).", examples=[1.0])
+
+            @field_validator("ip_adapter_image_url")
+            @classmethod
+            def _image_url_is_https_or_data(cls, value: str) -> str:
+                return _checked_url(value, "ip_adapter_image_url")
+
+        fields["ip_adapter"] = (list[IPAdapterInput], Field(
+            default_factory=list, max_length=1,
+            description="An image prompt: at most one IP-Adapter with its image. This deployment serves: "
+            + ", ".join(choices.ip_adapters) + ".",
+            examples=[[], [{"path": choices.ip_adapters[0], "ip_adapter_image_url": EXAMPLE_IMAGE_URL, "scale": 0.7}]]))
+    return fields
+
+
 def _is_visible(ch: str) -> bool:
     """Neither whitespace nor a control, format, surrogate, private-use or unassigned character."""
     return not ch.isspace() and unicodedata.category(ch)[0] != "C"
@@ -405,7 +509,8 @@ class TextToImageOutput(BaseModel):
     prompt: str = Field(description="The prompt the images were generated from.",
                         examples=["a lighthouse on a cliff at sunset, oil painting"])
     timings: dict[str, float] = Field(
-        description="Seconds spent: reading the input images (read; image-to-image and inpainting only), waiting for "
+        description="Seconds spent: reading the input images (read; image-to-image and inpainting, and any request "
+        "with control or prompt images), waiting for "
         "the GPU (queue), generating (inference), running the safety checker (safety), encoding and uploading "
         "(encode).",
         examples=[{"queue": 0.0, "inference": 2.41, "safety": 0.05, "encode": 0.12}],

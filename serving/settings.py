@@ -22,9 +22,13 @@ from conversion.sources import (
     Source,
     parse_checker_source,
     parse_lora_path,
+    parse_model_folder_source,
     parse_source,
 )
 
+# The component each converted ControlNet and image encoder entry holds its model in.
+CONTROLNET_COMPONENT = "controlnet"
+IMAGE_ENCODER_COMPONENT = "image_encoder"
 # The environment variable that picks the profile when load_settings() is given none.
 PROFILE_ENV = "APP_PROFILE"
 # Image sides are multiples of this (the VAE's downsampling factor).
@@ -40,6 +44,8 @@ NO_CHECKER = "none"
 MAX_LORAS_LIMIT = 16
 MAX_LORA_SCALE_LIMIT = 10.0
 MAX_LORA_FILE_MB_LIMIT = 64 * 1024
+# The most ControlNets and IP-Adapters [model] may configure (each is a store entry loaded at every start).
+MAX_ADAPTERS_LIMIT = 8
 
 
 class SettingsError(ValueError):
@@ -128,6 +134,32 @@ class FusedLoraSetting(_Strict):
     scale: float = Field(default=1.0, ge=0, le=MAX_LORA_SCALE_LIMIT, allow_inf_nan=False)
 
 
+class ControlNetSetting(_Strict):
+    """One ControlNet a request may name (``controlnets[i].path`` is its ``source``, as written
+    here): a model folder (config.json + weights) on the Hub or on disk, acquired and converted
+    once into the store like the model. ``preprocess``: what a request's control image becomes
+    ("none": used as sent, e.g. a depth map or an edge map; "canny": its Canny edges)."""
+
+    source: str = Field(min_length=1)
+    revision: str | None = Field(default=None, min_length=1)
+    variant: str | None = Field(default=None, min_length=1)
+    subfolder: str | None = Field(default=None, min_length=1)
+    preprocess: Literal["none", "canny"] = "none"
+
+
+class IPAdapterSetting(_Strict):
+    """One IP-Adapter a request may name (``ip_adapter[i].path`` is its ``source``): its weights (a
+    .safetensors file on the Hub, at an https:// URL or on disk) and the CLIP image encoder it was
+    trained with (a model folder: Hub repo, with ``image_encoder_subfolder``, or local directory),
+    each acquired and converted once into the store."""
+
+    source: str = Field(min_length=1)
+    revision: str | None = Field(default=None, min_length=1)
+    image_encoder: str = Field(min_length=1)
+    image_encoder_revision: str | None = Field(default=None, min_length=1)
+    image_encoder_subfolder: str | None = Field(default=None, min_length=1)
+
+
 class ModelSettings(_Strict):
     """The model to serve: a source the store acquires and converts once (checked with
     conversion.sources' rules by :func:`load_settings`, see :func:`model_problem`), and the LoRAs
@@ -144,6 +176,8 @@ class ModelSettings(_Strict):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     loras: list[FusedLoraSetting] = Field(default=[], max_length=MAX_LORAS_LIMIT)
+    controlnets: list[ControlNetSetting] = Field(default=[], max_length=MAX_ADAPTERS_LIMIT)
+    ip_adapters: list[IPAdapterSetting] = Field(default=[], max_length=MAX_ADAPTERS_LIMIT)
 
 
 class SafetyCheckerSettings(_Strict):
@@ -334,6 +368,9 @@ def model_problem(model: ModelSettings) -> tuple[str, str] | None:
             parse_lora_path(lora.path)
         except SourceError as exc:
             return f"model.loras[{i}].path", str(exc)
+    problem = adapters_problem(model)
+    if problem is not None:
+        return problem
     if model.source in (DEMO_SOURCE, RANDOM_DEMO_SOURCE):
         for key in _SOURCE_KEYS:
             if getattr(model, key) is not None:
@@ -351,6 +388,62 @@ def model_problem(model: ModelSettings) -> tuple[str, str] | None:
         except SourceError as exc:
             return f"model.{key}", str(exc)
     return None
+
+
+def adapters_problem(model: ModelSettings) -> tuple[str, str] | None:
+    """The ``[[model.controlnets]]`` or ``[[model.ip_adapters]]`` key that cannot be served and
+    why (a source the store could not acquire, or one named twice: a request names each by its
+    source); None if fine."""
+    checks: list[tuple[str, list[Any], dict[str, Any]]] = [
+        ("controlnets", model.controlnets, {"source": controlnet_source}),
+        ("ip_adapters", model.ip_adapters, {"source": ip_adapter_weights, "image_encoder": ip_adapter_encoder}),
+    ]
+    for table, settings, parsers in checks:
+        seen: set[str] = set()
+        for i, setting in enumerate(settings):
+            if setting.source in seen:
+                return f"model.{table}[{i}].source", (f"{setting.source!r} is configured twice: a request names each "
+                                                      "by its source, so each may appear once")
+            seen.add(setting.source)
+            for key, parse in parsers.items():
+                try:
+                    parse(setting)
+                except SourceError as exc:
+                    return f"model.{table}[{i}].{key}", str(exc)
+    return None
+
+
+def controlnet_source(setting: ControlNetSetting) -> Source:
+    """The store source of a configured ControlNet (its entry's model is ``controlnet/``)."""
+    return parse_model_folder_source(setting.source, CONTROLNET_COMPONENT, "a ControlNet", revision=setting.revision,
+                                     variant=setting.variant, subfolder=setting.subfolder)
+
+
+# What an IP-Adapter's source may be, for errors.
+IP_ADAPTER_FILE = ("an IP-Adapter is one .safetensors file: a Hub file (org/name/path/file.safetensors), an https:// "
+                   "URL or a local file")
+
+
+def ip_adapter_weights(setting: IPAdapterSetting) -> Source:
+    """The store source of a configured IP-Adapter's weights: one .safetensors file, converted into
+    one module pack of its tensors."""
+    from conversion.sources.module import HubWeightsSource, LocalWeightsSource, parse_module_source
+
+    try:
+        source = parse_module_source(setting.source, revision=setting.revision)
+    except SourceError as exc:
+        raise SourceError(f"{exc}; {IP_ADAPTER_FILE}") from None
+    weights = source.weights
+    if isinstance(weights, HubWeightsSource) or (isinstance(weights, LocalWeightsSource)
+                                                 and Path(weights.path).is_dir()):
+        raise SourceError(f"{setting.source}: names a folder; {IP_ADAPTER_FILE}")
+    return source
+
+
+def ip_adapter_encoder(setting: IPAdapterSetting) -> Source:
+    """The store source of a configured IP-Adapter's image encoder (its entry's model is ``image_encoder/``)."""
+    return parse_model_folder_source(setting.image_encoder, IMAGE_ENCODER_COMPONENT, "an image encoder",
+                                     revision=setting.image_encoder_revision, subfolder=setting.image_encoder_subfolder)
 
 
 # The [model] keys that parse_source takes besides the source, in the order they are checked.

@@ -96,3 +96,54 @@ def test_the_readme_pictures_command_without_a_server_says_so_and_writes_nothing
     with pytest.raises(SystemExit, match=r"cannot reach the demo server at http://127\.0\.0\.1:9 .*make serve"):
         main(["images", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "pictures")])
     assert not (tmp_path / "pictures").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo model's ControlNet (demo_training.controlnet)
+
+
+@pytest.fixture(scope="module")
+def two_controlnet_runs(tmp_path_factory):
+    from demo_training.controlnet import ControlNetConfig
+    from demo_training.controlnet import train as train_controlnet
+
+    tiny = ControlNetConfig(images=32, steps=3, batch=4, warmup_steps=1, eval_scenes=2, eval_steps=2, samples=2,
+                            threads=1)
+    root = tmp_path_factory.mktemp("controlnet")
+    for name in "ab":
+        train_controlnet(tiny, root / name / "controlnet", root / name, log=lambda _: None)
+    return tiny, root / "a", root / "b"
+
+
+def test_controlnet_training_twice_with_one_seed_writes_byte_identical_weights(two_controlnet_runs):
+    _, a, b = two_controlnet_runs
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (a / "controlnet" / name).read_bytes() == (b / "controlnet" / name).read_bytes(), name
+
+
+def test_controlnet_training_writes_a_controlnet_folder_and_its_report(two_controlnet_runs):
+    from diffusers import ControlNetModel
+
+    from demo_training.controlnet import LOSS_PLOT_NAME as CONTROLNET_LOSS
+    from demo_training.controlnet import REPORT_NAME as CONTROLNET_REPORT
+
+    tiny, out, _ = two_controlnet_runs
+    net = ControlNetModel.from_pretrained(out / "controlnet")
+    assert list(net.config.conditioning_embedding_out_channels) == [16, 32, 64]  # 4x, as the demo VAE
+    report = json.loads((out / CONTROLNET_REPORT).read_text())
+    assert report["config"]["steps"] == tiny.steps
+    assert set(report["held_out_placement"]) == {"with_controlnet", "without_controlnet"}
+    assert PILImage.open(out / CONTROLNET_LOSS).format == "PNG"
+
+
+def test_the_committed_controlnet_comes_with_its_report_and_places_shapes_where_told():
+    from conversion.sources.demo import TRAINED_CONTROLNET
+    from demo_training.controlnet import REPORT_NAME as CONTROLNET_REPORT
+    from demo_training.controlnet import ControlNetConfig
+
+    assert sorted(p.name for p in TRAINED_CONTROLNET.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    report = json.loads((REPORT_DIR / CONTROLNET_REPORT).read_text())
+    assert report["command"].startswith("python -m demo_training controlnet")
+    assert report["config"] == {**ControlNetConfig().__dict__}  # trained with the defaults
+    placed, alone = report["held_out_placement"]["with_controlnet"], report["held_out_placement"]["without_controlnet"]
+    assert placed["mean_distance"] < 0.05 and placed["within_0.1"] >= 0.9 and alone["within_0.1"] < 0.5

@@ -349,6 +349,73 @@ def test_fused_loras_are_read_with_their_scales_and_default_to_scale_one(tmp_pat
     assert load_settings(REPO / "fal.toml", profile="").model.loras == []
 
 
+BAD_CONDITIONS = [
+    ('[[model.controlnets]]\nsource = "https://example.com/canny.safetensors"',
+     "model.controlnets[0].source: https://example.com/canny.safetensors: a ControlNet is a model folder "
+     "(config.json + weights): a Hub repo or a local directory, not a URL"),
+    ('[[model.controlnets]]\nsource = "org/controlnets/canny.safetensors"',
+     "model.controlnets[0].source: org/controlnets/canny.safetensors: a ControlNet is a model folder"),
+    ('[[model.controlnets]]\nsource = "/no/such/controlnet"',
+     "model.controlnets[0].source: /no/such/controlnet: no such directory"),
+    ('[[model.controlnets]]\nsource = "org/canny"\n[[model.controlnets]]\nsource = "org/canny"\nvariant = "fp16"',
+     "model.controlnets[1].source: 'org/canny' is configured twice: a request names each by its source"),
+    ('[[model.controlnets]]\nsource = "org/canny"\npreprocess = "depth"',
+     "model.controlnets.0.preprocess: Input should be 'none' or 'canny'"),
+    ('[[model.controlnets]]\nsource = "org/canny"\nvariant = "fp16!"',
+     "model.controlnets[0].source: variant 'fp16!' is not a weight variant name"),
+    ('[[model.ip_adapters]]\nsource = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"',
+     "model.ip_adapters.0.image_encoder: required key is missing"),
+    ('[[model.ip_adapters]]\nsource = "h94/IP-Adapter/models/ip-adapter_sd15.bin"\nimage_encoder = "h94/IP-Adapter"',
+     "model.ip_adapters[0].source: 'h94/IP-Adapter/models/ip-adapter_sd15.bin' is neither a Hub repo id (org/name), "
+     "an https:// URL nor an existing directory; an IP-Adapter is one .safetensors file"),
+    ('[[model.ip_adapters]]\nsource = "h94/IP-Adapter"\nimage_encoder = "h94/IP-Adapter"',
+     "model.ip_adapters[0].source: h94/IP-Adapter: names a folder; an IP-Adapter is one .safetensors file"),
+    ('[[model.ip_adapters]]\nsource = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"\n'
+     'image_encoder = "https://example.com/encoder"',
+     "model.ip_adapters[0].image_encoder: https://example.com/encoder: an image encoder is a model folder"),
+    ('[[model.ip_adapters]]\nsource = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"\n'
+     'image_encoder = "h94/IP-Adapter"\nimage_encoder_subfolder = "../up"',
+     "model.ip_adapters[0].image_encoder: subfolder '../up' must be a relative folder inside the repo"),
+]
+
+
+@pytest.mark.parametrize(("lines", "message"), BAD_CONDITIONS, ids=[f"bad-condition-{i}" for i in range(len(BAD_CONDITIONS))])
+def test_an_unusable_controlnet_or_ip_adapter_is_refused_naming_its_key(tmp_path, lines, message):
+    path = settings_file(tmp_path, with_model('source = "demo"\n' + lines))
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, profile="")
+    assert str(err.value).startswith(f"{path} (profile 'default'): {message}")
+
+
+def test_a_local_controlnet_folder_without_a_config_is_refused_when_settings_load(tmp_path):
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    path = settings_file(tmp_path, with_model(f'source = "demo"\n[[model.controlnets]]\nsource = "{folder}"'))
+    with pytest.raises(SettingsError, match=r"model\.controlnets\[0\]\.source: .*controlnet: the repo root holds no "
+                                            r"model: no config\.json"):
+        load_settings(path, profile="")
+
+
+def test_controlnets_and_ip_adapters_are_read_with_their_defaults(tmp_path):
+    from conversion.sources import HubModelFolderSource
+    from conversion.sources.module import ModuleSource
+    from serving.settings import controlnet_source, ip_adapter_encoder, ip_adapter_weights
+
+    lines = ('source = "demo"\n[[model.controlnets]]\nsource = "org/canny@abc"\nsubfolder = "sdxl"\n'
+             '[[model.ip_adapters]]\nsource = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"\n'
+             'image_encoder = "h94/IP-Adapter"\nimage_encoder_subfolder = "models/image_encoder"')
+    model = load_settings(settings_file(tmp_path, with_model(lines)), profile="").model
+    [net], [adapter] = model.controlnets, model.ip_adapters
+    assert net.preprocess == "none"
+    assert controlnet_source(net) == HubModelFolderSource("org/canny", revision="abc", subfolder="sdxl",
+                                                          component="controlnet")
+    assert isinstance(ip_adapter_weights(adapter), ModuleSource)
+    assert ip_adapter_encoder(adapter) == HubModelFolderSource("h94/IP-Adapter", subfolder="models/image_encoder",
+                                                               component="image_encoder")
+    assert load_settings(REPO / "fal.toml", profile="").model.controlnets == []
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     path = settings_file(tmp_path, FAL_TOML + "\n[serving\n")
     with pytest.raises(SettingsError, match=r"fal\.toml: not valid TOML"):

@@ -14,7 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from model_loader.diffusers_layout import MODEL_INDEX_NAME, select_files, select_safety_checker_files
+from model_loader.diffusers_layout import (
+    MODEL_INDEX_NAME,
+    select_files,
+    select_model_folder_files,
+    select_safety_checker_files,
+)
 from model_loader.errors import DiffusersLayoutError
 from model_loader.module import MODULE_WEIGHT_SUFFIXES
 
@@ -32,9 +37,10 @@ log = logging.getLogger("conversion.download")
 # - "pipeline": a diffusers pipeline's side files and one set of weights per component (model_index.json decides)
 # - "safety_checker": a checker's config, weights and preprocessor config (the repo's listing decides)
 # - "configs": a pipeline's side files, and the weights of the components in ``weights_of`` only
+# - "model_folder": one model's config.json and weights at the repo's root or in ``subfolder`` (a ControlNet)
 # - "module_weights": one torch module's safetensors files (and shard index) at the repo's root or in ``subfolder``
 # - "file": the one file ``filename``
-Rule = Literal["pipeline", "safety_checker", "configs", "module_weights", "file"]
+Rule = Literal["pipeline", "safety_checker", "model_folder", "configs", "module_weights", "file"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class HubFiles:
     def index_file(self) -> str | None:
         """The repo file whose contents decide which files to fetch (``model_index.json``); None
         when the repo's file listing alone decides."""
-        if self.rule in ("safety_checker", "module_weights", "file"):
+        if self.rule in ("safety_checker", "model_folder", "module_weights", "file"):
             return None
         return f"{self.subfolder}/{MODEL_INDEX_NAME}" if self.subfolder else MODEL_INDEX_NAME
 
@@ -79,6 +85,8 @@ def select_hub_files(files: HubFiles, repo_files: list[str], index: dict[str, An
     if files.rule == "safety_checker":
         parts = select_safety_checker_files(repo_files, files.variant, files.subfolder, weights)
         return sorted(path for paths in parts.values() for path in paths)
+    if files.rule == "model_folder":
+        return select_model_folder_files(repo_files, files.variant, files.subfolder, weights)
     if files.rule == "configs":
         index = index or {}
         chosen = set(select_files(repo_files, index, files.variant, files.subfolder, weights=False))

@@ -22,6 +22,10 @@ RANDOM_DEMO_SOURCE = "demo-random"
 # What `demo` serves, and where `python -m demo_training train` writes the pipeline by default.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "demo" / "trained"
 TRAINED_PIPELINE = TRAINED_DIR / "pipeline"
+# The demo's ControlNet (demo_training/controlnet.py): it draws the caption's shape where the control
+# image is white. Served as the model folder it is, under this name.
+DEMO_CONTROLNET_SOURCE = "demo-controlnet"
+TRAINED_CONTROLNET = TRAINED_DIR / "controlnet"
 # Bump when conversion.demo makes different random files for the same seed: the store rebuilds its entry.
 DEMO_VERSION = 1
 
