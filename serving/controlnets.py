@@ -80,6 +80,11 @@ class ControlNets:
         if getattr(pipe, "unet", None) is None:  # Flux's ControlNet pipelines take other models and arguments
             raise RuntimeError(f"[[model.controlnets]]: {type(pipe).__name__} is not served with ControlNets here (SD 1.x/2.x "
                                "and SDXL are); remove the controlnets or serve another model")
+        for net in nets:
+            mismatch = _mismatch(net.model.config, pipe.unet.config)
+            if mismatch:
+                raise RuntimeError(f"[[model.controlnets]] {net.path}: a ControlNet for another model ({mismatch}); "
+                                   f"configure one made for this model's family")
         if any(net.preprocess == "canny" for net in nets):
             import cv2  # noqa: F401  # missing OpenCV stops setup, not the first request
 
@@ -145,6 +150,19 @@ class ControlNets:
         image_arg = "image" if kind == TEXT_TO_IMAGE else "control_image"
         return view, {image_arg: images, "controlnet_conditioning_scale": scales, "control_guidance_start": starts,
                       "control_guidance_end": ends}
+
+
+def _mismatch(controlnet: Any, unet: Any) -> str | None:
+    """How a ControlNet's config differs from the UNet's where its residuals must fit (the text
+    context width and the channels of each level: SD 1.x, SD 2.x and SDXL differ in them), or None."""
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, list | tuple) else value
+
+    for key in ("cross_attention_dim", "block_out_channels", "addition_embed_type"):
+        ours, theirs = plain(controlnet.get(key)), plain(unet.get(key))
+        if ours != theirs:
+            return f"its {key} is {ours} where the UNet's is {theirs}"
+    return None
 
 
 def preprocess(image: Image, how: str) -> Image:

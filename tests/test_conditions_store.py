@@ -340,3 +340,11 @@ def test_a_flux_model_with_controlnets_stops_setup_saying_so(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"FluxPipeline is not served with ControlNets here \(SD 1.x/2.x and SDXL are\)"):
         ControlNets.build(FluxPipeline(), [ControlNet("org/flux-canny", SimpleNamespace(), "none")])
+
+
+def test_a_controlnet_made_for_another_family_stops_setup_naming_it_and_what_differs(tmp_path):
+    folder = make_tiny_controlnet(tmp_path / "sd-controlnet", sd_pipeline().unet)
+    found = entries(tmp_path, model(controlnets=[ControlNetSetting(source=str(folder))]))
+    with pytest.raises(RuntimeError, match=r"sd-controlnet: a ControlNet for another model \(its block_out_channels "
+                                           r"is \[32, 64, 96\] where the UNet's is \[16, 32\]\)"):
+        found.load(sdxl_pipeline(), "cpu", torch.float32)
