@@ -97,6 +97,9 @@ class IPAdapters:
                 state_dict = adapter_state_dict(tensors, f"[[model.ip_adapters]] {path}")
             except ValueError as exc:
                 raise RuntimeError(str(exc)) from None
+            problem = _encoder_problem(state_dict, encoder)
+            if problem:
+                raise RuntimeError(f"[[model.ip_adapters]] {path}: {problem}; configure the image encoder it was trained with")
             try:
                 unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=True)
             except (KeyError, RuntimeError, ValueError) as exc:
@@ -144,6 +147,16 @@ class IPAdapters:
         self.unet.set_attn_processor(dict(processors))
         self.unet.encoder_hid_proj = projection
         self.unet.config.encoder_hid_dim_type = hid_type
+
+
+def _encoder_problem(state_dict: dict[str, dict[str, Any]], encoder: Any) -> str | None:
+    """Why ``encoder``'s image embeddings cannot feed the adapter's image projection (None when they
+    can, or when the projection is not the plain one, whose input is the embedding)."""
+    proj = state_dict["image_proj"].get("proj.weight")
+    width = getattr(encoder.config, "projection_dim", None)
+    if proj is None or width is None or proj.shape[-1] == width:
+        return None
+    return f"its image projection takes {proj.shape[-1]}-wide image embeddings, its image encoder gives {width}"
 
 
 def _feature_extractor(pipe: Any, encoder: Any) -> Any:

@@ -348,3 +348,14 @@ def test_a_controlnet_made_for_another_family_stops_setup_naming_it_and_what_dif
     with pytest.raises(RuntimeError, match=r"sd-controlnet: a ControlNet for another model \(its block_out_channels "
                                            r"is \[32, 64, 96\] where the UNet's is \[16, 32\]\)"):
         found.load(sdxl_pipeline(), "cpu", torch.float32)
+
+
+def test_an_image_encoder_that_does_not_fit_the_adapter_stops_setup_naming_both_widths(tmp_path):
+    pipe = sd_pipeline()
+    adapter = make_tiny_ip_adapter(tmp_path / "adapter.safetensors", pipe.unet)  # 32-wide image embeddings
+    tiny_image_encoder(projection_dim=16).save_pretrained(tmp_path / "encoder-16", safe_serialization=True)
+    found = entries(tmp_path, model(ip_adapters=[IPAdapterSetting(source=str(adapter),
+                                                                  image_encoder=str(tmp_path / "encoder-16"))]))
+    with pytest.raises(RuntimeError, match=r"adapter.safetensors: its image projection takes 32-wide image embeddings, "
+                                           r"its image encoder gives 16; configure the image encoder it was trained with"):
+        found.load(pipe, "cpu", torch.float32)
