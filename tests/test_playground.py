@@ -114,3 +114,19 @@ def test_without_fastapi_offline_the_docs_stay_fastapis_own(app_module, monkeypa
 
 def test_the_installed_fastapi_offline_ships_the_four_files():
     assert playground.docs_assets() is not None
+
+
+def test_the_condition_rows_read_the_schemas_controlnets_and_ip_adapter(client):
+    # What the page's ControlNet and IP-Adapter rows read (the browser test drives them): a row per
+    # field, shown where the endpoint's input has it; the demo profile configures one ControlNet only.
+    html = client.get("/playground").text
+    assert 'data-field="controlnets"' in html and 'data-field="ip_adapter"' in html
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("TextToImageInput", "ImageToImageInput", "InpaintInput"):
+        properties = schemas[name]["properties"]
+        assert properties["controlnets"]["items"] == {"$ref": "#/components/schemas/ControlNetInput"}, name
+        assert "ip_adapter" not in properties, name
+    control = schemas["ControlNetInput"]["properties"]
+    assert control["path"]["enum"] == ["demo-controlnet"] and "image_url" in control
+    scale = control["conditioning_scale"]
+    assert (scale["type"], scale["minimum"], scale["maximum"], scale["default"]) == ("number", 0, 2, 1)

@@ -2,7 +2,8 @@
 .ci/install-system) driven by selenium, against the real `fal run --local` demo server
 (test_app_server.py's fixture). It types a prompt, watches the previews stream in, reads the final
 image's pixels back (demo_training.shapes.read_picture), cancels a long request with fal's
-cancellation call, shows a 422, inpaints with a mask painted on the canvas, and opens /docs offline.
+cancellation call, shows a 422, inpaints with a mask painted on the canvas, places the shape with the
+demo's ControlNet, builds an IP-Adapter row only from a schema that has one, and opens /docs offline.
 A failing test saves a screenshot of the page under its tmp dir and names it in the failure."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -17,9 +19,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image as PILImage
+from PIL import ImageDraw
 from test_app_server import server
 
 from demo_training import shapes
@@ -138,6 +142,34 @@ def result_images(driver) -> list[PILImage.Image]:
     return [decoded(img.get_attribute("src")) for img in driver.find_elements(By.CSS_SELECTOR, "#results img.result")]
 
 
+def record_requests(driver) -> None:
+    """From now on the page's fetch calls with a body are kept, as [url, parsed body], in window.sent."""
+    driver.execute_script("""
+        const fetch = window.fetch;
+        window.sent = [];
+        window.fetch = (url, options) => {
+          if (options && options.body) window.sent.push([url, JSON.parse(options.body)]);
+          return fetch(url, options);
+        };""")
+
+
+def sent(driver) -> list[tuple[str, dict]]:
+    return [tuple(request) for request in driver.execute_script("return window.sent")]
+
+
+def request_body(driver) -> dict:
+    """What the form would send now (the page's requestBody())."""
+    return driver.execute_script("return requestBody()")
+
+
+def show_mode(driver, name: str) -> None:
+    driver.find_element(By.XPATH, f"//input[@name='mode'][@value='{name}']/..").click()
+
+
+def row_shown(driver, name: str) -> bool:
+    return driver.find_element(By.CSS_SELECTOR, f"[data-field='{name}']").is_displayed()
+
+
 def test_the_form_takes_its_defaults_and_bounds_from_the_demo_profile(browser, server, tmp_path):
     with evidence(browser, tmp_path, "form"):
         open_playground(browser, server)
@@ -155,11 +187,14 @@ def test_the_form_takes_its_defaults_and_bounds_from_the_demo_profile(browser, s
 def test_generate_streams_previews_then_a_red_circle_on_blue(browser, server, tmp_path):
     with evidence(browser, tmp_path, "generate"):
         open_playground(browser, server)
+        record_requests(browser)
         field(browser, "prompt").send_keys(PROMPT)
         type_into(browser, "seed", 0)
         choose(browser, "output_format", "png")
         browser.find_element(By.ID, "generate").click()
         wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#previews img.preview"), "a preview")
+        [(url, body)] = sent(browser)
+        assert url == "stream" and "controlnets" not in body and "ip_adapter" not in body, body  # no control image
         assert finished(browser) == "done"
         progress = browser.find_element(By.ID, "progress")
         assert progress.get_attribute("data-step") == "20"  # every step's event arrived
@@ -235,6 +270,103 @@ def test_inpaint_repaints_only_where_the_brush_painted(browser, server, tmp_path
         [image] = result_images(browser)
         kept = np.asarray(image)[:, 16:]
         assert np.array_equal(kept, np.asarray(source.convert("RGB"))[:, 16:])  # black in the mask: as sent
+
+
+def red_centroid(image: PILImage.Image) -> tuple[float, float]:
+    """The centre (x, y, fractions of the side) of the pixels nearer red than blue."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    distance = {name: ((pixels - shapes.COLOURS[name]) ** 2).sum(-1) for name in ("red", "blue")}
+    ys, xs = np.nonzero(distance["red"] < distance["blue"])
+    assert len(xs), "no red pixel"
+    return (xs.mean() + 0.5) / pixels.shape[1], (ys.mean() + 0.5) / pixels.shape[0]
+
+
+def test_the_controlnet_row_is_on_every_endpoint_and_the_ip_adapter_row_on_none_in_the_demo(browser, server, tmp_path):
+    with evidence(browser, tmp_path, "condition-rows"):
+        open_playground(browser, server)
+        for mode in ("text-to-image", "image-to-image", "inpaint"):
+            show_mode(browser, mode)
+            assert (row_shown(browser, "controlnets"), row_shown(browser, "ip_adapter")) == (True, False), mode
+        show_mode(browser, "text-to-image")
+        assert [option.text for option in Select(field(browser, "controlnet-path")).options] == ["demo-controlnet"]
+        scale = field(browser, "controlnet-scale")
+        assert [scale.get_attribute(name) for name in ("value", "min", "max")] == ["1", "0", "2"]
+        assert "controlnets" not in request_body(browser) and "ip_adapter" not in request_body(browser)
+
+
+def test_the_controlnet_puts_the_red_circle_where_the_control_image_is_white(browser, server, tmp_path):
+    side, (x, y), radius = 64, (0.3, 0.3), 10
+    control = PILImage.new("RGB", (side, side), "black")
+    ImageDraw.Draw(control).ellipse([x * side - radius, y * side - radius, x * side + radius, y * side + radius],
+                                    fill="white")
+    control_path = tmp_path / "control.png"
+    control.save(control_path)
+    with evidence(browser, tmp_path, "controlnet"):
+        open_playground(browser, server)
+        record_requests(browser)
+        field(browser, "prompt").send_keys(PROMPT)
+        type_into(browser, "seed", 0)
+        type_into(browser, "num_inference_steps", 16)
+        choose(browser, "output_format", "png")
+        choose(browser, "controlnet-path", "demo-controlnet")
+        browser.find_element(By.ID, "controlnet-file").send_keys(str(control_path))
+        wait(browser, lambda d: d.find_element(By.ID, "controlnet-preview").is_displayed(), "the control image read")
+        browser.find_element(By.ID, "generate").click()
+        assert finished(browser) == "done"
+        [(url, body)] = sent(browser)
+        [entry] = body["controlnets"]
+        assert (url, entry["path"], entry["conditioning_scale"]) == ("stream", "demo-controlnet", 1), body
+        assert np.array_equal(np.asarray(decoded(entry["image_url"])), np.asarray(control))  # the file, as a data: URI
+        [image] = result_images(browser)
+        cx, cy = red_centroid(image)
+        assert np.hypot(cx - x, cy - y) < 0.1, (cx, cy)
+        browser.find_element(By.ID, "controlnet-remove").click()
+        assert "controlnets" not in request_body(browser)
+
+
+def test_an_ip_adapter_in_the_schema_gets_a_row_whose_image_sends_an_entry(browser, server, app_module, tmp_path):
+    """The demo serves no IP-Adapter: the page is given the demo's schema with an ``ip_adapter`` field
+    added, as serving.schema writes it for one configured adapter."""
+    from serving.schema import ConditionChoices, request_models
+
+    settings = app_module.SETTINGS
+    models = request_models(settings.serving, settings.safety_checker.enabled, settings.lora,
+                            ConditionChoices(("demo-controlnet",), ("demo-ip-adapter",)))
+    spec = httpx.get(f"{server['url']}/openapi.json", timeout=10).json()
+    for name in ("TextToImageInput", "ImageToImageInput", "InpaintInput"):
+        written = getattr(models, name).model_json_schema(ref_template="#/components/schemas/{model}")
+        spec["components"]["schemas"]["IPAdapterInput"] = written["$defs"]["IPAdapterInput"]
+        spec["components"]["schemas"][name]["properties"]["ip_adapter"] = written["properties"]["ip_adapter"]
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": f"""{{
+        const fetch = window.fetch, spec = {json.dumps(spec)};  // in a block: the page has its own spec
+        window.fetch = (url, options) => url === "openapi.json"
+          ? Promise.resolve(new Response(JSON.stringify(spec), {{headers: {{"Content-Type": "application/json"}}}}))
+          : fetch(url, options);
+    }}"""})
+    prompt_path = tmp_path / "prompt.png"
+    shapes.draw(shapes.Scene("star", "yellow", "purple", "center", shapes.SIZES["large"])).save(prompt_path)
+    try:
+        with evidence(browser, tmp_path, "ip-adapter"):
+            open_playground(browser, server)
+            for mode in ("text-to-image", "image-to-image", "inpaint"):
+                show_mode(browser, mode)
+                assert row_shown(browser, "ip_adapter"), mode
+            show_mode(browser, "text-to-image")
+            assert [option.text for option in Select(field(browser, "ip-adapter-path")).options] == ["demo-ip-adapter"]
+            scale = field(browser, "ip-adapter-scale")
+            assert [scale.get_attribute(name) for name in ("value", "min", "max")] == ["1", "0", "2"]
+            assert "ip_adapter" not in request_body(browser)
+            browser.find_element(By.ID, "ip-adapter-file").send_keys(str(prompt_path))
+            wait(browser, lambda d: d.find_element(By.ID, "ip-adapter-preview").is_displayed(), "the image prompt read")
+            type_into(browser, "ip-adapter-scale", 0.5)
+            [entry] = request_body(browser)["ip_adapter"]
+            assert (entry["path"], entry["scale"]) == ("demo-ip-adapter", 0.5), entry
+            assert entry["ip_adapter_image_url"].startswith("data:image/png;base64,")
+            assert "controlnets" not in request_body(browser)  # the ControlNet has no image
+            browser.find_element(By.ID, "ip-adapter-remove").click()
+            assert "ip_adapter" not in request_body(browser)
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
 
 
 def test_docs_render_offline_from_the_apps_own_assets(browser, server, tmp_path):
