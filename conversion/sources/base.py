@@ -6,7 +6,9 @@ module here with one ``Source`` subclass, plus a line in ``parse.py``.
 
 from __future__ import annotations
 
+import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -27,6 +29,17 @@ class Workspace(Protocol):
     def write_ref(self, source: Source, identity: str) -> None: ...
 
     def private_dir(self, name: str) -> Path: ...
+
+
+def in_scratch(workspace: Workspace, slug: str, make: Callable[[Path], Path]) -> Path:
+    """``make(work)`` run in the source's private scratch directory ``work`` (named ``slug``): what
+    it returns (something inside ``work``), or the scratch removed and the error raised."""
+    work = workspace.private_dir(slug)
+    try:
+        return make(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 @dataclass

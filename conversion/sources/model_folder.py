@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from model_loader.diffusers_layout import (
 from model_loader.errors import DiffusersLayoutError
 
 from ..errors import SourceError
-from .base import Prepared, Workspace
+from .base import Prepared, Workspace, in_scratch
 from .demo import DEMO_CONTROLNET_SOURCE, TRAINED_CONTROLNET
 from .hub import HubSource
 from .hub_file import HubFileSource
@@ -64,15 +63,6 @@ def present_model_folder(root: Path, files: list[str], component: str, dst: Path
     return dst
 
 
-def _present_in_scratch(workspace: Workspace, slug: str, root: Path, files: list[str], component: str) -> Path:
-    work = workspace.private_dir(slug)
-    try:
-        return present_model_folder(root, files, component, work / "model")
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
 @dataclass(frozen=True)
 class HubModelFolderSource(HubSource):
     """A model folder on the Hub: its config.json and weights at the repo's root or in ``subfolder``,
@@ -101,7 +91,8 @@ class HubModelFolderSource(HubSource):
         snap = fetch_hub(self.hub_files(), workspace.root, commit, policy, workspace.config, refresh=refresh)
         workspace.write_ref(self, snap.identity)  # a crash from here on resumes offline
         files = select_model_folder_files(snap.files, self.variant, self.subfolder)
-        path = _present_in_scratch(workspace, self.slug(), snap.root, files, self.component)
+        path = in_scratch(workspace, self.slug(),
+                          lambda work: present_model_folder(snap.root, files, self.component, work / "model"))
         return Prepared(path, snap.identity, [path.parent])
 
 
@@ -141,7 +132,8 @@ class LocalModelFolderSource(LocalSource):
         identity = directory_fingerprint(path)
         files = self.files(path)
         preread([path / name for name in files], policy.preread_workers, check_blobs=False)
-        presented = _present_in_scratch(workspace, self.slug(), path, files, self.component)
+        presented = in_scratch(workspace, self.slug(),
+                               lambda work: present_model_folder(path, files, self.component, work / "model"))
         return Prepared(presented, identity, [presented.parent])
 
 

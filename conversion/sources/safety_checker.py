@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ from model_loader.diffusers_layout import MODEL_INDEX_NAME, safety_checker_index
 from model_loader.errors import DiffusersLayoutError
 
 from ..errors import SourceError
-from .base import Prepared, Source, Workspace
+from .base import Prepared, Source, Workspace, in_scratch
 from .hub import HubSource
 from .local import LocalSource, directory_fingerprint
 
@@ -48,15 +47,6 @@ def present_safety_checker(root: Path, parts: dict[str, list[str]], dst: Path) -
     return dst
 
 
-def _present_in_scratch(workspace: Workspace, slug: str, root: Path, parts: dict[str, list[str]]) -> Path:
-    work = workspace.private_dir(slug)
-    try:
-        return present_safety_checker(root, parts, work / "checker")
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
 @dataclass(frozen=True)
 class HubCheckerSource(HubSource):
     """A safety checker on the Hub: a checker repo, or the checker folders of an SD 1.x pipeline repo."""
@@ -80,7 +70,7 @@ class HubCheckerSource(HubSource):
         snap = fetch_hub(self.hub_files(), workspace.root, commit, policy, workspace.config, refresh=refresh)
         workspace.write_ref(self, snap.identity)  # a crash from here on resumes offline
         parts = select_safety_checker_files(snap.files, self.variant, self.subfolder)
-        path = _present_in_scratch(workspace, self.slug(), snap.root, parts)
+        path = in_scratch(workspace, self.slug(), lambda work: present_safety_checker(snap.root, parts, work / "checker"))
         return Prepared(path, snap.identity, [path.parent])
 
 
@@ -115,7 +105,7 @@ class LocalCheckerSource(LocalSource):
         identity = directory_fingerprint(path)
         parts = self.parts(path)
         preread([path / rel for files in parts.values() for rel in files], policy.preread_workers, check_blobs=False)
-        presented = _present_in_scratch(workspace, self.slug(), path, parts)
+        presented = in_scratch(workspace, self.slug(), lambda work: present_safety_checker(path, parts, work / "checker"))
         return Prepared(presented, identity, [presented.parent])
 
 
@@ -144,10 +134,5 @@ class DemoCheckerSource(Source):
     def prepare(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> Prepared:
         from ..demo import make_demo_safety_checker
 
-        work = workspace.private_dir(self.slug())
-        try:
-            path = make_demo_safety_checker(work / "checker")
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        return Prepared(path, self.offline_identity(workspace), [work])
+        path = in_scratch(workspace, self.slug(), lambda work: make_demo_safety_checker(work / "checker"))
+        return Prepared(path, self.offline_identity(workspace), [path.parent])
