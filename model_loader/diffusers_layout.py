@@ -287,14 +287,16 @@ def select_safety_checker_files(
 
 
 def select_model_folder_files(
-    files: Iterable[str], variant: str | None = None, subfolder: str | None = None, weights: bool = True
+    files: Iterable[str], variant: str | None = None, subfolder: str | None = None, weights: bool = True,
+    where: str | None = None,
 ) -> list[str]:
     """The files of a repo listing (or a directory's relative paths) that make up the one model in
     ``subfolder`` (the root when None): its ``config.json`` and the weights ``choose_weights``
-    picks, at that folder's top level. DiffusersLayoutError when it has no config or no weights."""
+    picks, at that folder's top level. DiffusersLayoutError when it has no config or no weights,
+    naming the folder as ``where`` (default: the subfolder, or the repo root)."""
     prefix = f"{subfolder}/" if subfolder else ""
     names = [path[len(prefix):] for path in files if path.startswith(prefix) and "/" not in path[len(prefix):]]
-    where = subfolder or "the repo root"
+    where = where or subfolder or "the repo root"
     if CONFIG_NAME not in names:
         raise DiffusersLayoutError(f"{where} holds no model: no {CONFIG_NAME} (a model folder has {CONFIG_NAME} and "
                                    "its weights side by side, as save_pretrained writes them)")

@@ -84,7 +84,7 @@ class ControlNets:
             mismatch = _mismatch(net.model.config, pipe.unet.config)
             if mismatch:
                 raise RuntimeError(f"[[model.controlnets]] {net.path}: a ControlNet for another model ({mismatch}); "
-                                   f"configure one made for this model's family")
+                                   "configure one made for this model's family")
         if any(net.preprocess == "canny" for net in nets):
             import cv2  # noqa: F401  # missing OpenCV stops setup, not the first request
 

@@ -392,8 +392,8 @@ def test_a_local_controlnet_folder_without_a_config_is_refused_when_settings_loa
     folder.mkdir()
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     path = settings_file(tmp_path, with_model(f'source = "demo"\n[[model.controlnets]]\nsource = "{folder}"'))
-    with pytest.raises(SettingsError, match=r"model\.controlnets\[0\]\.source: .*controlnet: the repo root holds no "
-                                            r"model: no config\.json"):
+    with pytest.raises(SettingsError, match=r"model\.controlnets\[0\]\.source: /\S+/controlnet holds no model: no "
+                                            r"config\.json \(a model folder has config\.json and its weights side by side"):
         load_settings(path, profile="")
 
 

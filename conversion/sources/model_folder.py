@@ -121,9 +121,9 @@ class LocalModelFolderSource(LocalSource):
         """The model's files in ``path`` (names relative to it)."""
         names = [p.name for p in path.glob("*") if p.is_file()]
         try:
-            return select_model_folder_files(names, self.variant)
+            return select_model_folder_files(names, self.variant, where=str(path))
         except DiffusersLayoutError as exc:
-            raise SourceError(f"{path}: {exc}") from None
+            raise SourceError(str(exc)) from None
 
     def prepare(self, workspace: Workspace, policy: DownloadPolicy, refresh: bool) -> Prepared:
         from ..download import preread
