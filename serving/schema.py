@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from fal.toolkit import Image, ImageField, ImageSizeConstraints, ImageSizeField
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -257,7 +258,7 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: 
         image_size: ImageSizeInput | None = image_size_field(
             None, " Absent or null: the input image's own size, rounded down to multiples of "
             f"{PIXEL_MULTIPLE} (it must then be within these bounds). The input is resized to this size.")
-        image_url: str = ImageField(
+        image_url: ImageUrl = ImageField(
             description="The image to start from: an https:// URL or a data: URI (e.g. fal_client.encode_image). "
             f"PNG, JPEG, WebP, GIF or BMP, 8-bit, at most {serving.max_pixels} pixels; transparency is "
             "flattened onto white.",
@@ -275,11 +276,6 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: 
             examples=[DEFAULT_STRENGTH],
         )
 
-        @field_validator("image_url")
-        @classmethod
-        def _image_url_is_https_or_data(cls, value: str) -> str:
-            return _checked_url(value, "image_url")
-
         @field_validator("strength")
         @classmethod
         def _runs_a_step(cls, value: float, info: ValidationInfo) -> float:
@@ -290,18 +286,13 @@ def _build_request_models(serving: ServingSettings, safety_checker: bool, lora: 
             return value
 
     class InpaintInput(ImageToImageInput):
-        mask_url: str = ImageField(
+        mask_url: ImageUrl = ImageField(
             description="Where to repaint: a mask of the image's size (https:// URL or data: URI), white where the "
             "image is repainted and black where it is kept (grays blend; transparency counts as black). The "
             "kept pixels come back exactly as sent.",
             examples=[EXAMPLE_MASK_URL],
             json_schema_extra={"pattern": URL_PATTERN},
         )
-
-        @field_validator("mask_url")
-        @classmethod
-        def _mask_url_is_https_or_data(cls, value: str) -> str:
-            return _checked_url(value, "mask_url")
 
     return RequestModels(ImageSize=ImageSize, LoraWeight=LoraWeight, Loras=Loras, TextToImageInput=TextToImageInput,
                          ImageToImageInput=ImageToImageInput, InpaintInput=InpaintInput)
@@ -314,13 +305,18 @@ def _images_first(schema: dict[str, Any]) -> None:
     schema["properties"] = {name: properties[name] for name in [*first, *(n for n in properties if n not in first)]}
 
 
-def _checked_url(value: str, field: str) -> str:
+def _checked_url(value: str, info: ValidationInfo) -> str:
     from serving.images import url_problem
 
-    problem = url_problem(value, field)
+    problem = url_problem(value, info.field_name or "image URL")
     if problem:
         raise ValueError(problem)
     return value
+
+
+# An input image's URL in a request (image_url, mask_url, a ControlNet's image_url, ip_adapter_image_url):
+# https:// or data:, checked by serving.images.url_problem, which names the field.
+ImageUrl = Annotated[str, AfterValidator(_checked_url)]
 
 
 # What an image URL of a request starts with (the schema's pattern; serving.images.url_problem checks it).
@@ -408,7 +404,7 @@ def _condition_fields(choices: ConditionChoices) -> dict[str, Any]:
             path: Literal[choices.controlnets] = Field(  # type: ignore[valid-type]
                 description="Which ControlNet: one this deployment serves (fal.toml's [[model.controlnets]] source).",
                 examples=[choices.controlnets[0]], json_schema_extra={"enum": list(choices.controlnets)})
-            image_url: str = ImageField(
+            image_url: ImageUrl = ImageField(
                 description="The control image (an https:// URL or a data: URI), resized to the output size: an edge, "
                 "depth or pose map as the ControlNet expects it, or a photo where the ControlNet's preprocess is "
                 "canny (its edges are taken). Checked as image_url of image-to-image is.",
@@ -432,11 +428,6 @@ def _condition_fields(choices: ConditionChoices) -> dict[str, Any]:
                                      f"({self.end_percentage})")
                 return self
 
-            @field_validator("image_url")
-            @classmethod
-            def _image_url_is_https_or_data(cls, value: str) -> str:
-                return _checked_url(value, "image_url")
-
         fields["controlnets"] = (list[ControlNetInput], Field(
             default_factory=list, max_length=len(choices.controlnets),
             description=f"The ControlNets to apply (at most {len(choices.controlnets)}), each with its control image: "
@@ -450,7 +441,7 @@ def _condition_fields(choices: ConditionChoices) -> dict[str, Any]:
             path: Literal[choices.ip_adapters] = Field(  # type: ignore[valid-type]
                 description="Which IP-Adapter: one this deployment serves (fal.toml's [[model.ip_adapters]] source).",
                 examples=[choices.ip_adapters[0]], json_schema_extra={"enum": list(choices.ip_adapters)})
-            ip_adapter_image_url: str = ImageField(
+            ip_adapter_image_url: ImageUrl = ImageField(
                 description="The image prompt (an https:// URL or a data: URI): its content and style steer the "
                 "image. Checked as image_url of image-to-image is.",
                 examples=[EXAMPLE_IMAGE_URL], json_schema_extra={"pattern": URL_PATTERN})
@@ -458,11 +449,6 @@ def _condition_fields(choices: ConditionChoices) -> dict[str, Any]:
                 default=1.0, strict=True, ge=0, le=MAX_IP_ADAPTER_SCALE, allow_inf_nan=False,
                 description="How strongly the image prompt steers the image (0: not at all; around 0.5 balances it "
                 "with the text prompt).", examples=[1.0])
-
-            @field_validator("ip_adapter_image_url")
-            @classmethod
-            def _image_url_is_https_or_data(cls, value: str) -> str:
-                return _checked_url(value, "ip_adapter_image_url")
 
         fields["ip_adapter"] = (list[IPAdapterInput], Field(
             default_factory=list, max_length=1,
