@@ -11,6 +11,7 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from conversion.durable import write_atomic
 
@@ -48,6 +49,18 @@ def request_images(url: str, out: Path) -> list[Path]:
     return written
 
 
+def _config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+    """One ``--field-name`` option per field of the dataclass ``config``, its default the field's."""
+    for field in dataclasses.fields(config):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
+                            help=f"default {field.default}")
+
+
+def _config_of(args: argparse.Namespace, config: type) -> Any:
+    """The dataclass ``config`` built from the options :func:`_config_arguments` added."""
+    return config(**{field.name: getattr(args, field.name) for field in dataclasses.fields(config)})
+
+
 def main(argv: list[str] | None = None) -> int:
     from conversion.sources.demo import TRAINED_PIPELINE
 
@@ -61,17 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, default=None,
                      help=f"write the pipeline to OUT/pipeline and the report and plots to OUT (default: the "
                           f"pipeline to {TRAINED_PIPELINE}, what `demo` serves, the report to {REPORT_DIR})")
-    for field in dataclasses.fields(TrainConfig):
-        run.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
-                         help=f"default {field.default}")
+    _config_arguments(run, TrainConfig)
     control = commands.add_parser("controlnet", help="train the demo model's ControlNet (a silhouette says where "
                                                      "the shape goes) and write it, its report and plots")
     control.add_argument("--out", type=Path, default=None,
                          help=f"write the ControlNet to OUT/controlnet and the report and plots to OUT (default: "
                               f"the ControlNet to {CONTROLNET_DIR}, the report to {REPORT_DIR})")
-    for field in dataclasses.fields(ControlNetConfig):
-        control.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
-                             help=f"default {field.default}")
+    _config_arguments(control, ControlNetConfig)
     images = commands.add_parser("images", help="save the README's demo pictures from a running `make serve`")
     images.add_argument("--url", default="http://localhost:8080", help="the demo server (default %(default)s)")
     images.add_argument("--out", type=Path, default=README_IMAGES_DIR, help="default %(default)s")
@@ -80,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         request_images(args.url, args.out)
         return 0
     if args.command == "controlnet":
-        net_config = ControlNetConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ControlNetConfig)})
+        net_config = _config_of(args, ControlNetConfig)
         if args.out is None:
             train_controlnet(net_config)
         else:
             train_controlnet(net_config, controlnet_dir=args.out / "controlnet", report_dir=args.out)
         return 0
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    config = _config_of(args, TrainConfig)
     if args.out is None:
         train(config)
     else:

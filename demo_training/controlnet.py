@@ -43,7 +43,7 @@ from conversion.durable import write_atomic, write_errors
 from conversion.sources.demo import TRAINED_CONTROLNET, TRAINED_PIPELINE
 
 from . import shapes
-from .train import NOISE_SCHEDULE, REPORT_DIR, TOKENS, _Ema, _git_commit, _grid, _lr, encode_dataset, plot_losses
+from .train import REPORT_DIR, TOKENS, VObjective, _Ema, _git_commit, _grid, _lr, encode_dataset, plot_losses
 
 # Beside the pipeline it controls; not part of it (the `demo` source's digest covers the pipeline only).
 CONTROLNET_DIR = TRAINED_CONTROLNET
@@ -174,12 +174,7 @@ def train_controlnet(net, unet, means: torch.Tensor, stds: torch.Tensor, control
                      states: torch.Tensor, caption_index: torch.Tensor, empty: torch.Tensor, scaling: float,
                      config: ControlNetConfig, log: Callable[[str], None]) -> list[float]:
     """The ControlNet against the frozen UNet, on the encoded dataset; returns the loss per step."""
-    from diffusers import DDPMScheduler
-
-    noise_schedule = DDPMScheduler(**NOISE_SCHEDULE, prediction_type="v_prediction")
-    alphas = noise_schedule.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)  # min-SNR-gamma for a v target
+    objective = VObjective(config.min_snr_gamma, config.offset_noise)
     gen = torch.Generator().manual_seed(config.seed + 2)
     groups = _param_groups(net, config)
     opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.01)
@@ -190,11 +185,7 @@ def train_controlnet(net, unet, means: torch.Tensor, stds: torch.Tensor, control
         for group in opt.param_groups:
             group["lr"] = config.lr * group["scale"] * _lr(step, config.steps, config.warmup_steps)
         idx = torch.randint(0, len(means), (config.batch,), generator=gen)
-        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
-        noise = torch.randn(latents.shape, generator=gen)
-        noise += config.offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
-        t = torch.randint(0, 1000, (config.batch,), generator=gen)
-        noisy = noise_schedule.add_noise(latents, noise, t)
+        latents, noise, t, noisy = objective.noised(means, stds, idx, scaling, gen)
         which = caption_index[idx].clone()
         which[torch.rand(config.batch, generator=gen) < config.caption_dropout] = empty
         context = states[which]
@@ -202,8 +193,7 @@ def train_controlnet(net, unet, means: torch.Tensor, stds: torch.Tensor, control
         down, mid = net(noisy, t, encoder_hidden_states=context, controlnet_cond=control, return_dict=False)
         pred = unet(noisy, t, context, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample
-        per_image = (pred - noise_schedule.get_velocity(latents, noise, t)).pow(2).mean(dim=(1, 2, 3))
-        loss = (weights[t] * per_image).mean()
+        loss, per_image = objective.loss(pred, latents, noise, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -205,15 +205,40 @@ class _Ema:
             p.copy_(s)
 
 
+class VObjective:
+    """The demo models' training objective, shared by the denoiser and its ControlNet: v-prediction on
+    Stable Diffusion's noise schedule (NOISE_SCHEDULE), min-SNR-gamma weighting, offset noise."""
+
+    def __init__(self, min_snr_gamma: float, offset_noise: float) -> None:
+        from diffusers import DDPMScheduler
+
+        self.schedule = DDPMScheduler(**NOISE_SCHEDULE, prediction_type="v_prediction")
+        alphas = self.schedule.alphas_cumprod
+        snr = alphas / (1 - alphas)
+        self.weights = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)  # min-SNR-gamma for a v target
+        self.offset_noise = offset_noise
+
+    def noised(self, means: torch.Tensor, stds: torch.Tensor, idx: torch.Tensor, scaling: float,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents of the images ``idx`` (drawn from their encodings), the noise, the timesteps and
+        the noised latents, in that order of draws from ``gen``."""
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
+        noise = torch.randn(latents.shape, generator=gen)
+        noise += self.offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        return latents, noise, t, self.schedule.add_noise(latents, noise, t)
+
+    def loss(self, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted batch loss of ``pred`` against the v target, and each image's unweighted loss."""
+        per_image = (pred - self.schedule.get_velocity(latents, noise, t)).pow(2).mean(dim=(1, 2, 3))
+        return (self.weights[t] * per_image).mean(), per_image
+
+
 def train_denoiser(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.Tensor, captions: list[str],
                    scaling: float, config: TrainConfig, log: Callable[[str], None]) -> list[float]:
     """The text encoder and UNet together, on the encoded dataset; returns the loss per step."""
-    from diffusers import DDPMScheduler
-
-    noise_schedule = DDPMScheduler(**NOISE_SCHEDULE, prediction_type="v_prediction")
-    alphas = noise_schedule.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)  # min-SNR-gamma for a v target
+    objective = VObjective(config.min_snr_gamma, config.offset_noise)
     ids = tokenizer(captions, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=TOKENS, return_tensors="pt").input_ids
     gen = torch.Generator().manual_seed(config.seed + 2)
@@ -227,18 +252,12 @@ def train_denoiser(text_encoder, unet, tokenizer, means: torch.Tensor, stds: tor
         for group in opt.param_groups:
             group["lr"] = config.unet_lr * _lr(step, config.unet_steps, config.warmup_steps)
         idx = torch.randint(0, len(means), (config.unet_batch,), generator=gen)
-        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
-        noise = torch.randn(latents.shape, generator=gen)
-        noise += config.offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
-        t = torch.randint(0, 1000, (config.unet_batch,), generator=gen)
-        noisy = noise_schedule.add_noise(latents, noise, t)
+        latents, noise, t, noisy = objective.noised(means, stds, idx, scaling, gen)
         batch_ids = ids[idx].clone()
         dropped = torch.rand(config.unet_batch, generator=gen) < config.caption_dropout
         batch_ids[dropped] = empty
         context = text_encoder(batch_ids)[0]
-        pred = unet(noisy, t, context).sample
-        per_image = (pred - noise_schedule.get_velocity(latents, noise, t)).pow(2).mean(dim=(1, 2, 3))
-        loss = (weights[t] * per_image).mean()
+        loss, per_image = objective.loss(unet(noisy, t, context).sample, latents, noise, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
