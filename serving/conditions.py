@@ -164,11 +164,11 @@ class Conditions:
     def read(self, kind: str, input: Any, width: int, height: int, serving: ServingSettings, fetch: Fetch,
              cancelled: Callable[[], bool]) -> RequestConditions | None:
         """The request's ``controlnets`` and ``ip_adapter`` read (images fetched, decoded, checked:
-        a 422 naming the field), at ``width`` x ``height``; None when it has neither."""
+        a 422 naming the field), at ``width`` x ``height``; None when it has neither. The request
+        passed :meth:`check` before it was queued."""
         controls, prompts = getattr(input, "controlnets", None) or [], getattr(input, "ip_adapter", None) or []
         if not controls and not prompts:
             return None
-        self.check(kind, input)
         limits = fetch_limits(serving.image_fetch_timeout_s)
         read_controls = self.controlnets.read(controls, width, height, fetch, limits, serving.max_pixels,
                                               cancelled) if controls else []  # type: ignore[union-attr]

@@ -26,9 +26,11 @@ def warm_up(pipe: Any, checker: SafetyChecker | None, serving: ServingSettings,
                                                    serving.default_guidance_scale, seeds=(0,)))
         screen(pictures, checker, enabled=True)
     ran = f"{len(shapes)} shape(s) x {serving.warmup_steps} step(s): {', '.join(shapes) or 'none'}"
-    sample = conditions.sample(*preset_size(shapes[0], serving)) if conditions is not None and shapes else None
+    if conditions is None or not shapes:
+        return ran
+    width, height = preset_size(shapes[0], serving)
+    sample = conditions.sample(width, height)
     if sample:
-        width, height = preset_size(shapes[0], serving)
         with sample.applied(pipe) as (call, extra):
             generate(call, GenerationParams("warm-up", "", width, height, serving.warmup_steps,
                                             serving.default_guidance_scale, seeds=(0,)), extra=extra)
